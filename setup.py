@@ -1,0 +1,33 @@
+"""Packaging for the `demucs` package, its configs and the `demucs` command."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements(name: str) -> list[str]:
+    lines = (HERE / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines
+            if line.strip() and not line.startswith(("#", "-r"))]
+
+
+setup(
+    name="demucs",
+    version="3.0.1",
+    description="Hybrid Demucs (v3): music source separation, training framework",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["demucs", "demucs.*"]),
+    package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
+    include_package_data=True,
+    install_requires=read_requirements("requirements_minimal.txt"),
+    extras_require={"dev": read_requirements("requirements.txt")},
+    entry_points={"console_scripts": ["demucs=demucs.separate:main"]},
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Multimedia :: Sound/Audio",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
