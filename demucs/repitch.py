@@ -122,3 +122,17 @@ class RepitchedWrapper(torch.utils.data.Dataset):
                           samplerate=self.samplerate)
             outs.append(out[:, :out_length])
         return torch.stack(outs)  # (S, C, out_length)
+
+
+def wrap_repitch(dataset: tp.Any, repitch_cfg: tp.Any, sources: tp.Sequence[str],
+                 samplerate: int = 44100) -> tp.Any:
+    """`dataset` wrapped as the config's `augment.repitch` section says (as is if proba 0).
+
+    The source named `vocals`, when present, gets soundstretch's speech setting.
+    """
+    if not repitch_cfg.proba:
+        return dataset
+    vocals = [index for index, name in enumerate(sources) if name == "vocals"]
+    items = repitch_cfg.items() if hasattr(repitch_cfg, "items") else vars(repitch_cfg).items()
+    kwargs = dict(items)  # proba, max_tempo and any other RepitchedWrapper argument
+    return RepitchedWrapper(dataset, vocals=vocals, samplerate=samplerate, **kwargs)
