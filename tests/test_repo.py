@@ -1,0 +1,308 @@
+"""Model repositories: local packages and bags, the remote repo over HTTP, pretrained names."""
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+import typing as tp
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from demucs import pretrained
+from demucs.apply import BagOfModels
+from demucs.errors import ModelLoadingError
+from demucs.hdemucs import HDemucs
+from demucs.repo import (AnyModelRepo, BagOnlyRepo, LocalRepo, RemoteRepo, check_checksum,
+                         file_sha256, read_bag, split_package_name)
+from demucs.states import save_with_checksum, serialize_model
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+
+def tiny_model(seed: int = 0, sources: tp.Sequence[str] = SOURCES) -> HDemucs:
+    torch.manual_seed(seed)
+    return HDemucs(sources=list(sources), channels=4, depth=2, segment=1)
+
+
+def export(model: torch.nn.Module, folder: Path, name: str, checksum: bool = True) -> Path:
+    package = serialize_model(model, {"model": "hdemucs"}, half=False)
+    if checksum:
+        return save_with_checksum(package, folder / f"{name}.th")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(package, folder / f"{name}.th")
+    return folder / f"{name}.th"
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def models() -> tp.List[HDemucs]:
+    return [tiny_model(seed) for seed in range(3)]
+
+
+@pytest.fixture
+def local_repo(tmp_path, models) -> Path:
+    repo = tmp_path / "release_models"
+    export(models[0], repo, "aaaa1111")
+    export(models[1], repo, "bbbb2222")
+    export(models[2], repo, "plain", checksum=False)
+    return repo
+
+
+def test_split_package_name():
+    assert split_package_name("81de367c-0f06f20e") == ("81de367c", "0f06f20e")
+    assert split_package_name("81de367c") == ("81de367c", None)
+    assert split_package_name("my-model") == ("my-model", None)
+    assert split_package_name("my-model-0123abcd") == ("my-model", "0123abcd")
+
+
+def test_local_repo_loads_models(local_repo, models):
+    repo = LocalRepo(local_repo)
+    assert sorted(repo.list_model()) == ["aaaa1111", "bbbb2222", "plain"]
+    assert repo.has_model("aaaa1111") and not repo.has_model("cccc3333")
+    loaded = repo.get_model("bbbb2222")
+    assert isinstance(loaded, HDemucs)
+    assert same_weights(loaded, models[1])
+    assert same_weights(repo.get_model("plain"), models[2])
+
+
+def test_checksum_mismatch_is_refused(local_repo):
+    path = next(local_repo.glob("aaaa1111-*.th"))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadingError, match=f"Checksum mismatch for .*{path.name}"):
+        LocalRepo(local_repo).get_model("aaaa1111")
+    with pytest.raises(ModelLoadingError, match="expected"):
+        check_checksum(path, path.stem.rsplit("-", 1)[1])
+
+
+def test_local_repo_errors(tmp_path, local_repo):
+    with pytest.raises(ModelLoadingError, match="not a directory"):
+        LocalRepo(tmp_path / "missing")
+    shutil.copy(next(local_repo.glob("aaaa1111-*.th")), local_repo / "aaaa1111.th")
+    with pytest.raises(ModelLoadingError, match="Duplicate model aaaa1111"):
+        LocalRepo(local_repo)
+
+
+def write_bag(folder: Path, name: str, content: tp.Any) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(content) if not isinstance(content, str) else content)
+    return path
+
+
+def test_bag_from_yaml(local_repo, models):
+    weights = [[1.0, 1.0, 0.0, 0.5], [0.0, 1.0, 1.0, 0.5]]
+    write_bag(local_repo, "my_bag", {"models": ["aaaa1111", "bbbb2222"], "weights": weights,
+                                     "segment": 0.5})
+    repo = pretrained.get_local_repo(local_repo)
+    bag = repo.get_model("my_bag")
+    assert isinstance(bag, BagOfModels)
+    assert bag.weights == weights
+    assert len(bag.models) == 2 and all(m.segment == 0.5 for m in bag.models)
+    assert same_weights(bag.models[0], models[0]) and same_weights(bag.models[1], models[1])
+    assert bag.sources == SOURCES
+    # Without weights every model counts fully, and the models keep their own segment.
+    write_bag(local_repo, "plain_bag", {"models": ["plain"]})
+    bag = pretrained.get_model("plain_bag", repo=local_repo)
+    assert bag.weights == [[1.0] * 4]
+    assert bag.models[0].segment == 1
+
+
+def test_the_golden_bag_loads(tmp_path):
+    golden = Path(__file__).parents[2] / "shared" / "reference" / "golden"
+    if not golden.exists():
+        golden = Path("/work/shared/reference/golden")
+    if not golden.exists():
+        pytest.skip("reference data not available")
+    for name in ["pub_81de367c.th", "pub_80a68df8.th", "bag_pair.yaml"]:
+        shutil.copy(golden / name, tmp_path / name)
+    bag = pretrained.get_model("bag_pair", repo=tmp_path)
+    assert isinstance(bag, BagOfModels)
+    assert len(bag.models) == 2
+    assert bag.weights == [[1.0, 1.0, 0.0, 0.5], [0.0, 1.0, 1.0, 0.5]]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("models: [aaaa1111\n", "cannot be read as yaml"),
+    ({"weights": [[1.0]]}, "models"),
+    ({"models": []}, "non-empty list"),
+    ({"models": ["aaaa1111"], "weights": [[1, 1, 1, 1], [1, 1, 1, 1]]}, "weights"),
+    ({"models": ["aaaa1111"], "weights": [["a", 1, 1, 1]]}, "weights"),
+    ({"models": ["aaaa1111"], "segment": -2}, "segment"),
+    ({"models": ["aaaa1111"], "segmnet": 8}, "unknown keys"),
+    ({"models": ["aaaa1111", "zzzz9999"]}, "zzzz9999 not found"),
+    ({"models": ["aaaa1111"], "weights": [[1, 1]]}, "one weight per source"),
+])
+def test_invalid_bags(local_repo, content, match):
+    write_bag(local_repo, "bad", content)
+    with pytest.raises(ModelLoadingError, match=match) as info:
+        pretrained.get_model("bad", repo=local_repo)
+    assert "bad.yaml" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bag_of_models_with_different_sources(local_repo):
+    export(tiny_model(0, sources=["vocals", "accompaniment"]), local_repo, "twostems")
+    write_bag(local_repo, "mixed", {"models": ["aaaa1111", "twostems"]})
+    with pytest.raises(ModelLoadingError, match="mixed.yaml.*sources"):
+        pretrained.get_model("mixed", repo=local_repo)
+    assert read_bag(local_repo / "mixed.yaml").models == ["aaaa1111", "twostems"]
+
+
+def test_unknown_name_lists_available(local_repo):
+    write_bag(local_repo, "my_bag", {"models": ["aaaa1111"]})
+    with pytest.raises(ModelLoadingError) as info:
+        pretrained.get_model("nope", repo=local_repo)
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in ["my_bag", "aaaa1111", "bbbb2222", "plain"]:
+        assert name in message
+
+
+def test_model_before_bag(local_repo, models):
+    write_bag(local_repo, "aaaa1111", {"models": ["bbbb2222"]})
+    models_repo = LocalRepo(local_repo)
+    repo = AnyModelRepo(models_repo, BagOnlyRepo(local_repo, models_repo))
+    assert repo.has_model("aaaa1111")
+    assert same_weights(repo.get_model("aaaa1111"), models[0])
+
+
+# Remote repository, served by a local HTTP server.
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: tp.List[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: tp.Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path) -> tp.Iterator[tp.Tuple[str, Path, tp.List[str]]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = type("Handler", (_Handler,), {"requests": []})
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/models/", root, handler.requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def test_remote_repo_downloads_once(server, hub, models):
+    url, root, requests = server
+    path = export(models[0], root / "models", "cafe0001")
+    repo = RemoteRepo.from_files(url, [path.name])
+    assert repo.has_model("cafe0001")
+    model = repo.get_model("cafe0001")
+    assert same_weights(model, models[0])
+    assert (hub / path.name).is_file()
+    assert file_sha256(hub / path.name) == file_sha256(path)
+    assert [p.name for p in hub.iterdir()] == [path.name]  # nothing left half-written
+    repo.get_model("cafe0001")
+    assert requests == [f"/models/{path.name}"]
+    # A corrupt cached copy is downloaded again.
+    (hub / path.name).write_bytes(b"garbage")
+    assert same_weights(repo.get_model("cafe0001"), models[0])
+    assert len(requests) == 2
+
+
+def test_remote_checksum_mismatch(server, hub, models):
+    url, root, _ = server
+    path = export(models[0], root / "models", "cafe0001")
+    wrong = path.with_name("cafe0001-00000000.th")
+    path.rename(wrong)
+    repo = RemoteRepo.from_files(url, [wrong.name])
+    with pytest.raises(ModelLoadingError, match="cafe0001-00000000.th.*corrupt"):
+        repo.get_model("cafe0001")
+    assert not hub.exists() or list(hub.iterdir()) == []
+
+
+def test_remote_missing_file(server, hub):
+    url, _, _ = server
+    repo = RemoteRepo.from_files(url, ["dead0000-12345678.th"])
+    with pytest.raises(ModelLoadingError, match="Could not download .*dead0000-12345678.th"):
+        repo.get_model("dead0000")
+    with pytest.raises(ModelLoadingError, match="beef"):
+        repo.get_model("beef")
+
+
+def test_remote_bags(server, hub, models, tmp_path):
+    url, root, _ = server
+    names = [export(m, root / "models", f"cafe000{i}").name for i, m in enumerate(models[:2])]
+    files = tmp_path / "files.txt"
+    files.write_text("# test models\nroot: https://example.invalid/\n" + "\n".join(names) + "\n")
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    write_bag(bags, "duo", {"models": ["cafe0000", "cafe0001"], "segment": 0.5})
+    repo = pretrained.get_remote_repo(root_url=url, files=files, bags=bags)
+    assert repo.names() == ["duo", "cafe0000", "cafe0001"]
+    bag = repo.get_model("duo")
+    assert isinstance(bag, BagOfModels) and len(bag.models) == 2
+    assert sorted(p.name for p in hub.iterdir()) == sorted(names)
+
+
+def test_default_remote_repo_matches_reference():
+    repo = pretrained.get_remote_repo()
+    urls = repo.model_repo.list_model()
+    assert len(urls) == 16
+    assert urls["e51eebcc"] == "https://dl.fbaipublicfiles.com/demucs/mdx_final/e51eebcc-c1b80bdd.th"
+    bags = repo.bag_repo.list_model()
+    assert sorted(bags) == ["mdx", "mdx_extra", "mdx_extra_q", "mdx_q"]
+    assert pretrained.DEFAULT_MODEL == "mdx_extra_q"
+    for path in bags.values():
+        spec = read_bag(path)
+        assert spec.segment == 44
+        assert len(spec.models) == 4 and all(sig in urls for sig in spec.models)
+        if spec.weights is not None:
+            assert len(spec.weights) == 4 and all(len(w) == 4 for w in spec.weights)
+    assert read_bag(bags["mdx"]).weights[0] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_remote_root_from_environment(monkeypatch):
+    monkeypatch.setenv(pretrained.REMOTE_ENV, "http://mirror.example/demucs")
+    urls = pretrained.get_remote_repo().model_repo.list_model()
+    assert urls["e51eebcc"] == "http://mirror.example/demucs/e51eebcc-c1b80bdd.th"
+
+
+def test_unknown_pretrained_name():
+    with pytest.raises(ModelLoadingError, match="Unknown model 'nope'.*mdx_extra_q"):
+        pretrained.get_model("nope")
+
+
+def test_files_list_needs_a_root():
+    with pytest.raises(ModelLoadingError, match="root"):
+        pretrained.parse_files_list("a-12345678.th\n")
+
+
+def test_separation_path_imports_no_training_stack():
+    code = ("import sys, demucs.separate, demucs.pretrained, demucs.repo, demucs.audio\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('hydra', 'dora', 'omegaconf', 'museval', 'musdb', 'submitit', 'treetable')"
+            " or m in ('demucs.train', 'demucs.solver', 'demucs.wav', 'demucs.evaluate',"
+            " 'demucs.augment', 'demucs.repitch')]\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
