@@ -1,0 +1,292 @@
+"""Training entry point: the Dora experiment `main` and the builders it relies on.
+
+`main` is a Dora `hydra_main` over `conf/config.yaml`, so it runs through `dora run`,
+`dora grid` (Slurm) and `python -m demucs.train`. Hydra keeps the working directory of
+the launch (`hydra.job.chdir: false`): relative paths in the config are relative to where
+the command is run, while everything an XP writes goes to its folder `outputs/xps/SIG`.
+
+Configuration mistakes (unknown model, optimizer or group value, missing dataset folder)
+raise `ConfigError` before any training starts; on the command line they are reported as
+one line and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import typing as tp
+from importlib import import_module
+from pathlib import Path
+from types import TracebackType
+
+from dora.hydra import HydraMain
+from dora.xp import XP, get_xp
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError, DemucsError
+
+if tp.TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+HYDRA_VERSION_BASE = "1.3"
+# model name -> (module, class); the modules are imported only when a model is built.
+MODELS = {"demucs": ("demucs.demucs", "Demucs"), "hdemucs": ("demucs.hdemucs", "HDemucs")}
+OPTIMIZERS = ("adam", "adamw")
+LOSSES = ("l1", "mse")
+CONFIG_GROUPS = ("dset", "svd", "variant")
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_choice(key: str, value: tp.Any, choices: tp.Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
+
+
+def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The values a config group accepts: the yaml files of `conf/GROUP/`."""
+    return sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
+
+
+def check_overrides(argv: tp.Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Check the config group values given on the command line (`dset=...`, ...)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if sep and key in CONFIG_GROUPS:
+            _check_choice(key, value, group_choices(key, config_dir))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check the values that select a class or a function (model, optimizer, loss)."""
+    _check_choice("model", cfg.model, MODELS)
+    _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
+    _check_choice("optim.loss", cfg.optim.loss, LOSSES)
+
+
+def check_dataset_paths(dset: DictConfig) -> None:
+    """Check that the dataset folders exist: `dset.musdb` always, `dset.wav` when set."""
+    hints = {"musdb": "the MusDB HQ folder (or set MUSDB_PATH)",
+             "wav": "a folder with train/ and valid/ track folders, or null"}
+    for key, hint in hints.items():
+        value = dset[key]
+        if key == "wav" and value is None:
+            continue
+        if value is None or not Path(str(value)).expanduser().is_dir():
+            raise ConfigError(f"dset.{key}={value!r}: no such folder; set dset.{key} to {hint}.")
+
+
+# ---------------------------------------------------------------------------------------
+# Builders
+
+
+def get_model(cfg: DictConfig) -> torch.nn.Module:
+    """Build the model named by `cfg.model` from its config section (`demucs:`, ...)."""
+    _check_choice("model", cfg.model, MODELS)
+    module_name, class_name = MODELS[cfg.model]
+    klass = getattr(import_module(module_name), class_name)
+    kwargs = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
+    return klass(sources=list(cfg.dset.sources), audio_channels=cfg.dset.channels,
+                 samplerate=cfg.dset.samplerate,
+                 segment=cfg.model_segment or 4 * cfg.dset.segment, **kwargs)
+
+
+def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over the model parameters, from `cfg.optim`."""
+    import torch
+    _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
+    klass = torch.optim.Adam if cfg.optim.optim == "adam" else torch.optim.AdamW
+    return klass(model.parameters(), lr=cfg.optim.lr,
+                 betas=(cfg.optim.momentum, cfg.optim.beta2),
+                 weight_decay=cfg.optim.weight_decay)
+
+
+def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
+    """Train and valid sets: MusDB HQ, plus the wav dataset `dset.wav` when set."""
+    from torch.utils.data import ConcatDataset, Dataset
+
+    from . import wav
+    train_set: Dataset
+    valid_set: Dataset
+    train_set, valid_set = wav.get_musdb_wav_datasets(cfg.dset)
+    if cfg.dset.wav:
+        extra_train, extra_valid = wav.get_wav_datasets(cfg.dset)
+        train_set = ConcatDataset([train_set, extra_train])
+        valid_set = ConcatDataset([valid_set, extra_valid])
+    return train_set, valid_set
+
+
+def get_loaders(cfg: DictConfig) -> dict[str, tp.Any]:
+    """Data loaders; with several workers, each one gets its share of `batch_size`."""
+    from dora import distrib
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    train_set, valid_set = get_datasets(cfg)
+    world_size = distrib.world_size()
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the number "
+                          f"of workers ({world_size}).")
+    sampler: DistributedSampler | None = None
+    if world_size > 1:
+        sampler = DistributedSampler(train_set)
+    train = DataLoader(train_set, batch_size=cfg.batch_size // world_size,
+                       shuffle=sampler is None, sampler=sampler, drop_last=True,
+                       num_workers=cfg.misc.num_workers)
+    # Validation tracks have different lengths: one per batch, split across workers
+    # by the solver.
+    valid = DataLoader(valid_set, batch_size=1, shuffle=False, num_workers=cfg.misc.num_workers)
+    return {"train": train, "valid": valid}
+
+
+def _solver_class() -> type:
+    try:
+        solver = import_module("demucs.solver")
+    except ModuleNotFoundError as error:
+        if error.name != "demucs.solver":
+            raise
+        raise DemucsError("training is not available yet: the training loop "
+                          "(demucs.solver) is not part of this version.") from None
+    return solver.Solver
+
+
+def get_solver(cfg: DictConfig, model_only: bool = False) -> tp.Any:
+    """The training loop for `cfg`; with `model_only`, without data (to load a checkpoint)."""
+    import torch
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = get_model(cfg)
+    solver_class = _solver_class()
+    if torch.cuda.is_available():
+        model.cuda()
+    optimizer = get_optimizer(model, cfg)
+    loaders = None if model_only else get_loaders(cfg)
+    return solver_class(loaders, model, optimizer, cfg)
+
+
+def get_solver_from_sig(sig: str, model_only: bool = True) -> tp.Any:
+    """The solver of an existing XP, found from its signature."""
+    xp = main.get_xp_from_sig(sig)
+    with xp.enter(stack=True):
+        return get_solver(xp.cfg, model_only)
+
+
+def show_model(model: torch.nn.Module, samplerate: int) -> None:
+    """Print the model, its size in MB (float32) and its receptive field."""
+    print(model)
+    size = sum(param.numel() for param in model.parameters()) * 4 / 2 ** 20
+    print(f"Size: {size:.1f} MB")
+    valid_length = getattr(model, "valid_length", None)
+    if callable(valid_length):
+        print(f"Field: {valid_length(1) / samplerate * 1000:.1f} ms")
+
+
+# ---------------------------------------------------------------------------------------
+# Dora / Hydra entry point
+
+
+def _first_lines(error: BaseException) -> str:
+    # Hydra explains an override error over several lines, the reason being in the cause.
+    lines = [str(exc).strip().splitlines()[0] for exc in (error, error.__cause__) if exc]
+    return " ".join(lines)
+
+
+class DemucsMain(HydraMain):
+    """Dora's Hydra main, turning bad overrides into a `ConfigError` naming the key."""
+
+    def get_xp(self, argv: tp.Sequence[str]) -> XP:
+        check_overrides(argv, self.full_config_path)
+        try:
+            xp = super().get_xp(argv)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(f"invalid override: {_first_lines(error)}") from None
+        check_config(xp.cfg)
+        return xp
+
+    def get_argv_from_sig(self, sig: str) -> list[str]:
+        try:
+            return list(super().get_argv_from_sig(sig))
+        except RuntimeError:
+            raise ConfigError(f"unknown XP signature {sig!r}: no {self.dora.dir}/xps/{sig}/"
+                              f".argv.json; known XPs: {self._known_sigs()}. Run `tar xf "
+                              "outputs.tar.gz` for the MDX ones.") from None
+
+    def _known_sigs(self, limit: int = 8) -> str:
+        folder = self.dora.dir / self.dora.xps
+        sigs = sorted(path.parent.name for path in folder.glob("*/.argv.json"))
+        more = f" and {len(sigs) - limit} more" if len(sigs) > limit else ""
+        return (", ".join(sigs[:limit]) + more) if sigs else "none"
+
+    def init_xp(self, xp: XP) -> XP:
+        # `misc.show` is a one-off action, not a setting: keep it out of the argv stored
+        # for `-f SIG`, so that a later `dora run -f SIG` trains.
+        argv = [arg for arg in xp.argv if not arg.startswith("misc.show=")]
+        stored = XP(dora=xp.dora, cfg=xp.cfg, argv=argv, delta=xp.delta, sig=xp.sig)
+        super().init_xp(stored)
+        return xp
+
+
+def _absolute_paths(dset: DictConfig) -> None:
+    # Relative dataset paths are from the launch folder, whatever the solver does later.
+    for key in ("musdb", "wav", "metadata"):
+        if dset[key] is not None:
+            dset[key] = str(Path(str(dset[key])).expanduser().resolve())
+
+
+def run(cfg: DictConfig) -> None:
+    """Everything `main` does, raising `DemucsError` on user mistakes."""
+    from dora import distrib
+    import torch
+    check_config(cfg)
+    if cfg.misc.verbose:
+        logging.getLogger("demucs").setLevel(logging.DEBUG)
+    if cfg.misc.show:
+        torch.manual_seed(cfg.seed)
+        show_model(get_model(cfg), cfg.dset.samplerate)
+        return
+    check_dataset_paths(cfg.dset)
+    _absolute_paths(cfg.dset)
+    distrib.init("nccl" if torch.cuda.is_available() else "gloo")
+    solver = get_solver(cfg)
+    logger.info("XP folder: %s", get_xp().folder)
+    solver.train()
+
+
+def _dora_main(**kwargs: tp.Any) -> tp.Callable[[tp.Callable], DemucsMain]:
+    # `dora.hydra_main`, with our checks of the overrides (hence `DemucsMain`).
+    def _decorator(function: tp.Callable) -> DemucsMain:
+        return DemucsMain(function, **kwargs)
+    return _decorator
+
+
+@_dora_main(config_path="../conf", config_name="config", version_base=HYDRA_VERSION_BASE)
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except DemucsError as error:
+        print(f"demucs.train: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _report_user_errors(kind: type[BaseException], error: BaseException,
+                        traceback: TracebackType | None) -> None:
+    # Command line tools (dora, python -m demucs.train) print user mistakes as one line.
+    if isinstance(error, DemucsError):
+        print(f"demucs: error: {error}", file=sys.stderr)
+    else:
+        _previous_hook(kind, error, traceback)
+
+
+_previous_hook = sys.excepthook
+sys.excepthook = _report_user_errors
+
+
+if __name__ == "__main__":
+    main()
