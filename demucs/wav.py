@@ -320,7 +320,15 @@ class Wavset(torch.utils.data.Dataset):
         self.channels = channels
         self.ext = ext
         self.tracks = list(self.metadata)
+        if normalize:
+            self._check_stats()
         self.num_examples = [self._count(meta) for meta in self.metadata.values()]
+
+    def _check_stats(self) -> None:
+        for name, meta in self.metadata.items():
+            if meta.mean is None or meta.std is None:
+                raise DatasetError(f"Track {name!r}: its metadata has no mean and std; "
+                                   "scan it with normalize=True.")
 
     def _count(self, meta: TrackMeta) -> int:
         duration = meta.length / meta.samplerate
@@ -360,6 +368,7 @@ class Wavset(torch.utils.data.Dataset):
         example = torch.stack(wavs)  # (S, C, T)
         example = julius.resample_frac(example, meta.samplerate, self.samplerate)
         if self.normalize:
+            assert meta.mean is not None and meta.std is not None  # checked in __init__
             example = (example - meta.mean) / meta.std
         if self.segment is not None:
             length = int(self.segment * self.samplerate)
