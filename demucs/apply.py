@@ -1,0 +1,234 @@
+"""Inference: chunked application of a model, random shifts, and bags of models.
+
+`apply_model` handles long inputs by cutting them into overlapping segments of
+`model.segment` seconds whose outputs are cross-faded with a triangular window, and
+averages over random time shifts of the input (the "shift trick"), as the original
+Demucs v3 does. Chunks read real context from the neighbouring audio (`TensorChunk`)
+when a model needs more samples than the chunk holds.
+"""
+from __future__ import annotations
+
+import random
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import tqdm
+from torch import nn
+from torch.nn import functional as F
+
+from .utils import DummyPoolExecutor, center_trim
+
+
+class BagOfModels(nn.Module):
+    """Several models whose estimates are averaged, with per-source weights.
+
+    Args:
+        models: models with the same sources, sample rate and audio channels.
+        weights: one list per model with one weight per source (default: all 1).
+        segment: if given, overrides the `segment` (seconds) of every model.
+    """
+
+    def __init__(self, models: tp.List[nn.Module],
+                 weights: tp.Optional[tp.List[tp.List[float]]] = None,
+                 segment: tp.Optional[float] = None):
+        super().__init__()
+        if not models:
+            raise ValueError("A bag needs at least one model.")
+        first = models[0]
+        for other in models:
+            for attr in ("sources", "samplerate", "audio_channels"):
+                if getattr(other, attr) != getattr(first, attr):
+                    raise ValueError(f"Models of a bag must share {attr}: "
+                                     f"{getattr(other, attr)} != {getattr(first, attr)}.")
+            if segment is not None:
+                other.segment = segment
+        self.audio_channels = first.audio_channels
+        self.samplerate = first.samplerate
+        self.sources = first.sources
+        self.models = nn.ModuleList(models)
+        if weights is None:
+            weights = [[1.0 for _ in first.sources] for _ in models]
+        if len(weights) != len(models):
+            raise ValueError(f"A bag of {len(models)} models needs {len(models)} weight lists, "
+                             f"got {len(weights)}.")
+        for weight in weights:
+            if len(weight) != len(first.sources):
+                raise ValueError(f"Each weight list needs one weight per source "
+                                 f"({len(first.sources)}), got {len(weight)}.")
+        self.weights = weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("A bag of models is applied with `apply_model`.")
+
+
+class TensorChunk:
+    """A view `[offset, offset + length)` of the last axis of a tensor.
+
+    `padded(target)` returns the chunk extended symmetrically to `target` samples,
+    reading real samples of the underlying tensor where they exist and zeros beyond it.
+    """
+
+    def __init__(self, tensor: tp.Union[torch.Tensor, "TensorChunk"], offset: int = 0,
+                 length: tp.Optional[int] = None):
+        total_length = tensor.shape[-1]
+        if not 0 <= offset < total_length:
+            raise ValueError(f"Chunk offset {offset} is outside [0, {total_length}).")
+        if length is None:
+            length = total_length - offset
+        else:
+            length = min(total_length - offset, length)
+        if isinstance(tensor, TensorChunk):
+            self.tensor = tensor.tensor
+            self.offset = offset + tensor.offset
+        else:
+            self.tensor = tensor
+            self.offset = offset
+        self.length = length
+        self.device = tensor.device
+
+    @property
+    def shape(self) -> tp.List[int]:
+        shape = list(self.tensor.shape)
+        shape[-1] = self.length
+        return shape
+
+    def padded(self, target_length: int) -> torch.Tensor:
+        delta = target_length - self.length
+        total_length = self.tensor.shape[-1]
+        if delta < 0:
+            raise ValueError(f"Cannot pad a chunk of {self.length} samples to {target_length}.")
+        start = self.offset - delta // 2
+        end = start + target_length
+        correct_start = max(0, start)
+        correct_end = min(total_length, end)
+        pad_left = correct_start - start
+        pad_right = end - correct_end
+        return F.pad(self.tensor[..., correct_start:correct_end], (pad_left, pad_right))
+
+
+def tensor_chunk(tensor_or_chunk: tp.Union[torch.Tensor, TensorChunk]) -> TensorChunk:
+    if isinstance(tensor_or_chunk, TensorChunk):
+        return tensor_or_chunk
+    return TensorChunk(tensor_or_chunk)
+
+
+MixLike = tp.Union[torch.Tensor, TensorChunk]
+
+
+def apply_model(model: nn.Module, mix: MixLike, shifts: int = 1, split: bool = True,
+                overlap: float = 0.25, transition_power: float = 1.,
+                progress: bool = False, device: tp.Any = None, num_workers: int = 0,
+                pool: tp.Any = None) -> torch.Tensor:
+    """Apply `model` (or a `BagOfModels`) to `mix` (B, C, T) and return (B, S, C, T).
+
+    Args:
+        shifts: number of random shifts (up to 0.5 s) of the input to average; the
+            shifts are drawn with Python's `random` module.
+        split: process the input in segments of `model.segment` seconds.
+        overlap: overlap between segments, as a fraction of the segment.
+        transition_power: power of the triangular cross-fade window (>= 1).
+        progress: show a progress bar over the segments.
+        device: where to run the model (default: the device of `mix`); the output
+            stays on the device of `mix`.
+        num_workers: threads used for segments on CPU.
+    """
+    device = mix.device if device is None else torch.device(device)
+    if pool is None:
+        if num_workers > 0 and device.type == "cpu":
+            pool = ThreadPoolExecutor(num_workers)
+        else:
+            pool = DummyPoolExecutor()
+    kwargs: tp.Dict[str, tp.Any] = {
+        "shifts": shifts, "split": split, "overlap": overlap,
+        "transition_power": transition_power, "progress": progress,
+        "device": device, "pool": pool,
+    }
+    if isinstance(model, BagOfModels):
+        return _apply_bag(model, mix, kwargs)
+    if transition_power < 1:
+        raise ValueError("transition_power < 1 leads to weird behaviour, use a value >= 1.")
+    model.to(device)
+    if split:
+        return _apply_split(model, mix, kwargs)
+    if shifts:
+        return _apply_shifts(model, mix, kwargs)
+    return _apply_once(model, mix, device)
+
+
+def _apply_bag(bag: BagOfModels, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
+    """Weighted average of the estimates of each model of the bag, per source."""
+    estimates: tp.Any = 0.
+    totals = [0.] * len(bag.sources)
+    for sub_model, weight in zip(bag.models, bag.weights):
+        original_device = next(iter(sub_model.parameters())).device
+        out = apply_model(sub_model, mix, **kwargs)
+        sub_model.to(original_device)
+        for k, inst_weight in enumerate(weight):
+            out[:, k, :, :] *= inst_weight
+            totals[k] += inst_weight
+        estimates = estimates + out
+        del out
+    for k in range(estimates.shape[1]):
+        estimates[:, k, :, :] /= totals[k]
+    return estimates
+
+
+def _apply_shifts(model: nn.Module, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
+    """Average the outputs over `shifts` random time offsets of the input."""
+    shifts = kwargs["shifts"]
+    kwargs = dict(kwargs, shifts=0)
+    length = mix.shape[-1]
+    max_shift = int(0.5 * model.samplerate)
+    padded_mix = tensor_chunk(mix).padded(length + 2 * max_shift)
+    out: tp.Any = 0.
+    for _ in range(shifts):
+        offset = random.randint(0, max_shift)
+        shifted = TensorChunk(padded_mix, offset, length + max_shift - offset)
+        shifted_out = apply_model(model, shifted, **kwargs)
+        out = out + shifted_out[..., max_shift - offset:]
+    return out / shifts
+
+
+def _transition_weight(segment: int, power: float, device: tp.Any) -> torch.Tensor:
+    """Triangle window of `segment` samples, max 1 in the middle, raised to `power`."""
+    weight = torch.cat([torch.arange(1, segment // 2 + 1, device=device),
+                        torch.arange(segment - segment // 2, 0, -1, device=device)])
+    return (weight / weight.max()) ** power
+
+
+def _apply_split(model: nn.Module, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
+    """Cut the input into overlapping segments and cross-fade their outputs."""
+    kwargs = dict(kwargs, split=False)
+    pool = kwargs["pool"]
+    batch, channels, length = mix.shape
+    segment = int(model.samplerate * model.segment)
+    stride = int((1 - kwargs["overlap"]) * segment)
+    if stride <= 0:
+        raise ValueError(f"overlap={kwargs['overlap']} leaves no stride between segments.")
+    out = torch.zeros(batch, len(model.sources), channels, length, device=mix.device)
+    sum_weight = torch.zeros(length, device=mix.device)
+    weight = _transition_weight(segment, kwargs["transition_power"], kwargs["device"])
+    futures: tp.Iterable = [(pool.submit(apply_model, model, TensorChunk(mix, offset, segment),
+                                         **kwargs), offset)
+                            for offset in range(0, length, stride)]
+    if kwargs["progress"]:
+        futures = tqdm.tqdm(futures, unit_scale=stride / model.samplerate, ncols=120,
+                            unit="seconds")
+    for future, offset in futures:
+        chunk_out = future.result()  # (B, S, C, chunk_length)
+        chunk_length = chunk_out.shape[-1]
+        window = weight[:chunk_length]
+        out[..., offset:offset + segment] += (window * chunk_out).to(mix.device)
+        sum_weight[offset:offset + segment] += window.to(mix.device)
+    return out / sum_weight
+
+
+def _apply_once(model: nn.Module, mix: MixLike, device: torch.device) -> torch.Tensor:
+    """One forward pass, padding the input to the model's valid length if it has one."""
+    length = mix.shape[-1]
+    valid_length = model.valid_length(length) if hasattr(model, "valid_length") else length
+    padded_mix = tensor_chunk(mix).padded(valid_length).to(device)
+    with torch.no_grad():
+        out = model(padded_mix)
+    return center_trim(out, length)

@@ -1,0 +1,668 @@
+"""Hybrid Demucs: a U-Net over the spectrogram and one over the waveform.
+
+The spectrogram branch ("freq") convolves along frequency, the waveform branch
+("time") along time; the strides are chosen so that both reach the same shape after
+five layers, where they merge into a single branch for the innermost layers and split
+again on the way back. The spectrogram output is either a complex spectrogram
+(`cac`, complex-as-channels) or a magnitude turned into a complex spectrogram by
+masking or Wiener filtering; it is added to the waveform output.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+from copy import deepcopy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .demucs import DConv, rescale_module
+from .spec import ispectro, spectro
+from .states import capture_init
+from .wiener import wiener
+
+
+def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
+          value: float = 0.) -> torch.Tensor:
+    """`F.pad` on the last axis that also allows reflect padding of short inputs.
+
+    When the input is not longer than the padding, it is first zero padded on the
+    right (then left) just enough for the reflection to be defined.
+    """
+    length = x.shape[-1]
+    padding_left, padding_right = paddings
+    if mode == "reflect":
+        max_pad = max(padding_left, padding_right)
+        if length <= max_pad:
+            extra_pad = max_pad - length + 1
+            extra_pad_right = min(padding_right, extra_pad)
+            extra_pad_left = extra_pad - extra_pad_right
+            paddings = (padding_left - extra_pad_left, padding_right - extra_pad_right)
+            x = F.pad(x, (extra_pad_left, extra_pad_right))
+    return F.pad(x, paddings, mode, value)
+
+
+class ScaledEmbedding(nn.Module):
+    """Embedding with a larger effective learning rate (weights stored divided by `scale`).
+
+    With `smooth`, the initial embedding is a normalised cumulative sum, so that
+    neighbouring frequencies start with similar embeddings.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float = 10.,
+                 smooth: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
+        if smooth:
+            weight = torch.cumsum(self.embedding.weight.data, dim=0)
+            # A sum of n Gaussians grows like sqrt(n).
+            weight = weight / torch.arange(1, num_embeddings + 1).to(weight).sqrt()[:, None]
+            self.embedding.weight.data[:] = weight
+        self.embedding.weight.data /= scale
+        self.scale = scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x) * self.scale
+
+
+def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
+    def make(dim: int) -> nn.Module:
+        return nn.GroupNorm(groups, dim) if norm else nn.Identity()
+    return make
+
+
+def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
+    """Apply a DConv over time, independently for each frequency when `freq`."""
+    if not freq:
+        return dconv(y)
+    B, C, Fr, T = y.shape
+    y = y.permute(0, 2, 1, 3).reshape(-1, C, T)
+    y = dconv(y)
+    return y.view(B, Fr, C, T).permute(0, 2, 1, 3)
+
+
+class HEncLayer(nn.Module):
+    """Encoder layer of either branch: conv, norm, GELU, DConv, rewrite + GLU.
+
+    Args:
+        chin, chout: input and output channels.
+        kernel_size, stride: along frequency (freq branch) or time.
+        norm_groups: groups of the group norms; norm: use group norm.
+        empty: only the first convolution (the time layer merged into the freq one).
+        freq: 2d convolutions over (frequency, time) with kernel (k, 1).
+        dconv: add a DConv residual branch, with `dconv_kw`.
+        context: context of the rewrite convolution.
+        pad: pad by kernel_size // 4 so that the length is divided by the stride.
+        rewrite: add the 1x1 (or context) convolution followed by GLU.
+    """
+
+    def __init__(self, chin: int, chout: int, kernel_size: int = 8, stride: int = 4,
+                 norm_groups: int = 1, empty: bool = False, freq: bool = True,
+                 dconv: bool = True, norm: bool = True, context: int = 0,
+                 dconv_kw: tp.Optional[dict] = None, pad: bool = True, rewrite: bool = True):
+        super().__init__()
+        norm_fn = _norm_fn(norm, norm_groups)
+        padding = kernel_size // 4 if pad else 0
+        self.freq = freq
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.empty = empty
+        self.norm = norm
+        self.pad = padding
+        klass: tp.Type[nn.Module] = nn.Conv1d
+        ker: tp.Any = kernel_size
+        stri: tp.Any = stride
+        padd: tp.Any = padding
+        if freq:
+            ker, stri, padd = [kernel_size, 1], [stride, 1], [padding, 0]
+            klass = nn.Conv2d
+        self.conv = klass(chin, chout, ker, stri, padd)
+        if self.empty:
+            return
+        self.norm1 = norm_fn(chout)
+        self.rewrite: tp.Optional[nn.Module] = None
+        if rewrite:
+            self.rewrite = klass(chout, 2 * chout, 1 + 2 * context, 1, context)
+            self.norm2 = norm_fn(2 * chout)
+        self.dconv: tp.Optional[nn.Module] = None
+        if dconv:
+            self.dconv = DConv(chout, **(dconv_kw or {}))
+
+    def forward(self, x: torch.Tensor, inject: tp.Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """(B, C, Fr, T) or (B, C, T) -> (B, chout, Fr / stride, T) or (B, chout, T / stride).
+
+        `inject` (the time branch output) is added after the first convolution.
+        """
+        if not self.freq and x.dim() == 4:
+            B, C, Fr, T = x.shape
+            x = x.view(B, -1, T)
+        if not self.freq:
+            le = x.shape[-1]
+            if le % self.stride != 0:
+                x = F.pad(x, (0, self.stride - (le % self.stride)))
+        y = self.conv(x)
+        if self.empty:
+            return y
+        if inject is not None:
+            if inject.shape[-1] != y.shape[-1]:
+                raise RuntimeError(f"Time and frequency branches disagree: "
+                                   f"{tuple(inject.shape)} vs {tuple(y.shape)}.")
+            if inject.dim() == 3 and y.dim() == 4:
+                inject = inject[:, :, None]
+            y = y + inject
+        y = F.gelu(self.norm1(y))
+        if self.dconv is not None:
+            y = _dconv_on_freq(self.dconv, y, self.freq)
+        if self.rewrite is not None:
+            return F.glu(self.norm2(self.rewrite(y)), dim=1)
+        return y
+
+
+class MultiWrap(nn.Module):
+    """Split the frequency axis into bands, each processed by its own copy of a layer.
+
+    `split_ratios` are the band limits as fractions of the frequency axis; each band
+    gets a fresh copy of `layer` (an HEncLayer or an HDecLayer of the freq branch).
+    """
+
+    def __init__(self, layer: nn.Module, split_ratios: tp.Sequence[float]):
+        super().__init__()
+        self.split_ratios = split_ratios
+        self.layers = nn.ModuleList()
+        self.conv = isinstance(layer, HEncLayer)
+        if layer.norm or not layer.freq or not layer.pad:
+            raise ValueError("MultiWrap needs a freq layer without norm and with padding.")
+        if not self.conv and layer.context_freq:
+            raise ValueError("MultiWrap needs a decoder layer with context_freq=False.")
+        for _ in range(len(split_ratios) + 1):
+            lay = deepcopy(layer)
+            if self.conv:
+                lay.conv.padding = (0, 0)
+            else:
+                lay.pad = False
+            for m in lay.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            self.layers.append(lay)
+
+    def forward(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor] = None,
+                length: tp.Optional[int] = None) -> tp.Any:
+        if self.conv:
+            return self._forward_encoder(x)
+        return self._forward_decoder(x, skip)
+
+    def _forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, Fr, T = x.shape
+        ratios = list(self.split_ratios) + [1]
+        start = 0
+        outs = []
+        for ratio, layer in zip(ratios, self.layers):
+            pad = layer.kernel_size // 4
+            if ratio == 1:
+                limit = Fr
+            else:
+                limit = int(round(Fr * ratio))
+                le = limit - start
+                if start == 0:
+                    le += pad
+                frames = round((le - layer.kernel_size) / layer.stride + 1)
+                limit = start + (frames - 1) * layer.stride + layer.kernel_size
+                if start == 0:
+                    limit -= pad
+            y = x[:, :, start:limit, :]
+            if start == 0:
+                y = F.pad(y, (0, 0, pad, 0))
+            if ratio == 1:
+                y = F.pad(y, (0, 0, 0, pad))
+            outs.append(layer(y))
+            start = limit - layer.kernel_size + layer.stride
+        return torch.cat(outs, dim=2)
+
+    def _forward_decoder(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor]
+                         ) -> tp.Tuple[torch.Tensor, None]:
+        assert skip is not None
+        B, C, Fr, T = x.shape
+        ratios = list(self.split_ratios) + [1]
+        start = 0
+        outs: tp.List[torch.Tensor] = []
+        last = False
+        for ratio, layer in zip(ratios, self.layers):
+            limit = Fr if ratio == 1 else int(round(Fr * ratio))
+            last = layer.last
+            layer.last = True
+            out, _ = layer(x[:, :, start:limit], skip[:, :, start:limit], None)
+            if outs:
+                # Overlap-add the first `stride` rows with the previous band, counting
+                # the transposed convolution bias once.
+                outs[-1][:, :, -layer.stride:] += (
+                    out[:, :, :layer.stride] - layer.conv_tr.bias.view(1, -1, 1, 1))
+                out = out[:, :, layer.stride:]
+            if ratio == 1:
+                out = out[:, :, :-layer.stride // 2, :]
+            if start == 0:
+                out = out[:, :, layer.stride // 2:, :]
+            outs.append(out)
+            layer.last = last
+            start = limit
+        out = torch.cat(outs, dim=2)
+        if not last:
+            out = F.gelu(out)
+        return out, None
+
+
+class HDecLayer(nn.Module):
+    """Decoder layer of either branch: skip add, rewrite + GLU, DConv, transposed conv.
+
+    Args mirror `HEncLayer`; `last` skips the final GELU; `context_freq` lets the
+    rewrite convolution look at neighbouring frequencies (else only along time).
+    """
+
+    def __init__(self, chin: int, chout: int, last: bool = False, kernel_size: int = 8,
+                 stride: int = 4, norm_groups: int = 1, empty: bool = False,
+                 freq: bool = True, dconv: bool = True, norm: bool = True, context: int = 1,
+                 dconv_kw: tp.Optional[dict] = None, pad: bool = True,
+                 context_freq: bool = True, rewrite: bool = True):
+        super().__init__()
+        norm_fn = _norm_fn(norm, norm_groups)
+        self.pad = kernel_size // 4 if pad else 0
+        self.last = last
+        self.freq = freq
+        self.chin = chin
+        self.empty = empty
+        self.stride = stride
+        self.kernel_size = kernel_size
+        self.norm = norm
+        self.context_freq = context_freq
+        klass: tp.Type[nn.Module] = nn.Conv1d
+        klass_tr: tp.Type[nn.Module] = nn.ConvTranspose1d
+        ker: tp.Any = kernel_size
+        stri: tp.Any = stride
+        if freq:
+            ker, stri = [kernel_size, 1], [stride, 1]
+            klass, klass_tr = nn.Conv2d, nn.ConvTranspose2d
+        self.conv_tr = klass_tr(chin, chout, ker, stri)
+        self.norm2 = norm_fn(chout)
+        if self.empty:
+            return
+        self.rewrite: tp.Optional[nn.Module] = None
+        if rewrite:
+            if context_freq:
+                self.rewrite = klass(chin, 2 * chin, 1 + 2 * context, 1, context)
+            else:
+                self.rewrite = klass(chin, 2 * chin, [1, 1 + 2 * context], 1, [0, context])
+            self.norm1 = norm_fn(2 * chin)
+        self.dconv: tp.Optional[nn.Module] = None
+        if dconv:
+            self.dconv = DConv(chin, **(dconv_kw or {}))
+
+    def forward(self, x: torch.Tensor, skip: tp.Optional[torch.Tensor],
+                length: tp.Optional[int]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Returns the layer output and `y`, the input of the transposed convolution."""
+        if self.freq and x.dim() == 3:
+            B, C, T = x.shape
+            x = x.view(B, self.chin, -1, T)
+        if self.empty:
+            y = x
+        else:
+            x = x + skip
+            y = F.glu(self.norm1(self.rewrite(x)), dim=1) if self.rewrite is not None else x
+            if self.dconv is not None:
+                y = _dconv_on_freq(self.dconv, y, self.freq)
+        z = self.norm2(self.conv_tr(y))
+        if self.freq:
+            if self.pad:
+                z = z[..., self.pad:-self.pad, :]
+        else:
+            assert length is not None
+            z = z[..., self.pad:self.pad + length]
+        if not self.last:
+            z = F.gelu(z)
+        return z, y
+
+
+class HDemucs(nn.Module):
+    """Hybrid Demucs: spectrogram and waveform U-Nets with shared inner layers.
+
+    Args:
+        sources: names of the sources to separate.
+        audio_channels: input/output audio channels.
+        channels: channels of the first layer (freq branch); `channels_time` for the
+            time branch if different.
+        growth: channel multiplier from one layer to the next.
+        nfft: STFT size (hop nfft // 4).
+        wiener_iters: Wiener EM iterations at evaluation when masking (`cac=False`);
+            a negative value keeps the mixture phase without filtering.
+        end_iters: the same during training.
+        wiener_residual: add a residual source to the Wiener filter.
+        cac: complex-as-channels: the freq branch predicts the complex spectrogram.
+        depth: number of layers.
+        rewrite: add rewrite convolutions (1x1 or with context) followed by GLU.
+        hybrid: add the time branch (else spectrogram only).
+        hybrid_old: the padding of the first hybrid models (zero padding, shifted iSTFT).
+        multi_freqs: split the frequency axis into bands with these ratios for the first
+            `multi_freqs_depth` layers, each band with its own weights.
+        freq_emb: weight of the frequency embedding added after the first layer (0: none).
+        emb_scale, emb_smooth: learning rate scale and smooth init of that embedding.
+        kernel_size, stride: of the freq layers and the time layers.
+        time_stride: stride of the time-only inner layers.
+        context: decoder rewrite context; context_enc: encoder rewrite context.
+        norm_starts, norm_groups: layer from which group norm is used, and its groups.
+        dconv_mode: 1 = DConv in the encoder, 2 = in the decoder, 3 = both.
+        dconv_depth, dconv_comp, dconv_init: DConv depth, compression, LayerScale init.
+        dconv_attn, dconv_lstm: layer index from which DConv uses attention / BLSTM.
+        rescale: rescale the initial weights (0 to disable).
+        samplerate: sample rate of the audio.
+        segment: duration in seconds of the segments used by `apply_model`.
+    """
+
+    @capture_init
+    def __init__(self,
+                 sources: tp.List[str],
+                 # Channels
+                 audio_channels: int = 2,
+                 channels: int = 48,
+                 channels_time: tp.Optional[int] = None,
+                 growth: float = 2,
+                 # STFT
+                 nfft: int = 4096,
+                 wiener_iters: int = 0,
+                 end_iters: int = 0,
+                 wiener_residual: bool = False,
+                 cac: bool = True,
+                 # Main structure
+                 depth: int = 6,
+                 rewrite: bool = True,
+                 hybrid: bool = True,
+                 hybrid_old: bool = False,
+                 # Frequency branch
+                 multi_freqs: tp.Optional[tp.Sequence[float]] = None,
+                 multi_freqs_depth: int = 2,
+                 freq_emb: float = 0.2,
+                 emb_scale: float = 10,
+                 emb_smooth: bool = True,
+                 # Convolutions
+                 kernel_size: int = 8,
+                 time_stride: int = 2,
+                 stride: int = 4,
+                 context: int = 1,
+                 context_enc: int = 0,
+                 # Normalization
+                 norm_starts: int = 4,
+                 norm_groups: int = 4,
+                 # DConv residual branch
+                 dconv_mode: int = 1,
+                 dconv_depth: int = 2,
+                 dconv_comp: int = 4,
+                 dconv_attn: int = 4,
+                 dconv_lstm: int = 4,
+                 dconv_init: float = 1e-4,
+                 # Weight init
+                 rescale: float = 0.1,
+                 # Metadata
+                 samplerate: int = 44100,
+                 segment: float = 4 * 10):
+        super().__init__()
+        if hybrid_old and not hybrid:
+            raise ValueError("hybrid_old=True needs hybrid=True.")
+        if hybrid and wiener_iters != end_iters:
+            raise ValueError("A hybrid model needs wiener_iters == end_iters.")
+        self.cac = cac
+        self.wiener_residual = wiener_residual
+        self.audio_channels = audio_channels
+        self.sources = sources
+        self.kernel_size = kernel_size
+        self.context = context
+        self.stride = stride
+        self.depth = depth
+        self.channels = channels
+        self.samplerate = samplerate
+        self.segment = segment
+        self.nfft = nfft
+        self.hop_length = nfft // 4
+        self.wiener_iters = wiener_iters
+        self.end_iters = end_iters
+        self.freq_emb: tp.Optional[ScaledEmbedding] = None
+        self.hybrid = hybrid
+        self.hybrid_old = hybrid_old
+
+        self.encoder = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        if hybrid:
+            self.tencoder = nn.ModuleList()
+            self.tdecoder = nn.ModuleList()
+
+        chin = audio_channels
+        chin_z = chin * 2 if cac else chin  # channels of the freq branch
+        chout = channels_time or channels
+        chout_z = channels
+        freqs = nfft // 2
+
+        for index in range(depth):
+            freq = freqs > 1
+            stri, ker = stride, kernel_size
+            if not freq:
+                ker, stri = time_stride * 2, time_stride
+            pad = True
+            last_freq = False
+            if freq and freqs <= kernel_size:
+                ker = freqs
+                pad = False
+                last_freq = True
+            kw: tp.Dict[str, tp.Any] = {
+                "kernel_size": ker, "stride": stri, "freq": freq, "pad": pad,
+                "norm": index >= norm_starts, "rewrite": rewrite, "norm_groups": norm_groups,
+                "dconv_kw": {
+                    "lstm": index >= dconv_lstm, "attn": index >= dconv_attn,
+                    "depth": dconv_depth, "compress": dconv_comp, "init": dconv_init,
+                    "gelu": True,
+                },
+            }
+            kwt = dict(kw, freq=0, kernel_size=kernel_size, stride=stride, pad=True)
+            kw_dec = dict(kw)
+            multi = bool(multi_freqs) and index < multi_freqs_depth
+            if multi:
+                kw_dec["context_freq"] = False
+            if last_freq:
+                chout_z = max(chout, chout_z)
+                chout = chout_z
+
+            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=bool(dconv_mode & 1),
+                                       context=context_enc, **kw)
+            if hybrid and freq:
+                tenc = HEncLayer(chin, chout, dconv=bool(dconv_mode & 1), context=context_enc,
+                                 empty=last_freq, **kwt)
+                self.tencoder.append(tenc)
+            if multi:
+                assert multi_freqs is not None
+                enc = MultiWrap(enc, multi_freqs)
+            self.encoder.append(enc)
+
+            if index == 0:
+                chin = self.audio_channels * len(self.sources)
+                chin_z = chin * 2 if cac else chin
+            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=bool(dconv_mode & 2),
+                                       last=index == 0, context=context, **kw_dec)
+            if multi:
+                assert multi_freqs is not None
+                dec = MultiWrap(dec, multi_freqs)
+            if hybrid and freq:
+                tdec = HDecLayer(chout, chin, dconv=bool(dconv_mode & 2), empty=last_freq,
+                                 last=index == 0, context=context, **kwt)
+                self.tdecoder.insert(0, tdec)
+            self.decoder.insert(0, dec)
+
+            chin, chin_z = chout, chout_z
+            chout, chout_z = int(growth * chout), int(growth * chout_z)
+            if freq:
+                freqs = 1 if freqs <= kernel_size else freqs // stride
+            if index == 0 and freq_emb:
+                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
+                                                scale=emb_scale)
+                self.freq_emb_scale = freq_emb
+
+        if rescale:
+            rescale_module(self, reference=rescale)
+
+    def _spec(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""
+        hl = self.hop_length
+        nfft = self.nfft
+        if self.hybrid:
+            # Pad so that the number of frames is exactly ceil(T / hop): the time and
+            # frequency branches then line up frame for frame.
+            le = int(math.ceil(x.shape[-1] / hl))
+            pad = hl // 2 * 3
+            mode = "constant" if self.hybrid_old else "reflect"
+            x = pad1d(x, (pad, pad + le * hl - x.shape[-1]), mode=mode)
+        z = spectro(x, nfft, hl)[..., :-1, :]
+        if self.hybrid:
+            z = z[..., 2:2 + le]
+        return z
+
+    def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
+        """Inverse of `_spec`: complex (..., F, frames) -> (..., length)."""
+        hl = self.hop_length // (4 ** scale)
+        z = F.pad(z, (0, 0, 0, 1))
+        if not self.hybrid:
+            return ispectro(z, hl, length)
+        z = F.pad(z, (2, 2))
+        pad = hl // 2 * 3
+        if self.hybrid_old:
+            x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)))
+            return x[..., :length]
+        x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
+        return x[..., pad:pad + length]
+
+    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
+        """Input of the freq branch: the magnitude, or real and imaginary parts as
+        channels with `cac` ((B, C, Fr, T) -> (B, 2C, Fr, T))."""
+        if not self.cac:
+            return z.abs()
+        B, C, Fr, T = z.shape
+        m = torch.view_as_real(z).permute(0, 1, 4, 2, 3)
+        return m.reshape(B, C * 2, Fr, T)
+
+    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`.
+
+        With `cac`, `m` holds them already; otherwise `m` is a magnitude that takes the
+        mixture phase (`niters < 0`) or goes through Wiener filtering.
+        """
+        if self.cac:
+            B, S, C, Fr, T = m.shape
+            out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)
+            return torch.view_as_complex(out.contiguous())
+        niters = self.end_iters if self.training else self.wiener_iters
+        if niters < 0:
+            z = z[:, None]
+            return z / (1e-8 + z.abs()) * m
+        return self._wiener(m, z, niters)
+
+    def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int
+                ) -> torch.Tensor:
+        """Wiener filtering per batch item, in windows of 300 frames."""
+        init = mix_stft.dtype
+        wiener_win_len = 300
+        residual = self.wiener_residual
+        B, S, C, Fq, T = mag_out.shape
+        mag_out = mag_out.permute(0, 4, 3, 2, 1)  # (B, T, Fq, C, S)
+        mix_stft = torch.view_as_real(mix_stft.permute(0, 3, 2, 1))  # (B, T, Fq, C, 2)
+        outs = []
+        for sample in range(B):
+            out = []
+            for pos in range(0, T, wiener_win_len):
+                frame = slice(pos, pos + wiener_win_len)
+                z_out = wiener(mag_out[sample, frame], mix_stft[sample, frame], niters,
+                               residual=residual)
+                out.append(z_out.transpose(-1, -2))  # (t, Fq, C, S, 2)
+            outs.append(torch.cat(out, dim=0))
+        result = torch.view_as_complex(torch.stack(outs, 0))
+        result = result.permute(0, 4, 3, 2, 1).contiguous()  # (B, S', C, Fq, T)
+        if residual:
+            result = result[:, :-1]
+        return result.to(init)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
+        length = mix.shape[-1]
+        z = self._spec(mix)
+        x = self._magnitude(z)
+        B, C, Fq, T = x.shape
+
+        # The freq branch input is always normalised.
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) / (1e-5 + std)
+        xt = mix
+        if self.hybrid:
+            meant = xt.mean(dim=(1, 2), keepdim=True)
+            stdt = xt.std(dim=(1, 2), keepdim=True)
+            xt = (xt - meant) / (1e-5 + stdt)
+
+        x, xt = self._encode_decode(x, xt)
+
+        S = len(self.sources)
+        x = x.view(B, S, -1, Fq, T)
+        x = x * std[:, None] + mean[:, None]
+        zout = self._mask(z, x)
+        x = self._ispec(zout, length)
+        if self.hybrid:
+            xt = xt.view(B, S, -1, length)
+            xt = xt * stdt[:, None] + meant[:, None]
+            x = xt + x
+        return x
+
+    def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
+                       ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Run both U-Nets on normalised inputs; returns the freq and time outputs."""
+        saved = []  # skip connections, freq branch
+        saved_t = []  # skip connections, time branch
+        lengths = []  # lengths before each freq layer, to remove the padding
+        lengths_t = []  # same for the time branch
+        for idx, encode in enumerate(self.encoder):
+            lengths.append(x.shape[-1])
+            inject = None
+            if self.hybrid and idx < len(self.tencoder):
+                # The branches are still separate.
+                lengths_t.append(xt.shape[-1])
+                tenc = self.tencoder[idx]
+                xt = tenc(xt)
+                if not tenc.empty:
+                    saved_t.append(xt)
+                else:
+                    # Only the first conv of this time layer: the branches now have the
+                    # same shape and merge.
+                    inject = xt
+            x = encode(x, inject)
+            if idx == 0 and self.freq_emb is not None:
+                # Frequency embedding, so that convolutions along frequency need not be
+                # equivariant.
+                frs = torch.arange(x.shape[-2], device=x.device)
+                emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
+                x = x + self.freq_emb_scale * emb
+            saved.append(x)
+
+        # The decoders start from zeros: the signal comes through the skips.
+        x = torch.zeros_like(x)
+        if self.hybrid:
+            xt = torch.zeros_like(x)
+        offset = self.depth - len(self.tdecoder) if self.hybrid else self.depth
+        for idx, decode in enumerate(self.decoder):
+            skip = saved.pop(-1)
+            x, pre = decode(x, skip, lengths.pop(-1))
+            # `pre` is the input of the last transposed conv, where the branches split.
+            if self.hybrid and idx >= offset:
+                tdec = self.tdecoder[idx - offset]
+                length_t = lengths_t.pop(-1)
+                if tdec.empty:
+                    xt, _ = tdec(pre[:, :, 0], None, length_t)
+                else:
+                    xt, _ = tdec(xt, saved_t.pop(-1), length_t)
+        assert not saved and not saved_t and not lengths_t
+        return x, xt

@@ -1,0 +1,38 @@
+"""STFT helpers with the conventions of Hybrid Demucs.
+
+`spectro` is a normalized, centered STFT with a Hann window and reflect padding;
+`ispectro` inverts it. Both accept any number of leading dimensions.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+
+
+def spectro(x: torch.Tensor, n_fft: int = 512, hop_length: tp.Optional[int] = None,
+            pad: int = 0) -> torch.Tensor:
+    """STFT of `x` (..., T) -> complex (..., n_fft // 2 + 1, frames).
+
+    `pad` zero-pads each frame to `n_fft * (1 + pad)` points (window of `n_fft`).
+    """
+    *other, length = x.shape
+    x = x.reshape(-1, length)
+    z = torch.stft(x, n_fft * (1 + pad), hop_length or n_fft // 4,
+                   window=torch.hann_window(n_fft).to(x), win_length=n_fft,
+                   normalized=True, center=True, return_complex=True, pad_mode="reflect")
+    _, freqs, frames = z.shape
+    return z.view(*other, freqs, frames)
+
+
+def ispectro(z: torch.Tensor, hop_length: tp.Optional[int] = None,
+             length: tp.Optional[int] = None, pad: int = 0) -> torch.Tensor:
+    """Inverse of `spectro`: complex (..., F, frames) -> real (..., length)."""
+    *other, freqs, frames = z.shape
+    n_fft = 2 * freqs - 2
+    z = z.reshape(-1, freqs, frames)
+    win_length = n_fft // (1 + pad)
+    x = torch.istft(z, n_fft, hop_length, window=torch.hann_window(win_length).to(z.real),
+                    win_length=win_length, normalized=True, length=length, center=True)
+    _, length = x.shape
+    return x.view(*other, length)

@@ -1,0 +1,77 @@
+"""Small tensor helpers shared by the models, inference and training."""
+from __future__ import annotations
+
+import math
+import typing as tp
+from concurrent.futures import Future
+
+import torch
+from torch.nn import functional as F
+
+
+def center_trim(tensor: torch.Tensor, reference: tp.Union[torch.Tensor, int]) -> torch.Tensor:
+    """Trim `tensor` symmetrically on its last axis to the length of `reference`.
+
+    `reference` is a tensor (its last dimension is used) or a length. When the difference
+    is odd, the extra sample is removed on the right.
+    """
+    ref_size = reference.size(-1) if isinstance(reference, torch.Tensor) else int(reference)
+    delta = tensor.size(-1) - ref_size
+    if delta < 0:
+        raise ValueError(f"center_trim: tensor of length {tensor.size(-1)} is shorter than "
+                         f"the reference length {ref_size}.")
+    if delta:
+        tensor = tensor[..., delta // 2: tensor.size(-1) - (delta - delta // 2)]
+    return tensor
+
+
+def unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """Frame the last axis of `a` (..., T) into (..., n_frames, kernel_size).
+
+    The input is zero padded on the right so that every frame is full; there are
+    ceil(T / stride) frames. The result is a strided view of the padded tensor.
+    """
+    *shape, length = a.shape
+    n_frames = math.ceil(length / stride)
+    target = (n_frames - 1) * stride + kernel_size
+    a = F.pad(a, (0, target - length)).contiguous()
+    strides = list(a.stride())
+    strides = strides[:-1] + [stride, 1]
+    return a.as_strided([*shape, n_frames, kernel_size], strides)
+
+
+def sizeof_fmt(num: float, suffix: str = "B") -> str:
+    """Human readable size, e.g. `sizeof_fmt(3 * 2**20) == '3.0MiB'`."""
+    for unit in ["", "Ki", "Mi", "Gi", "Ti"]:
+        if abs(num) < 1024.0:
+            return f"{num:3.1f}{unit}{suffix}"
+        num /= 1024.0
+    return f"{num:.1f}Pi{suffix}"
+
+
+class DummyPoolExecutor:
+    """Same interface as `concurrent.futures` executors, but runs jobs when asked."""
+
+    class DummyResult:
+        def __init__(self, func: tp.Callable, *args: tp.Any, **kwargs: tp.Any):
+            self.func = func
+            self.args = args
+            self.kwargs = kwargs
+
+        def result(self) -> tp.Any:
+            return self.func(*self.args, **self.kwargs)
+
+    def __init__(self, workers: int = 0):
+        pass
+
+    def submit(self, func: tp.Callable, *args: tp.Any, **kwargs: tp.Any) -> "DummyResult":
+        return DummyPoolExecutor.DummyResult(func, *args, **kwargs)
+
+    def __enter__(self) -> "DummyPoolExecutor":
+        return self
+
+    def __exit__(self, exc_type: tp.Any, exc_value: tp.Any, exc_tb: tp.Any) -> None:
+        return
+
+
+ResultLike = tp.Union[Future, DummyPoolExecutor.DummyResult]
