@@ -14,12 +14,16 @@ import typing as tp
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .apply import apply_model
 from .audio import read_audio, save_audio
 from .errors import DemucsError
 from .pretrained import add_model_flags, get_model_from_args
+
+# A model (Demucs, HDemucs) or a BagOfModels: all have `sources`, `samplerate`,
+# `audio_channels` and go through `apply_model`. `Any` because `nn.Module.__getattr__`
+# types every attribute as `Tensor | Module`.
+Model = tp.Any
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -88,7 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
                           "use -d cpu.")
 
 
-def set_segment(model: nn.Module, segment: tp.Optional[int]) -> None:
+def set_segment(model: Model, segment: tp.Optional[int]) -> None:
     """Use chunks of `segment` seconds: on every model of a bag, or on the single model."""
     if segment is None:
         return
@@ -97,8 +101,8 @@ def set_segment(model: nn.Module, segment: tp.Optional[int]) -> None:
         sub.segment = segment
 
 
-def load_model(args: argparse.Namespace) -> nn.Module:
-    model = get_model_from_args(args)
+def load_model(args: argparse.Namespace) -> Model:
+    model: Model = get_model_from_args(args)
     set_segment(model, args.segment)
     if args.stem is not None and args.stem not in model.sources:
         raise DemucsError(f'Stem "{args.stem}" is not in the selected model; STEM must be one '
@@ -108,7 +112,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def separate_track(model: nn.Module, track: Path, args: argparse.Namespace) -> torch.Tensor:
+def separate_track(model: Model, track: Path, args: argparse.Namespace) -> torch.Tensor:
     """Separate one track, `(S, C, T)` at the model's sample rate, in the mix's scale."""
     wav = read_audio(track, model.samplerate, model.audio_channels)
     ref = wav.mean(0)
@@ -135,7 +139,7 @@ def output_path(args: argparse.Namespace, track: Path, stem: str) -> Path:
     return args.out / args.name / relative
 
 
-def save_sources(model: nn.Module, sources: torch.Tensor, track: Path,
+def save_sources(model: Model, sources: torch.Tensor, track: Path,
                  args: argparse.Namespace) -> None:
     kwargs: tp.Dict[str, tp.Any] = {
         "samplerate": model.samplerate, "bitrate": args.mp3_bitrate, "clip": args.clip_mode,

@@ -178,28 +178,26 @@ def test_model_before_bag(local_repo, models):
 
 
 # Remote repository, served by a local HTTP server.
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    requests: tp.List[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        type(self).requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args: tp.Any) -> None:
-        pass
-
-
 @pytest.fixture
 def server(tmp_path) -> tp.Iterator[tp.Tuple[str, Path, tp.List[str]]]:
     root = tmp_path / "www"
     root.mkdir()
-    handler = type("Handler", (_Handler,), {"requests": []})
+    requests: tp.List[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: tp.Any) -> None:
+            pass
+
     httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/models/", root, handler.requests
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/models/", root, requests
     httpd.shutdown()
     httpd.server_close()
 
