@@ -1,0 +1,80 @@
+# Hybrid Demucs (v3): install, test, demo, benchmarks.
+#   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
+#                  requirements, the package (editable), ffmpeg and soundstretch
+#   make test      install, then ruff, mypy and the test suite
+#   make demo      the README's main command: synthetic data, a tiny model, `demucs` on a track
+#   make bench     every benchmark under bench/
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO := demo
+DEMO_MODEL := demo_hdemucs
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps test lint typecheck pytest demo bench clean-demo
+
+install: $(STAMP) system-deps
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# torch first and pinned, so that nothing else pulls a (multi-GB) CUDA build.
+$(STAMP): $(PY) requirements.txt requirements_minimal.txt setup.py
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install -e .
+	touch $(STAMP)
+
+# ffmpeg reads audio for the `demucs` command, soundstretch does the repitch augmentation.
+system-deps:
+	@if command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null \
+			&& command -v soundstretch >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "warning: install ffmpeg and soundstretch (SoundTouch) with your package manager"; \
+		exit 0; fi; \
+	SUDO=; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	echo "Installing ffmpeg and soundstretch with apt-get"; \
+	$$SUDO apt-get install -y -q ffmpeg soundstretch \
+		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q ffmpeg soundstretch; }
+
+lint: install
+	$(VENV)/bin/ruff check demucs tools tests
+
+typecheck: install
+	$(VENV)/bin/mypy demucs tools tests
+
+pytest: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: install
+	$(PY) -m tools.synth_dataset $(DEMO)/musdb --tracks 4 --seconds 8
+	$(PY) -m tools.demo --out $(DEMO)/release_models --name $(DEMO_MODEL)
+	@track=$$(ls $(DEMO)/musdb/test | head -n 1); \
+	cp "$(DEMO)/musdb/test/$$track/mixture.wav" "$(DEMO)/$$track.wav"; \
+	echo "+ demucs --repo $(DEMO)/release_models -n $(DEMO_MODEL) $(DEMO)/$$track.wav -o $(DEMO)/separated"; \
+	$(VENV)/bin/demucs --repo $(DEMO)/release_models -n $(DEMO_MODEL) "$(DEMO)/$$track.wav" \
+		-o $(DEMO)/separated
+	@echo; echo "Separated stems:"; find $(DEMO)/separated -type f | sort
+	@echo
+	@echo "The model above is untrained (random weights): its stems are noise-like."
+	@echo "Next step: train a real model on $(DEMO)/musdb with Dora, e.g."
+	@echo "    dora run -d --ddp_workers 2 dset.musdb=$(DEMO)/musdb   (see docs/training.md)"
+	@echo "then export it with 'python -m tools.export SIG' and separate with"
+	@echo "    demucs --repo release_models -n SIG my_track.wav"
+	@echo "Training (dora run) and tools.export arrive with the solver."
+
+bench: install
+	@mkdir -p bench/results
+	@found=0; for script in bench/bench_*.py; do \
+		[ -e "$$script" ] || continue; found=1; \
+		echo "== $$script"; $(PY) "$$script" || exit 1; \
+	done; [ $$found = 1 ] || echo "No benchmark under bench/ yet (see bench/README.md)."
+
+clean-demo:
+	rm -rf $(DEMO)
