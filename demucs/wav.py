@@ -355,29 +355,33 @@ class Wavset(torch.utils.data.Dataset):
     def get_file(self, name: str, source: str) -> Path:
         return self.root / name / (source + self.ext)
 
+    def _window(self, meta: TrackMeta, k: int) -> tuple[int, int]:
+        """(offset, number of frames) read for example `k` of a track; -1 frames: all."""
+        if self.segment is None:
+            return 0, -1
+        assert self.shift is not None
+        return int(meta.samplerate * self.shift * k), math.ceil(meta.samplerate * self.segment)
+
     def __getitem__(self, index: int) -> torch.Tensor:
         name, k = self.locate(index)
         meta = self.metadata[name]
-        offset, num_frames = 0, -1
-        if self.segment is not None:
-            assert self.shift is not None
-            offset = int(meta.samplerate * self.shift * k)
-            num_frames = math.ceil(meta.samplerate * self.segment)
+        offset, num_frames = self._window(meta, k)
         wavs = [convert_channels(self._read(name, source, offset, num_frames), self.channels)
                 for source in self.sources]
-        example = torch.stack(wavs)  # (S, C, T)
+        example = torch.stack(wavs)  # (S, C, T), the one copy of the data read
         example = julius.resample_frac(example, meta.samplerate, self.samplerate)
         if self.normalize:
             assert meta.mean is not None and meta.std is not None  # checked in __init__
-            example = (example - meta.mean) / meta.std
+            example = example.sub_(meta.mean).div_(meta.std)
         if self.segment is not None:
             length = int(self.segment * self.samplerate)
             example = example[..., :length]
-            example = F.pad(example, (0, length - example.shape[-1]))
+            if example.shape[-1] < length:
+                example = F.pad(example, (0, length - example.shape[-1]))
         return example
 
     def _read(self, name: str, source: str, offset: int, num_frames: int) -> torch.Tensor:
-        """Read `num_frames` frames (all with -1) from `offset`: (C, T) float32."""
+        """Read `num_frames` frames (all with -1) from `offset`: a (C, T) float32 view."""
         path = self.get_file(name, source)
         try:
             data = sf.read(str(path), start=offset, frames=num_frames, dtype="float32",
@@ -385,7 +389,7 @@ class Wavset(torch.utils.data.Dataset):
         except (RuntimeError, sf.LibsndfileError) as error:
             raise DatasetError(f"Track {name!r}: cannot read {path} ({error}); the dataset "
                                "changed since it was scanned? Run again to rescan.") from error
-        return torch.from_numpy(np.ascontiguousarray(data.T))
+        return torch.from_numpy(data).t()
 
 
 # ---------------------------------------------------------------------------------------
