@@ -189,12 +189,16 @@ def build_metadata(path: str | Path, sources: tp.Sequence[str], normalize: bool 
     """Scan every track folder under `path` and return `{track: TrackMeta}`.
 
     Entries of `previous` whose files did not change (size and mtime) are reused instead of
-    being rescanned.
+    being rescanned. Tracks keep the order of `previous` (that of the first scan, so that
+    example indices stay stable), new tracks come after them in the file system's order.
     """
     path = Path(path)
     names = _file_names(sources, ext)
     previous = previous or {}
-    tracks = _track_folders(path)
+    found = _track_folders(path)
+    present = set(found)
+    tracks = [track for track in previous if track in present]
+    tracks += [track for track in found if track not in previous]
     kept = {track: previous[track] for track in tracks
             if track in previous and previous[track].is_fresh(path / track, names, normalize)}
     scanned = _scan_many(path, [track for track in tracks if track not in kept], names,

@@ -292,6 +292,17 @@ def test_new_and_removed_tracks(tmp_path: Path, count_scans: list[str]) -> None:
     assert train.tracks == ["t2"]
 
 
+def test_track_order_kept_from_previous_scan(tmp_path: Path, count_scans: list[str]) -> None:
+    for name in ["a", "b", "c"]:
+        write_track(tmp_path / name, ramp_stems(100))
+    first = build_metadata(tmp_path, SOURCES)
+    previous = dict(reversed(list(first.items())))
+    write_track(tmp_path / "d", ramp_stems(100))
+    count_scans.clear()
+    again = build_metadata(tmp_path, SOURCES, previous=previous)
+    assert list(again) == list(previous) + ["d"] and count_scans == ["d"]
+
+
 def test_cache_rescans_for_other_sources(tmp_path: Path, count_scans: list[str]) -> None:
     six = SOURCES + ["guitar", "piano"]
     musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"], sources=six)
