@@ -62,7 +62,7 @@ def repitch(wav: torch.Tensor, pitch: float, tempo: float, voice: bool = False,
         src, dst = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
         sf.write(str(src), (data / scale).numpy().T, samplerate, subtype="PCM_32")
         command = _command(program, src, dst, pitch, tempo, voice, quick, anti_alias)
-        result = subprocess.run(command, capture_output=True)
+        result = subprocess.run(command, capture_output=True, check=False)
         if result.returncode != 0:
             raise AudioError(f"{PROGRAM} failed (exit {result.returncode}) on "
                              f"{' '.join(command[3:])}: {result.stderr.decode(errors='replace')}")

@@ -208,10 +208,10 @@ def track_names(tracks: int, n_valid: int) -> list[str]:
     return list(VALID_NAMES[:n_valid]) + [f"synth_{k:03d}" for k in range(n_valid, tracks)]
 
 
-def generate_dataset(out: tp.Union[str, Path], tracks: int = 8, seconds: float = 12.,
+def generate_dataset(out: str | Path, tracks: int = 8, seconds: float = 12.,
                      samplerate: int = 44100, seed: int = 0,
                      sources: tp.Sequence[str] = SOURCES, test_tracks: int = 2,
-                     valid_tracks: tp.Optional[int] = None, float_wav: bool = False) -> Path:
+                     valid_tracks: int | None = None, float_wav: bool = False) -> Path:
     """Write the dataset under `out` and return `out`.
 
     `train/` gets `tracks` tracks (by default a quarter of them, at least one, named as
@@ -231,7 +231,7 @@ def generate_dataset(out: tp.Union[str, Path], tracks: int = 8, seconds: float =
     return out
 
 
-def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+def main(argv: tp.Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.synth_dataset",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="output folder (gets train/ and test/)")
