@@ -12,6 +12,7 @@ Generates a synthetic MusDB-HQ-shaped dataset (or uses `--data`), then reports:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--samplerate", type=int, default=44100)
     parser.add_argument("--segment", type=float, default=11.)
     parser.add_argument("--shift", type=float, default=1.)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repitch", type=float, default=0., help="repitch probability")
