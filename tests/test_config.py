@@ -1,0 +1,228 @@
+"""The Hydra configuration and the builders of demucs.train (no subprocess here)."""
+from __future__ import annotations
+
+import sys
+import typing as tp
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from demucs import train
+from demucs.errors import ConfigError, DemucsError
+from demucs.train import main
+
+# Keys whose values are ours to choose (dataset locations).
+PATH_KEYS = {"dset.musdb", "dset.wav", "dset.metadata"}
+SMALL_HDEMUCS = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4",
+                 "hdemucs.nfft=512", "model_segment=1"]
+
+
+def flatten(data: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
+    out: dict[str, tp.Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def parse_facts(lines: tp.Iterable[str]) -> dict[str, str]:
+    """`key = repr(value)` lines into {key: repr}."""
+    facts = {}
+    for line in lines:
+        key, sep, value = line.partition(" = ")
+        if sep:
+            facts[key] = value
+    return facts
+
+
+def parse_groups(text: str) -> dict[str, dict[str, str]]:
+    """config_groups.txt: {'dset/aetl': {key: repr}, ...}."""
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("## group "):
+            current = groups.setdefault(line.split()[2].removesuffix(".yaml"), [])
+        else:
+            current.append(line)
+    return {name: parse_facts(lines) for name, lines in groups.items()}
+
+
+def as_facts(data: tp.Mapping[str, tp.Any]) -> dict[str, str]:
+    return {key: repr(value) for key, value in flatten(data).items()}
+
+
+def without_paths(facts: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in facts.items() if key not in PATH_KEYS}
+
+
+def base_config() -> dict[str, tp.Any]:
+    return tp.cast(dict, OmegaConf.to_container(main._base_cfg, resolve=True))
+
+
+def test_defaults_match_reference(reference_dir: Path) -> None:
+    lines = (reference_dir / "config_defaults.txt").read_text().splitlines()
+    expected = parse_facts(lines)
+    ours = as_facts(base_config())
+    assert list(ours) == list(expected)  # same keys, same order
+    assert without_paths(ours) == without_paths(expected)
+
+
+def test_groups_match_reference(reference_dir: Path) -> None:
+    expected = parse_groups((reference_dir / "config_groups.txt").read_text())
+    for name, facts in expected.items():
+        content = OmegaConf.load(train.CONFIG_DIR / f"{name}.yaml")
+        ours = as_facts(tp.cast(dict, OmegaConf.to_container(content) or {}))
+        assert set(ours) == set(facts), name
+        assert without_paths(ours) == without_paths(facts), name
+
+
+def test_group_files() -> None:
+    assert train.group_choices("dset") == [
+        "aetl", "auto_extra", "auto_extra_test", "auto_mus", "extra44", "extra_test", "musdb44"]
+    assert train.group_choices("svd") == ["base", "base2", "default"]
+    assert train.group_choices("variant") == ["default", "example", "finetune"]
+    auto_extra = OmegaConf.load(train.CONFIG_DIR / "dset" / "auto_extra.yaml")
+    assert auto_extra.dset.wav is not None
+
+
+def test_hydra_settings_are_explicit() -> None:
+    config = OmegaConf.load(train.CONFIG_DIR / "config.yaml")
+    assert config.hydra.job.chdir is False
+    assert train.HYDRA_VERSION_BASE == "1.3"
+    assert main.hydra_kwargs == {"version_base": "1.3"}
+    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+        full = compose("config", return_hydra_config=True)
+    assert full.hydra.job.chdir is False
+    choices = full.hydra.runtime.choices
+    assert choices["hydra/job_logging"] == choices["hydra/hydra_logging"] == "colorlog"
+    assert (choices.dset, choices.svd, choices.variant) == ("musdb44", "default", "default")
+
+
+def test_composition_has_no_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        main.get_xp(["dset=extra44", "variant=finetune", "model=hdemucs"])
+
+
+def test_paths_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["dset=auto_mus", "model=hdemucs"]
+    sig = main.get_xp(argv).sig
+    monkeypatch.setenv("MUSDB_PATH", "/somewhere/musdb")
+    monkeypatch.setenv("AUTOMIX_MUSDB_PATH", "/somewhere/automix")
+    monkeypatch.setenv("METADATA_PATH", "/somewhere/metadata")
+    xp = main.get_xp(argv)
+    assert xp.cfg.dset.musdb == "/somewhere/musdb"
+    assert xp.cfg.dset.wav == "/somewhere/automix"
+    assert xp.cfg.dset.metadata == "/somewhere/metadata"
+    assert xp.sig == sig
+
+
+@pytest.mark.parametrize("arg, key, choice", [
+    ("dset=musdb", "dset='musdb'", "musdb44"),
+    ("svd=base3", "svd='base3'", "base2"),
+    ("variant=mine", "variant='mine'", "finetune"),
+    ("model=tasnet", "model='tasnet'", "hdemucs"),
+    ("optim.optim=sgd", "optim.optim='sgd'", "adamw"),
+    ("optim.loss=l3", "optim.loss='l3'", "mse"),
+])
+def test_bad_choices(arg: str, key: str, choice: str) -> None:
+    with pytest.raises(ConfigError, match="choose one of") as error:
+        main.get_xp([arg])
+    assert key in str(error.value) and choice in str(error.value)
+
+
+def test_unknown_key() -> None:
+    with pytest.raises(ConfigError, match="foo.bar"):
+        main.get_xp(["foo.bar=1"])
+
+
+def cfg_of(*argv: str) -> DictConfig:
+    return main.get_xp(list(argv)).cfg
+
+
+def test_dataset_paths(tmp_path: Path) -> None:
+    cfg = cfg_of(f"dset.musdb={tmp_path}")
+    train.check_dataset_paths(cfg.dset)
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError, match=f"dset.musdb='{missing}'"):
+        train.check_dataset_paths(cfg_of(f"dset.musdb={missing}").dset)
+    with pytest.raises(ConfigError, match=f"dset.wav='{missing}'"):
+        train.check_dataset_paths(cfg_of(f"dset.musdb={tmp_path}", f"dset.wav={missing}").dset)
+
+
+@pytest.mark.parametrize("name, klass", [("adam", torch.optim.Adam),
+                                         ("adamw", torch.optim.AdamW)])
+def test_optimizer(name: str, klass: type) -> None:
+    model = torch.nn.Linear(3, 2)
+    cfg = cfg_of(f"optim.optim={name}", "optim.lr=0.01", "optim.weight_decay=0.5",
+                 "svd=base")
+    optimizer = train.get_optimizer(model, cfg)
+    assert type(optimizer) is klass
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.5
+    assert group["betas"] == (0.9, 0.9998)
+
+
+def test_optimizer_unknown() -> None:
+    cfg = cfg_of()
+    cfg.optim.optim = "sgd"
+    with pytest.raises(ConfigError, match="optim.optim='sgd'.*adam, adamw"):
+        train.get_optimizer(torch.nn.Linear(3, 2), cfg)
+
+
+def test_get_model_unknown() -> None:
+    cfg = cfg_of()
+    cfg.model = "tasnet"
+    with pytest.raises(ConfigError, match="model='tasnet'.*demucs, hdemucs"):
+        train.get_model(cfg)
+
+
+def test_get_model_hdemucs() -> None:
+    hdemucs = pytest.importorskip("demucs.hdemucs")
+    cfg = cfg_of(*SMALL_HDEMUCS, "dset.sources=[drums,bass]")
+    model = train.get_model(cfg)
+    assert type(model) is hdemucs.HDemucs
+    assert model.sources == ["drums", "bass"]
+    assert model.audio_channels == 2 and model.samplerate == 44100 and model.segment == 1
+
+
+def test_get_model_demucs() -> None:
+    demucs = pytest.importorskip("demucs.demucs")
+    cfg = cfg_of("demucs.channels=4", "demucs.depth=2", "dset.segment=2")
+    model = train.get_model(cfg)
+    assert type(model) is demucs.Demucs
+    assert model.segment == 8  # 4 * dset.segment
+
+
+def test_show(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("demucs.hdemucs")
+    train.run(cfg_of(*SMALL_HDEMUCS, "misc.show=1", "dset.musdb=/nowhere"))
+    out = capsys.readouterr().out
+    assert out.startswith("HDemucs(")
+    assert "Size: " in out and " MB" in out
+
+
+def test_show_receptive_field(capsys: pytest.CaptureFixture[str]) -> None:
+    class Tiny(torch.nn.Linear):
+        def valid_length(self, length: int) -> int:
+            return length + 441
+    train.show_model(Tiny(256, 256, bias=False), 44100)
+    out = capsys.readouterr().out
+    assert "Size: 0.2 MB" in out and "Field: 10.0 ms" in out
+
+
+def test_training_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "demucs.solver", None)  # as if it did not exist
+    with pytest.raises(DemucsError, match="training is not available yet"):
+        train._solver_class()
+
+
+def test_unknown_signature() -> None:
+    with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
+        train.get_solver_from_sig("deadbeef")
