@@ -29,7 +29,7 @@ class BagOfModels(nn.Module):
         segment: if given, overrides the `segment` (seconds) of every model.
     """
 
-    def __init__(self, models: tp.List[nn.Module],
+    def __init__(self, models: tp.List[tp.Any],
                  weights: tp.Optional[tp.List[tp.List[float]]] = None,
                  segment: tp.Optional[float] = None):
         super().__init__()
@@ -43,9 +43,9 @@ class BagOfModels(nn.Module):
                                      f"{getattr(other, attr)} != {getattr(first, attr)}.")
             if segment is not None:
                 other.segment = segment
-        self.audio_channels = first.audio_channels
-        self.samplerate = first.samplerate
-        self.sources = first.sources
+        self.audio_channels: int = first.audio_channels
+        self.samplerate: int = first.samplerate
+        self.sources: tp.List[str] = first.sources
         self.models = nn.ModuleList(models)
         if weights is None:
             weights = [[1.0 for _ in first.sources] for _ in models]
@@ -56,7 +56,7 @@ class BagOfModels(nn.Module):
             if len(weight) != len(first.sources):
                 raise ValueError(f"Each weight list needs one weight per source "
                                  f"({len(first.sources)}), got {len(weight)}.")
-        self.weights = weights
+        self.weights: tp.List[tp.List[float]] = weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("A bag of models is applied with `apply_model`.")
@@ -78,14 +78,16 @@ class TensorChunk:
             length = total_length - offset
         else:
             length = min(total_length - offset, length)
+        self.tensor: torch.Tensor
+        self.offset: int
         if isinstance(tensor, TensorChunk):
             self.tensor = tensor.tensor
             self.offset = offset + tensor.offset
         else:
             self.tensor = tensor
             self.offset = offset
-        self.length = length
-        self.device = tensor.device
+        self.length: int = length
+        self.device: torch.device = tensor.device
 
     @property
     def shape(self) -> tp.List[int]:
@@ -116,7 +118,7 @@ def tensor_chunk(tensor_or_chunk: tp.Union[torch.Tensor, TensorChunk]) -> Tensor
 MixLike = tp.Union[torch.Tensor, TensorChunk]
 
 
-def apply_model(model: nn.Module, mix: MixLike, shifts: int = 1, split: bool = True,
+def apply_model(model: tp.Any, mix: MixLike, shifts: int = 1, split: bool = True,
                 overlap: float = 0.25, transition_power: float = 1.,
                 progress: bool = False, device: tp.Any = None, num_workers: int = 0,
                 pool: tp.Any = None) -> torch.Tensor:
@@ -160,6 +162,7 @@ def _apply_bag(bag: BagOfModels, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> 
     """Weighted average of the estimates of each model of the bag, per source."""
     estimates: tp.Any = 0.
     totals = [0.] * len(bag.sources)
+    sub_model: tp.Any
     for sub_model, weight in zip(bag.models, bag.weights):
         original_device = next(iter(sub_model.parameters())).device
         out = apply_model(sub_model, mix, **kwargs)
@@ -174,7 +177,7 @@ def _apply_bag(bag: BagOfModels, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> 
     return estimates
 
 
-def _apply_shifts(model: nn.Module, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
+def _apply_shifts(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
     """Average the outputs over `shifts` random time offsets of the input."""
     shifts = kwargs["shifts"]
     kwargs = dict(kwargs, shifts=0)
@@ -197,7 +200,7 @@ def _transition_weight(segment: int, power: float, device: tp.Any) -> torch.Tens
     return (weight / weight.max()) ** power
 
 
-def _apply_split(model: nn.Module, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
+def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
     """Cut the input into overlapping segments and cross-fade their outputs."""
     kwargs = dict(kwargs, split=False)
     pool = kwargs["pool"]
@@ -224,7 +227,7 @@ def _apply_split(model: nn.Module, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -
     return out / sum_weight
 
 
-def _apply_once(model: nn.Module, mix: MixLike, device: torch.device) -> torch.Tensor:
+def _apply_once(model: tp.Any, mix: MixLike, device: torch.device) -> torch.Tensor:
     """One forward pass, padding the input to the model's valid length if it has one."""
     length = mix.shape[-1]
     valid_length = model.valid_length(length) if hasattr(model, "valid_length") else length

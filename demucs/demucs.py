@@ -73,7 +73,7 @@ class BLSTM(nn.Module):
         return torch.cat(out, -1)
 
 
-def rescale_conv(conv: nn.Module, reference: float) -> None:
+def rescale_conv(conv: tp.Any, reference: float) -> None:
     """Rescale a convolution so that its weight std moves towards `reference`."""
     std = conv.weight.std().detach()
     scale = (std / reference) ** 0.5
@@ -124,6 +124,7 @@ class LocalState(nn.Module):
             self.query_decay = nn.Conv1d(channels, heads * ndecay, 1)
             # Small decays at init (after the sigmoid): the widest window to start with.
             self.query_decay.weight.data *= 0.01
+            assert self.query_decay.bias is not None
             self.query_decay.bias.data[:] = -2
         self.proj = nn.Conv1d(channels + heads * nfreqs, channels, 1)
 

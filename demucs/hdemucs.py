@@ -171,7 +171,7 @@ class MultiWrap(nn.Module):
     gets a fresh copy of `layer` (an HEncLayer or an HDecLayer of the freq branch).
     """
 
-    def __init__(self, layer: nn.Module, split_ratios: tp.Sequence[float]):
+    def __init__(self, layer: tp.Any, split_ratios: tp.Sequence[float]):
         super().__init__()
         self.split_ratios = split_ratios
         self.layers = nn.ModuleList()
@@ -181,7 +181,7 @@ class MultiWrap(nn.Module):
         if not self.conv and layer.context_freq:
             raise ValueError("MultiWrap needs a decoder layer with context_freq=False.")
         for _ in range(len(split_ratios) + 1):
-            lay = deepcopy(layer)
+            lay: tp.Any = deepcopy(layer)
             if self.conv:
                 lay.conv.padding = (0, 0)
             else:
@@ -202,6 +202,7 @@ class MultiWrap(nn.Module):
         ratios = list(self.split_ratios) + [1]
         start = 0
         outs = []
+        layer: tp.Any
         for ratio, layer in zip(ratios, self.layers):
             pad = layer.kernel_size // 4
             if ratio == 1:
@@ -232,6 +233,7 @@ class MultiWrap(nn.Module):
         start = 0
         outs: tp.List[torch.Tensor] = []
         last = False
+        layer: tp.Any
         for ratio, layer in zip(ratios, self.layers):
             limit = Fr if ratio == 1 else int(round(Fr * ratio))
             last = layer.last
@@ -310,6 +312,7 @@ class HDecLayer(nn.Module):
         if self.empty:
             y = x
         else:
+            assert skip is not None
             x = x + skip
             y = F.glu(self.norm1(self.rewrite(x)), dim=1) if self.rewrite is not None else x
             if self.dconv is not None:
@@ -506,6 +509,10 @@ class HDemucs(nn.Module):
                                                 scale=emb_scale)
                 self.freq_emb_scale = freq_emb
 
+        if hybrid and freqs > 1:
+            raise ValueError(f"A hybrid model needs the frequency axis to collapse before the "
+                             f"last layer: with nfft={nfft}, stride={stride} and depth={depth}, "
+                             f"{freqs} frequencies remain; increase depth or disable hybrid.")
         if rescale:
             rescale_module(self, reference=rescale)
 

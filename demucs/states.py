@@ -22,7 +22,6 @@ import pickle
 import tempfile
 import typing as tp
 import warnings
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def quantizer_classes() -> tp.List[type]:
     return [diffq.DiffQuantizer, diffq.UniformQuantizer, diffq.LSQ]
 
 
-def safe_globals() -> tp.List[type]:
+def safe_globals() -> tp.List[tp.Any]:
     """Everything a safe load lets the unpickler resolve besides tensors and containers."""
     return model_classes() + quantizer_classes()
 
@@ -60,7 +59,7 @@ def safe_globals() -> tp.List[type]:
 def capture_init(init: tp.Callable) -> tp.Callable:
     """Decorate `__init__` to record its args and kwargs in `self._init_args_kwargs`."""
     @functools.wraps(init)
-    def __init__(self: nn.Module, *args: tp.Any, **kwargs: tp.Any) -> None:
+    def __init__(self: tp.Any, *args: tp.Any, **kwargs: tp.Any) -> None:
         self._init_args_kwargs = (args, kwargs)
         init(self, *args, **kwargs)
 
@@ -104,7 +103,7 @@ def load_package(path: PathLike, trusted: bool = False) -> State:
                 "only Demucs model packages load safely (pass trusted=True only for a file "
                 "you trust).") from None
         raise ModelLoadingError(f"{path}: not a model package ({exc}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types on corrupt data
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadingError(
             f"{path}: unreadable model package, the file is truncated or corrupt "
@@ -132,7 +131,8 @@ def _filter_kwargs(klass: type, kwargs: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp
         if key in params:
             kept[key] = value
         else:
-            warnings.warn(f"Dropping inexistent parameter {key} for {klass.__name__}.")
+            warnings.warn(f"Dropping inexistent parameter {key} for {klass.__name__}.",
+                          stacklevel=3)
     return kept
 
 
@@ -203,7 +203,7 @@ def _restore_quantized(model: nn.Module, state: State) -> None:
     restore_quantized_state(model, state)
 
 
-def serialize_model(model: nn.Module, training_args: tp.Any, quantizer: tp.Any = None,
+def serialize_model(model: tp.Any, training_args: tp.Any, quantizer: tp.Any = None,
                     half: bool = True) -> State:
     """Build the package of `model`; `training_args` is a dict or an OmegaConf config."""
     args, kwargs = model._init_args_kwargs
