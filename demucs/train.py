@@ -87,15 +87,20 @@ def check_dataset_paths(dset: DictConfig) -> None:
 # Builders
 
 
+def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
+    """Constructor arguments of the model: data settings, then its config section."""
+    _check_choice("model", cfg.model, MODELS)
+    section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
+    return {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
+            "samplerate": cfg.dset.samplerate,
+            "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
+
+
 def get_model(cfg: DictConfig) -> torch.nn.Module:
     """Build the model named by `cfg.model` from its config section (`demucs:`, ...)."""
-    _check_choice("model", cfg.model, MODELS)
+    kwargs = get_model_kwargs(cfg)
     module_name, class_name = MODELS[cfg.model]
-    klass = getattr(import_module(module_name), class_name)
-    kwargs = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
-    return klass(sources=list(cfg.dset.sources), audio_channels=cfg.dset.channels,
-                 samplerate=cfg.dset.samplerate,
-                 segment=cfg.model_segment or 4 * cfg.dset.segment, **kwargs)
+    return getattr(import_module(module_name), class_name)(**kwargs)
 
 
 def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:

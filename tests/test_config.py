@@ -1,6 +1,7 @@
 """The Hydra configuration and the builders of demucs.train (no subprocess here)."""
 from __future__ import annotations
 
+import json
 import sys
 import typing as tp
 import warnings
@@ -226,3 +227,23 @@ def test_training_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_signature() -> None:
     with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
         train.get_solver_from_sig("deadbeef")
+
+
+def test_model_kwargs_match_reference(reference_dir: Path) -> None:
+    """The golden models were built from these XPs: same class, same arguments."""
+    manifest = json.loads((reference_dir / "golden" / "manifest.json").read_text())
+    assert manifest
+    for case in manifest:
+        cfg = cfg_of(*case["xp_argv"])
+        assert cfg.model == case["model"], case["name"]
+        kwargs = train.get_model_kwargs(cfg)
+        assert kwargs == case["kwargs"], case["name"]
+        assert list(kwargs) == list(case["kwargs"]), case["name"]
+
+
+def test_golden_models_build(reference_dir: Path) -> None:
+    pytest.importorskip("demucs.hdemucs")
+    manifest = json.loads((reference_dir / "golden" / "manifest.json").read_text())
+    for case in manifest:
+        model = train.get_model(cfg_of(*case["xp_argv"]))
+        assert len(model.state_dict()) == case["num_state_tensors"], case["name"]
