@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import typing as tp
 import warnings
 from pathlib import Path
@@ -247,3 +248,43 @@ def test_golden_models_build(reference_dir: Path) -> None:
     for case in manifest:
         model = train.get_model(cfg_of(*case["xp_argv"]))
         assert len(model.state_dict()) == case["num_state_tensors"], case["name"]
+
+
+class FakeSolver:
+    """Stands for demucs.solver.Solver: records what get_solver gives it."""
+
+    def __init__(self, loaders: tp.Any, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, cfg: DictConfig) -> None:
+        self.loaders, self.model, self.optimizer, self.cfg = loaders, model, optimizer, cfg
+
+
+@pytest.fixture
+def fake_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("demucs.solver")
+    module.Solver = FakeSolver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "demucs.solver", module)
+    monkeypatch.setattr(train, "get_model", lambda cfg: torch.nn.Linear(2, 2))
+
+
+def test_solver_from_sig(fake_solver: None, tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
+    xp = main.get_xp(["optim.optim=adamw", "svd=base"])
+    main.init_xp(xp)
+    solver = train.get_solver_from_sig(xp.sig)
+    assert isinstance(solver, FakeSolver) and solver.loaders is None
+    assert isinstance(solver.optimizer, torch.optim.AdamW)
+    assert solver.cfg.optim.beta2 == 0.9998
+
+
+def test_solver_loaders(fake_solver: None, tmp_path: Path) -> None:
+    synth = pytest.importorskip("tools.synth_dataset")
+    synth.generate_dataset(tmp_path / "musdb", tracks=3, seconds=3, valid_tracks=1,
+                           test_tracks=0)
+    cfg = cfg_of(f"dset.musdb={tmp_path / 'musdb'}", f"dset.metadata={tmp_path / 'meta'}",
+                 "dset.segment=1", "batch_size=2", "misc.num_workers=0")
+    solver = train.get_solver(cfg)
+    batch = next(iter(solver.loaders["train"]))
+    assert batch.shape == (2, 4, 2, 44100)  # (B, S, C, T)
+    track = next(iter(solver.loaders["valid"]))
+    assert track.shape[:3] == (1, 5, 2)  # the mixture first, then the sources
