@@ -64,7 +64,7 @@ demo: install
 	@echo
 	@echo "The model above is untrained (random weights): its stems are noise-like."
 	@echo "Next step: train a real model on $(DEMO)/musdb with Dora, e.g."
-	@echo "    dora run -d --ddp_workers 2 dset.musdb=$(DEMO)/musdb   (see docs/training.md)"
+	@echo "    dora run -d --ddp_workers 2 dset.musdb=$(abspath $(DEMO)/musdb)   (see docs/training.md)"
 	@echo "then export it with 'python -m tools.export SIG' and separate with"
 	@echo "    demucs --repo release_models -n SIG my_track.wav"
 	@echo "Training (dora run) and tools.export arrive with the solver."
