@@ -68,7 +68,7 @@ class MyExplorer(Explorer):
         return [
             tt.group("train", [tt.leaf("epoch"), tt.leaf("reco", ".3f")], align=">"),
             tt.group("valid", [tt.leaf("penalty", ".1f"), tt.leaf("ms", ".1f"),
-                               tt.leaf("reco", ".2%"), tt.leaf("breco", ".2%"),
+                               tt.leaf("reco", ".3f"), tt.leaf("breco", ".3f"),
                                tt.leaf("bnsdr", ".2f")] + nsdrs, align=">"),
             tt.group("test", [tt.leaf("nsdr", ".2f")], align=">"),
         ]
