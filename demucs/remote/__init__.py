@@ -1,0 +1,1 @@
+"""Data files: the remote model list (`files.txt`) and the MDX bags (`*.yaml`)."""
