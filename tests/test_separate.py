@@ -239,3 +239,12 @@ def test_demo_export(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # deterministic, one per name
     model = load_model(first)
     assert isinstance(model, HDemucs) and model.sources == SOURCES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(setup, capsys):
+    with pytest.raises(SystemExit) as info:
+        separate.main(["--repo", str(setup.repo), "-n", "tinyhd", str(setup.mix), "-d", "cuda"])
+    assert info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
