@@ -121,7 +121,8 @@ def _download(url: str, dest: Path, checksum: tp.Optional[str]) -> None:
     try:
         torch.hub.download_url_to_file(url, str(dest), hash_prefix=checksum, progress=True)
     except (urllib.error.URLError, OSError) as error:
-        raise ModelLoadingError(f"Could not download {url}: {error}.") from None
+        raise ModelLoadingError(f"Could not download {url}: {error}; check the network "
+                                "connection, or use --repo with a folder of models.") from None
     except RuntimeError as error:  # raised by torch.hub on a hash mismatch
         raise ModelLoadingError(f"Downloaded {url} is corrupt: {error}") from None
 
