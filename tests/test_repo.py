@@ -27,7 +27,7 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 
 def tiny_model(seed: int = 0, sources: tp.Sequence[str] = SOURCES) -> HDemucs:
     torch.manual_seed(seed)
-    return HDemucs(sources=list(sources), channels=4, depth=2, segment=1)
+    return HDemucs(sources=list(sources), channels=4, segment=1)
 
 
 def export(model: torch.nn.Module, folder: Path, name: str, checksum: bool = True) -> Path:
