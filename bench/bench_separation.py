@@ -1,0 +1,79 @@
+"""Separation and training-step speed of full-size models with random weights.
+
+Figures to compare with the original Demucs v3 measured on this machine type
+(2 CPU threads): HDemucs (81de367c config) 0.61 s per second of audio and 6.8 s per
+training step; Demucs (9357e12e config) 1.36 s/s and 6.5 s per step.
+
+    python bench/bench_separation.py [--seconds 30] [--steps 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import typing as tp
+
+import torch
+
+from demucs.apply import apply_model
+from demucs.demucs import Demucs
+from demucs.hdemucs import HDemucs
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+ORIGINAL = {"hdemucs": (0.61, 6.8), "demucs": (1.36, 6.5)}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "hdemucs":  # the 81de367c configuration
+        return HDemucs(SOURCES, channels=48, norm_starts=999, cac=False, hybrid_old=True,
+                       dconv_init=1e-3, segment=44)
+    # the 9357e12e configuration
+    return Demucs(SOURCES, channels=64, rewrite=False, normalize=True, segment=44)
+
+
+def time_separation(model: torch.nn.Module, seconds: float) -> float:
+    mix = torch.randn(1, 2, int(seconds * 44100))
+    random.seed(0)
+    begin = time.perf_counter()
+    apply_model(model.eval(), mix, shifts=1, split=True, overlap=0.25)
+    return (time.perf_counter() - begin) / seconds
+
+
+def time_training_step(model: torch.nn.Module, steps: int) -> float:
+    model.train()
+    optim = torch.optim.Adam(model.parameters(), lr=3e-4)
+    batch = torch.randn(2, 4, 2, 4 * 44100)  # (B, S, C, T)
+    durations = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        estimate = model(batch.sum(dim=1))
+        loss = torch.nn.functional.l1_loss(estimate, batch)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        durations.append(time.perf_counter() - begin)
+    return min(durations)
+
+
+def main(argv: tp.Optional[tp.List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=["hdemucs", "demucs"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.seconds:.0f} s of audio")
+    for name in args.models:
+        model = build(name)
+        sep = time_separation(model, args.seconds)
+        step = time_training_step(model, args.steps)
+        ref_sep, ref_step = ORIGINAL[name]
+        print(f"{name:8s} separation {sep:.3f} s/s (original {ref_sep} s/s, "
+              f"speed-up x{ref_sep / sep:.2f}) | train step {step:.2f} s "
+              f"(original {ref_step} s, speed-up x{ref_step / step:.2f})")
+
+
+if __name__ == "__main__":
+    main()
