@@ -47,11 +47,13 @@ def parent(xp: XP) -> XP | None:
     return None if sig is None else lookup(str(sig))
 
 
-def finetuned_from(sig: str) -> XP:
-    """The XP that the fine-tuned XP `sig` started from."""
-    base = parent(lookup(sig))
+def finetuned_from(xp: XP | str) -> XP:
+    """The XP that the fine-tuned XP `xp` (or signature) started from."""
+    if isinstance(xp, str):
+        xp = lookup(xp)
+    base = parent(xp)
     if base is None:
-        raise ConfigError(f"XP {sig} has no continue_from: it is not a fine-tuned model.")
+        raise ConfigError(f"XP {xp.sig} has no continue_from: it is not a fine-tuned model.")
     return base
 
 

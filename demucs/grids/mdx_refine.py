@@ -15,7 +15,7 @@ def _plan() -> list[list[str]]:
     plan = []
     for sig in TRACK_A:
         xp = lookup(sig)
-        base = finetuned_from(sig)
+        base = finetuned_from(xp)
         plan.append(list(xp.argv))
         for diffq in DIFFQ:
             source = quantized(base, diffq)
