@@ -18,16 +18,17 @@ from importlib import import_module
 from pathlib import Path
 from types import TracebackType
 
+import torch
+from dora import distrib
 from dora.hydra import HydraMain
 from dora.xp import XP, get_xp
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from .errors import ConfigError, DemucsError
-
-if tp.TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ def get_model(cfg: DictConfig) -> torch.nn.Module:
 
 def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     """Adam or AdamW over the model parameters, from `cfg.optim`."""
-    import torch
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     klass = torch.optim.Adam if cfg.optim.optim == "adam" else torch.optim.AdamW
     return klass(model.parameters(), lr=cfg.optim.lr,
@@ -115,9 +115,7 @@ def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimi
 
 def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
     """Train and valid sets: MusDB HQ, plus the wav dataset `dset.wav` when set."""
-    from torch.utils.data import ConcatDataset, Dataset
-
-    from . import wav
+    from . import wav  # datasets are only needed to train
     train_set: Dataset
     valid_set: Dataset
     train_set, valid_set = wav.get_musdb_wav_datasets(cfg.dset)
@@ -130,10 +128,6 @@ def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
 
 def get_loaders(cfg: DictConfig) -> dict[str, tp.Any]:
     """Data loaders; with several workers, each one gets its share of `batch_size`."""
-    from dora import distrib
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
     train_set, valid_set = get_datasets(cfg)
     world_size = distrib.world_size()
     if cfg.batch_size % world_size:
@@ -164,7 +158,6 @@ def _solver_class() -> type:
 
 def get_solver(cfg: DictConfig, model_only: bool = False) -> tp.Any:
     """The training loop for `cfg`; with `model_only`, without data (to load a checkpoint)."""
-    import torch
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     model = get_model(cfg)
@@ -247,8 +240,6 @@ def _absolute_paths(dset: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> None:
     """Everything `main` does, raising `DemucsError` on user mistakes."""
-    from dora import distrib
-    import torch
     check_config(cfg)
     if cfg.misc.verbose:
         logging.getLogger("demucs").setLevel(logging.DEBUG)
@@ -273,6 +264,7 @@ def _dora_main(**kwargs: tp.Any) -> tp.Callable[[tp.Callable], DemucsMain]:
 
 @_dora_main(config_path="../conf", config_name="config", version_base=HYDRA_VERSION_BASE)
 def main(cfg: DictConfig) -> None:
+    """Train the XP of `cfg` (or show its model), reporting user mistakes as one line."""
     try:
         run(cfg)
     except DemucsError as error:
