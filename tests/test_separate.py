@@ -52,7 +52,7 @@ def setup(tmp_path_factory) -> Setup:
     save_with_checksum(serialize_model(hdemucs, {"model": "hdemucs"}), repo / "tinyhd.th")
     save_with_checksum(serialize_model(demucs, {"model": "demucs"}), repo / "tinyd.th")
     (repo / "duo.yaml").write_text(yaml.safe_dump({
-        "models": ["tinyhd", "tinyd"], "weights": [[1, 1, 0, 1], [1, 0, 1, 1]], "segment": 1}))
+        "models": ["tinyhd", "tinyd"], "weights": [[1, 1, 0, 1], [1, 0, 1, 1]], "segment": 1.5}))
     mix_wav = make_mix()
     save_audio(mix_wav, root / "mix.wav", SR, as_float=True)
     return Setup(repo, root / "mix.wav", mix_wav)
