@@ -118,12 +118,8 @@ def test_bag_from_yaml(local_repo, models):
     assert bag.models[0].segment == 1
 
 
-def test_the_golden_bag_loads(tmp_path):
-    golden = Path(__file__).parents[2] / "shared" / "reference" / "golden"
-    if not golden.exists():
-        golden = Path("/work/shared/reference/golden")
-    if not golden.exists():
-        pytest.skip("reference data not available")
+def test_the_golden_bag_loads(tmp_path, reference_dir):
+    golden = reference_dir / "golden"
     for name in ["pub_81de367c.th", "pub_80a68df8.th", "bag_pair.yaml"]:
         shutil.copy(golden / name, tmp_path / name)
     bag = pretrained.get_model("bag_pair", repo=tmp_path)
