@@ -34,12 +34,13 @@ system-deps:
 	@if command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null \
 			&& command -v soundstretch >/dev/null; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
-		echo "warning: install ffmpeg and soundstretch (SoundTouch) with your package manager"; \
-		exit 0; fi; \
+		echo "Install ffmpeg and soundstretch (SoundTouch) with your package manager."; \
+		if [ -n "$${CI:-}" ]; then exit 1; else exit 0; fi; fi; \
 	SUDO=; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"; \
 	echo "Installing ffmpeg and soundstretch with apt-get"; \
-	$$SUDO apt-get install -y -q ffmpeg soundstretch \
-		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q ffmpeg soundstretch; }
+	$$APT install -y -q ffmpeg soundstretch \
+		|| { $$APT update -q && $$APT install -y -q ffmpeg soundstretch; }
 
 lint: install
 	$(VENV)/bin/ruff check demucs tools tests
