@@ -12,22 +12,23 @@ one line and a non-zero exit status.
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import typing as tp
 from importlib import import_module
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import torch
-from dora import distrib
 from dora.hydra import HydraMain
 from dora.xp import XP, get_xp
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import ConcatDataset, Dataset
 
+from . import distrib
 from .errors import ConfigError, DemucsError
 
 logger = logging.getLogger(__name__)
@@ -114,8 +115,13 @@ def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimi
 
 
 def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
-    """Train and valid sets: MusDB HQ, plus the wav dataset `dset.wav` when set."""
+    """Train and valid sets: MusDB HQ, plus the wav dataset `dset.wav` when set.
+
+    The train set is wrapped for pitch and tempo changes (`augment.repitch`), which crops
+    its examples to `(1 - max_tempo / 100)` of `dset.segment`.
+    """
     from . import wav  # datasets are only needed to train
+    from .repitch import wrap_repitch
     train_set: Dataset
     valid_set: Dataset
     train_set, valid_set = wav.get_musdb_wav_datasets(cfg.dset)
@@ -123,25 +129,28 @@ def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
         extra_train, extra_valid = wav.get_wav_datasets(cfg.dset)
         train_set = ConcatDataset([train_set, extra_train])
         valid_set = ConcatDataset([valid_set, extra_valid])
+    train_set = wrap_repitch(train_set, cfg.augment.repitch, list(cfg.dset.sources),
+                             cfg.dset.samplerate)
     return train_set, valid_set
 
 
 def get_loaders(cfg: DictConfig) -> dict[str, tp.Any]:
-    """Data loaders; with several workers, each one gets its share of `batch_size`."""
+    """Data loaders; with several workers, each one gets its share of `batch_size`.
+
+    Valid examples are whole tracks of different lengths (`dset.full_cv`): one per batch.
+    Distributed, every worker validates its own share of the tracks (see `demucs.distrib`).
+    """
     train_set, valid_set = get_datasets(cfg)
     world_size = distrib.world_size()
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the number "
                           f"of workers ({world_size}).")
-    sampler: DistributedSampler | None = None
-    if world_size > 1:
-        sampler = DistributedSampler(train_set)
-    train = DataLoader(train_set, batch_size=cfg.batch_size // world_size,
-                       shuffle=sampler is None, sampler=sampler, drop_last=True,
-                       num_workers=cfg.misc.num_workers)
-    # Validation tracks have different lengths: one per batch, split across workers
-    # by the solver.
-    valid = DataLoader(valid_set, batch_size=1, shuffle=False, num_workers=cfg.misc.num_workers)
+    batch_size = cfg.batch_size // world_size
+    workers = cfg.misc.num_workers
+    train = distrib.loader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                           num_workers=workers)
+    valid = distrib.loader(valid_set, batch_size=1 if cfg.dset.full_cv else batch_size,
+                           shuffle=False, num_workers=workers)
     return {"train": train, "valid": valid}
 
 
@@ -156,10 +165,17 @@ def _solver_class() -> type:
     return solver.Solver
 
 
+def seed_all(seed: int) -> None:
+    """Seed the generators of torch, numpy and Python (augmentations use all three)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def get_solver(cfg: DictConfig, model_only: bool = False) -> tp.Any:
     """The training loop for `cfg`; with `model_only`, without data (to load a checkpoint)."""
     check_config(cfg)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     model = get_model(cfg)
     solver_class = _solver_class()
     if torch.cuda.is_available():
@@ -249,7 +265,7 @@ def run(cfg: DictConfig) -> None:
         return
     check_dataset_paths(cfg.dset)
     _absolute_paths(cfg.dset)
-    distrib.init("nccl" if torch.cuda.is_available() else "gloo")
+    distrib.init()
     solver = get_solver(cfg)
     logger.info("XP folder: %s", get_xp().folder)
     solver.train()

@@ -1,0 +1,103 @@
+"""Distributed training helpers, on top of `dora.distrib`.
+
+Dora starts the workers (`dora run -d` on every GPU, `dora run -d --ddp_workers N` on
+CPU) and gives each its rank through the environment; `init` then joins the process group
+(NCCL on CUDA, gloo on CPU). Without several workers every function here is a no-op or the
+identity, so the training loop has a single code path.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+from dora import distrib as dora_distrib
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+
+def init() -> None:
+    """Join the process group of the XP's workers (nothing to do with a single worker)."""
+    dora_distrib.init("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return dora_distrib.rank()
+
+
+def world_size() -> int:
+    return dora_distrib.world_size()
+
+
+def is_master() -> bool:
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """`model` wrapped for DistributedDataParallel when there are several workers."""
+    if not is_distributed():
+        return model
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        return DistributedDataParallel(model, device_ids=[device], output_device=device)
+    return DistributedDataParallel(model)
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world_size`-th index from `rank`, in order: each example seen exactly once.
+
+    Unlike `DistributedSampler`, it does not repeat examples to even out the shards, so
+    that metrics averaged with their counts (`average`) are exact.
+    """
+
+    def __init__(self, dataset: tp.Sized, rank: int, world_size: int):
+        self.indexes = range(rank, len(dataset), world_size)
+
+    def __iter__(self) -> tp.Iterator[int]:
+        return iter(self.indexes)
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+
+def loader(dataset: Dataset, *args: tp.Any, shuffle: bool = False,
+           klass: type = DataLoader, **kwargs: tp.Any) -> tp.Any:
+    """A data loader giving each worker its share of `dataset`.
+
+    Distributed, a shuffled loader uses a `DistributedSampler` (call `set_epoch` on its
+    sampler every epoch for a new order), an ordered one a `ShardSampler`.
+    """
+    if not is_distributed():
+        return klass(dataset, *args, shuffle=shuffle, **kwargs)
+    sampler: Sampler[int]
+    if shuffle:
+        sampler = DistributedSampler(dataset, drop_last=bool(kwargs.get("drop_last", False)))
+    else:
+        sampler = ShardSampler(tp.cast(tp.Sized, dataset), rank(), world_size())
+    return klass(dataset, *args, sampler=sampler, **kwargs)
+
+
+def average(metrics: tp.Mapping[str, float], count: float = 1.) -> dict[str, float]:
+    """Average `metrics` over the workers, each weighted by its `count` of examples.
+
+    Every worker must call it with the same keys, in the same order.
+    """
+    if not is_distributed():
+        return dict(metrics)
+    keys = list(metrics)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    values = [float(metrics[key]) * count for key in keys] + [float(count)]
+    tensor = torch.tensor(values, device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    total = tensor[-1].item()
+    return {key: tensor[index].item() / max(total, 1e-12) for index, key in enumerate(keys)}
