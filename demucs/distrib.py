@@ -90,14 +90,19 @@ def loader(dataset: Dataset, *args: tp.Any, shuffle: bool = False,
 def average(metrics: tp.Mapping[str, float], count: float = 1.) -> dict[str, float]:
     """Average `metrics` over the workers, each weighted by its `count` of examples.
 
-    Every worker must call it with the same keys, in the same order.
+    Every worker must call it; a worker that saw no example (count 0, e.g. fewer
+    validation tracks than workers) may pass no metrics.
     """
     if not is_distributed():
         return dict(metrics)
-    keys = list(metrics)
+    gathered: list[tp.Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, list(metrics))
+    keys = list(dict.fromkeys(key for names in gathered for key in names))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    values = [float(metrics[key]) * count for key in keys] + [float(count)]
-    tensor = torch.tensor(values, device=device, dtype=torch.float64)
+    sums = [float(metrics[key]) * count if key in metrics else 0. for key in keys]
+    counts = [float(count) if key in metrics else 0. for key in keys]
+    tensor = torch.tensor([sums, counts], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    total = tensor[-1].item()
-    return {key: tensor[index].item() / max(total, 1e-12) for index, key in enumerate(keys)}
+    totals = tensor.cpu().tolist()
+    return {key: total / max(weight, 1e-12)
+            for key, total, weight in zip(keys, totals[0], totals[1])}

@@ -341,12 +341,13 @@ class Solver:
                                   proba=svd.proba, conv_only=svd.conv_only, bs=svd.bs,
                                   rng=self.penalty_rng)
             total = total + svd.penalty * penalty
-            metrics["penalty"] = float(penalty)
+            metrics["penalty"] = float(penalty.item() if isinstance(penalty, torch.Tensor)
+                                       else penalty)
         if self.quantizer is not None:
             size = self.quantizer.model_size()
             if self.args.quant.diffq:
                 total = total + self.args.quant.diffq * size
-            metrics["ms"] = float(size)
+            metrics["ms"] = float(size.item() if isinstance(size, torch.Tensor) else size)
         return total, metrics
 
     def _train_step(self, sources: torch.Tensor) -> Metrics:
