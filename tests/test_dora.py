@@ -155,7 +155,6 @@ COMMANDS = {
     "bad_optim": ["dora", "run", "optim.optim=sgd"],
     "bad_path": ["demucs.train", "dset.musdb=/no/such/folder"],
     "show": ["dora", "run", "model=hdemucs", "hdemucs.channels=4", "misc.show=1"],
-    "no_solver": ["dora", "run", "dset.musdb=musdb", "hdemucs.channels=4"],
 }
 
 
@@ -240,12 +239,6 @@ def test_cli_bad_input(cli: dict[str, Future], name: str, message: str) -> None:
 
 
 def test_cli_show(cli: dict[str, Future]) -> None:
-    pytest.importorskip("demucs.hdemucs")
     out = output(cli, "show")
     assert "HDemucs(" in out and "Size:" in out
 
-
-def test_cli_no_solver(cli: dict[str, Future], tree: Path) -> None:
-    if (tree / "demucs" / "solver.py").exists():
-        pytest.skip("the training loop exists")
-    assert "training is not available yet" in one_line_error(cli, "no_solver")
