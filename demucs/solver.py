@@ -465,11 +465,13 @@ class Solver:
             "args": OmegaConf.to_container(self.args, resolve=True),
         }
 
-    def best_package(self) -> State:
-        """The model package of the best state (what `best.th` holds)."""
+    def save_best(self, path: Path) -> None:
+        """Write the model package of the best state (what `best.th` holds) to `path`."""
         state = self.best_state if self.best_state is not None else self.model.state_dict()
         with swap_state(self.model, state):
-            return serialize_model(self.model, self.args, self.quantizer, half=False)
+            # Saved inside the swap: on CPU the package's tensors are the parameters.
+            save_atomic(serialize_model(self.model, self.args, self.quantizer, half=False),
+                        path)
 
     def _save(self, epoch: int) -> None:
         if not distrib.is_master():
@@ -479,5 +481,5 @@ class Solver:
         save_every = self.args.save_every
         if save_every and (epoch + 1) % save_every == 0:
             save_atomic(checkpoint, self.folder / f"checkpoint_{epoch + 1}.th")
-        save_atomic(self.best_package(), self.best_file)
+        self.save_best(self.best_file)
         logger.debug("Checkpoint saved to %s", self.checkpoint_file.resolve())

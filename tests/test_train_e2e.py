@@ -1,0 +1,152 @@
+"""`dora run` trains for real, in subprocesses: files, exact resume after a kill, DDP.
+
+Each XP runs from its own temporary folder (Dora's `outputs/` is relative to it), with the
+synthetic dataset given through MUSDB_PATH and METADATA_PATH, as users do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from demucs.grids._explorers import summarize
+
+SOURCES = ("drums", "bass", "other", "vocals")
+# Everything random is on: repitch (when soundstretch is there), remix, scale, flips,
+# shifts, the SVD penalty drawn with probability 1/2, an EMA, a data loader worker.
+ARGS = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
+        "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
+        "misc.num_workers=1", "test.sdr=false", "augment.remix.group_size=2",
+        "ema.batch=[0.9]", "svd.penalty=1e-4", "svd.min_size=0", "svd.proba=0.5"]
+if shutil.which("soundstretch") is None:
+    ARGS.append("augment.repitch.proba=0")
+
+# Runs the training like `python -m demucs.train`, but SIGKILLs itself right after the
+# first checkpoint is written: a training killed between two epochs.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from demucs import solver
+save = solver.Solver._save
+def save_then_die(self, epoch):
+    save(self, epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
+solver.Solver._save = save_then_die
+from demucs.train import main
+sys.argv = ["demucs.train"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the runs: the synthetic MusDB and its metadata cache."""
+    synth = pytest.importorskip("tools.synth_dataset")
+    root = tmp_path_factory.mktemp("data")
+    synth.generate_dataset(root / "musdb", tracks=3, seconds=3, valid_tracks=1,
+                           test_tracks=1)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
+    env.update(MUSDB_PATH=str(root / "musdb"), METADATA_PATH=str(root / "metadata"))
+    return env
+
+
+def run(cwd: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, *command], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def xp_folder(cwd: Path) -> Path:
+    folders = list((cwd / "outputs" / "xps").iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def load(path: Path) -> dict[str, tp.Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(first: tp.Any, second: tp.Any, where: str = "") -> None:
+    """Recursive torch.equal over the tensors of two nested containers."""
+    if isinstance(first, torch.Tensor):
+        assert torch.equal(first, second), where
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), where
+        for key in first:
+            assert_same_tensors(first[key], second[key], f"{where}.{key}")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second)):
+            assert_same_tensors(a, b, f"{where}[{index}]")
+    else:
+        assert first == second, where
+
+
+@pytest.fixture(scope="module")
+def runs(dataset: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+         ) -> dict[str, tp.Any]:
+    """A full `dora run`, and the same XP killed after one epoch then resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    with ThreadPoolExecutor(2) as pool:
+        full = pool.submit(run, root / "full", dataset, "-m", "dora", "-P", "demucs", "run",
+                           *ARGS)
+        killed = pool.submit(run, root / "killed", dataset, "-c",
+                             KILLED_AFTER_FIRST_CHECKPOINT, *ARGS)
+        results = {"full": full.result(), "killed": killed.result()}
+    results["resumed"] = run(root / "killed", dataset, "-m", "demucs.train", *ARGS)
+    return {"root": root, **results}
+
+
+def test_dora_run_trains(runs: dict[str, tp.Any]) -> None:
+    result = runs["full"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = xp_folder(runs["root"] / "full")
+    for name in ["checkpoint.th", "best.th", "history.json", ".argv.json"]:
+        assert (folder / name).is_file(), name
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 2
+    for epoch in history:
+        assert {"reco", "loss", "penalty"} <= set(epoch["train"])
+        assert {"reco", "loss", "penalty", "ms", "nsdr"} <= set(epoch["valid"])
+        assert {f"nsdr_{source}" for source in SOURCES} <= set(epoch["valid"])
+    assert "test" not in history[0] and "nsdr" in history[1]["test"]  # test.every=20
+    assert "bnsdr" in summarize(history)["valid"]
+    assert "Train Summary | Epoch 2" in result.stdout + result.stderr
+    package = torch.load(folder / "best.th", map_location="cpu", weights_only=False)
+    assert_same_tensors(package["state"], load(folder / "checkpoint.th")["best_state"])
+
+
+def test_killed_training_resumes_exactly(runs: dict[str, tp.Any]) -> None:
+    killed, resumed = runs["killed"], runs["resumed"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after 1 epochs" in resumed.stdout + resumed.stderr  # "Resuming from ..."
+    full = load(xp_folder(runs["root"] / "full") / "checkpoint.th")
+    again = load(xp_folder(runs["root"] / "killed") / "checkpoint.th")
+    for key in ["state", "best_state", "optimizer", "emas", "history"]:
+        assert_same_tensors(full[key], again[key], key)
+    assert_same_tensors(full["rng"]["torch"], again["rng"]["torch"])
+
+
+@pytest.mark.slow
+def test_ddp_two_workers(dataset: dict[str, str], tmp_path: Path) -> None:
+    argv = [arg for arg in ARGS if not arg.startswith(("epochs=", "augment.remix"))]
+    argv += ["epochs=1", "augment.remix.group_size=1"]  # 1 example per worker and batch
+    result = run(tmp_path, dataset, "-m", "dora", "-P", "demucs", "run", "-d",
+                 "--ddp_workers", "2", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting 2 worker processes for DDP" in result.stderr + result.stdout
+    folder = xp_folder(tmp_path)
+    worker_log = (folder / "worker_1.log").read_text()
+    assert "Distributed init: 1/2" in worker_log and "Train Summary | Epoch 1" in worker_log
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 1 and "nsdr" in history[0]["test"]
+    assert (folder / "checkpoint.th").is_file() and (folder / "best.th").is_file()
