@@ -1,0 +1,227 @@
+"""Test-set evaluation: nSDR, museval SDR, and `evaluate` on a synthetic MusDB."""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import subprocess
+import sys
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from demucs import evaluate as ev
+from demucs.errors import ConfigError, DatasetError
+from demucs.hdemucs import HDemucs
+from tools.synth_dataset import generate_dataset
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+SECONDS = 2.
+
+
+# ---------------------------------------------------------------------------------------
+# new_sdr and eval_track
+
+
+def test_new_sdr_by_hand() -> None:
+    references = torch.tensor([[[[1., 2.], [0., -1.]], [[0.5, 0.5], [0.5, 0.5]]]])  # (1,2,2,2)
+    estimates = torch.tensor([[[[1., 1.], [0., 0.]], [[0., 0.], [0., 0.]]]])
+    expected = [10 * math.log10((6 + 1e-7) / (2 + 1e-7)), 0.]
+    assert ev.new_sdr(references, estimates)[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_new_sdr_known_cases() -> None:
+    torch.manual_seed(0)
+    references = torch.randn(2, 4, 2, 1000).double()
+    assert ev.new_sdr(references, references).min() > 70
+    assert ev.new_sdr(references, torch.zeros_like(references)).abs().max() < 1e-6
+    # Noise 10 times smaller in amplitude: 20 dB.
+    noisy = references + 0.1 * torch.randn_like(references)
+    assert ev.new_sdr(references, noisy).mean().item() == pytest.approx(20, abs=0.5)
+    silent = torch.zeros(1, 1, 2, 10)
+    assert ev.new_sdr(silent, silent).item() == pytest.approx(0.)
+
+
+def test_new_sdr_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(1, 2, 2, 5\) and \(1, 2, 2, 6\)"):
+        ev.new_sdr(torch.zeros(1, 2, 2, 5), torch.zeros(1, 2, 2, 6))
+    with pytest.raises(ValueError, match="same shape"):
+        ev.eval_track(torch.zeros(2, 2, 5), torch.zeros(2, 2, 6), 4, 4, compute_sdr=False)
+
+
+def test_eval_track_museval() -> None:
+    # The one museval case (about 2 s of CPU): 2 sources, 2 s stereo, noise at -20 dB.
+    rng = np.random.default_rng(0)
+    samplerate = 44100
+    references = torch.from_numpy(rng.standard_normal((2, 2, 2 * samplerate)))
+    estimates = references + 0.1 * torch.from_numpy(rng.standard_normal(references.shape))
+    scores = ev.eval_track(references, estimates, samplerate, samplerate, compute_sdr=True)
+    assert scores.sdr is not None and len(scores.sdr) == 2
+    assert scores.sdr == pytest.approx([20, 20], abs=0.5)
+    assert scores.nsdr == pytest.approx([20, 20], abs=0.5)
+
+
+def test_eval_track_nsdr_only() -> None:
+    references = torch.ones(4, 2, 100)
+    scores = ev.eval_track(references, references.numpy() * 0.9, 10, 10, compute_sdr=False)
+    assert scores.sdr is None
+    assert scores.nsdr == pytest.approx([20.] * 4, abs=1e-4)
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, demucs.evaluate; "
+            "print(any(m in sys.modules for m in ('museval', 'musdb', 'dora', 'hydra')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate on a synthetic MusDB
+
+
+@pytest.fixture(scope="module")
+def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=0, test_tracks=3,
+                            seconds=SECONDS)
+
+
+class Mixer(nn.Module):
+    """Gives each source `weight[s] * mix`: a linear 'model' whose scores are computable."""
+
+    def __init__(self, sources: list[str], weights: list[float], samplerate: int = 44100,
+                 segment: float = 1.) -> None:
+        super().__init__()
+        self.sources, self.samplerate, self.audio_channels = sources, samplerate, 2
+        self.segment = segment
+        self.register_buffer("weights", torch.tensor(weights))
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)
+
+
+@dataclass
+class StandInSolver:
+    """The attributes of demucs.solver.Solver that `evaluate` uses."""
+    model: nn.Module
+    args: DictConfig
+    folder: Path
+    device: str = "cpu"
+    quantizer: tp.Any = None
+    history: list = field(default_factory=list)
+    best_state: tp.Any = None
+
+
+def make_cfg(musdb: Path, **test: tp.Any) -> DictConfig:
+    base = {"save": False, "workers": 0, "split": True, "shifts": 0, "overlap": 0.25,
+            "nonhq": None, "sdr": True}
+    return OmegaConf.create({"dset": {"musdb": str(musdb)}, "test": {**base, **test}})
+
+
+def expected_nsdr(musdb: Path, weights: list[float]) -> dict[str, list[float]]:
+    """nSDR per source and track of `Mixer`, from the files, by the formula."""
+    per_source: dict[str, list[float]] = {source: [] for source in SOURCES}
+    for track in sorted((musdb / "test").iterdir()):
+        mix = sf.read(str(track / "mixture.wav"), dtype="float32")[0].T
+        mean = mix.mean(0).mean()
+        for source, weight in zip(SOURCES, weights):
+            ref = sf.read(str(track / f"{source}.wav"), dtype="float32")[0].T.astype(np.float64)
+            est = weight * (mix - mean) + mean
+            per_source[source].append(
+                10 * math.log10(((ref ** 2).sum() + 1e-7) / (((ref - est) ** 2).sum() + 1e-7)))
+    return per_source
+
+
+def test_evaluate_nsdr_values(musdb: Path, tmp_path: Path) -> None:
+    weights = [0.3, 0.2, 0.25, 0.25]
+    model = Mixer(SOURCES, weights)
+    model.train()
+    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb), tmp_path))
+    assert list(metrics) == ["nsdr"] + [f"nsdr_{source}" for source in SOURCES]
+    expected = expected_nsdr(musdb, weights)
+    for source in SOURCES:
+        assert metrics[f"nsdr_{source}"] == pytest.approx(np.mean(expected[source]), abs=1e-3)
+    assert metrics["nsdr"] == pytest.approx(np.mean([metrics[f"nsdr_{s}"] for s in SOURCES]))
+    assert model.training  # the mode is restored
+    assert not (tmp_path / "wav").exists()
+
+
+def test_evaluate_hdemucs_save(musdb: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = HDemucs(SOURCES, channels=4, depth=5, segment=1)
+    cfg = make_cfg(musdb, save=True, shifts=1)
+    metrics = ev.evaluate(StandInSolver(model, cfg, tmp_path))
+    assert set(metrics) == {"nsdr"} | {f"nsdr_{source}" for source in SOURCES}
+    assert all(np.isfinite(value) for value in metrics.values())
+    tracks = sorted(path.name for path in (musdb / "test").iterdir())
+    assert sorted(path.name for path in (tmp_path / "wav").iterdir()) == tracks
+    info = sf.info(str(tmp_path / "wav" / tracks[0] / "vocals.wav"))
+    assert (info.samplerate, info.channels, info.frames) == (44100, 2, int(SECONDS * 44100))
+
+
+def fake_museval(references: np.ndarray, estimates: np.ndarray, win: int,
+                 hop: int) -> np.ndarray:
+    """Stands for museval: per-source values that depend on the track (its peak)."""
+    return np.arange(references.shape[0]) + 100 * float(np.abs(references).max())
+
+
+def _sdr_expectation(musdb: Path) -> np.ndarray:
+    values = []
+    for track in sorted((musdb / "test").iterdir()):
+        refs = np.stack([sf.read(str(track / f"{s}.wav"), dtype="float32")[0] for s in SOURCES])
+        values.append(fake_museval(refs, refs, 1, 1))
+    return np.median(np.array(values), axis=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluate_sdr_aggregation(musdb: Path, tmp_path: Path, workers: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if workers and multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fake museval reaches pool workers only through fork")
+    monkeypatch.setattr(ev, "museval_sdr", fake_museval)
+    model = Mixer(SOURCES, [0.25] * 4)
+    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb, workers=workers), tmp_path),
+                          compute_sdr=True)
+    expected = _sdr_expectation(musdb)
+    assert metrics["sdr"] == pytest.approx(expected.mean())
+    for source, value in zip(SOURCES, expected):
+        assert metrics[f"sdr_{source}"] == pytest.approx(value)
+    assert "nsdr_vocals" in metrics
+
+
+def test_evaluate_distributed_share(musdb: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 of 2 separates tracks 1 (of 0, 1, 2) and gets the others' results."""
+    monkeypatch.setattr(ev, "_distributed", lambda: (1, 2))
+    other = {"synth_test_000": ev.TrackScores([1.] * 4), "synth_test_002": ev.TrackScores([3.] * 4)}
+    mine: dict[str, tp.Any] = {}
+
+    def all_gather_object(parts: list, scores: dict) -> None:
+        mine.update(scores)
+        parts[:] = [other, scores]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    model = Mixer(SOURCES, [0.25] * 4)
+    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb), tmp_path))
+    assert list(mine) == ["synth_test_001"]
+    assert metrics["nsdr_drums"] == pytest.approx((1 + 3 + mine["synth_test_001"].nsdr[0]) / 3)
+
+
+def test_evaluate_errors(musdb: Path, tmp_path: Path) -> None:
+    model = Mixer(SOURCES, [0.25] * 4)
+    with pytest.raises(DatasetError, match="no test/ folder"):
+        ev.evaluate(StandInSolver(model, make_cfg(tmp_path), tmp_path))
+    cfg = make_cfg(musdb)
+    cfg.dset.musdb = None
+    with pytest.raises(ConfigError, match="dset.musdb"):
+        ev.evaluate(StandInSolver(model, cfg, tmp_path))
+    with pytest.raises(DatasetError, match="Missing test file .*guitar.wav"):
+        ev.evaluate(StandInSolver(Mixer(["guitar"], [1.]), make_cfg(musdb), tmp_path))
+    with pytest.raises(DatasetError, match="no test/ folder of .stem.mp4"):
+        ev.evaluate(StandInSolver(model, make_cfg(musdb, nonhq=str(tmp_path)), tmp_path))
