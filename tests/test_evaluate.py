@@ -100,7 +100,7 @@ class Mixer(nn.Module):
         super().__init__()
         self.sources, self.samplerate, self.audio_channels = sources, samplerate, 2
         self.segment = segment
-        self.register_buffer("weights", torch.tensor(weights))
+        self.weights = nn.Parameter(torch.tensor(weights), requires_grad=False)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)

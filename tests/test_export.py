@@ -1,0 +1,214 @@
+"""tools.export and tools.test_pretrained on fake finished XPs, in a temporary Dora folder."""
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from demucs import evaluate as ev
+from demucs import separate, train
+from demucs.repo import check_checksum, split_package_name
+from demucs.solver import save_atomic
+from demucs.states import copy_state, load_model, load_package
+from tools import export, test_pretrained
+from tools.synth_dataset import generate_dataset
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=5", "model_segment=1",
+        "epochs=2"]
+
+
+@pytest.fixture
+def dora_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(train.main.dora, "dir", tmp_path / "outputs")
+    return tmp_path / "outputs"
+
+
+@pytest.fixture(scope="module")
+def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=0, test_tracks=2,
+                            seconds=2.)
+
+
+def fake_xp(argv: list[str], epochs_done: int, checkpoint: bool = True) -> tuple[str, tp.Any]:
+    """An XP whose checkpoint says it trained `epochs_done` epochs, with a best state
+    different from its last state. Returns its signature and the solver that wrote it."""
+    xp = train.main.get_xp(argv)
+    train.main.init_xp(xp)
+    if not checkpoint:
+        return xp.sig, None
+    with xp.enter(stack=True):
+        solver = train.get_solver(xp.cfg, model_only=True)
+        solver.best_state = copy_state(solver.model.state_dict())
+        with torch.no_grad():
+            for param in solver.model.parameters():
+                param.add_(0.01)
+        solver.history[:] = [{"train": {"loss": 1.}, "valid": {"loss": 1.}}] * epochs_done
+        save_atomic(solver.checkpoint(), solver.checkpoint_file)
+        solver.save_best(solver.best_file)
+    return xp.sig, solver
+
+
+def assert_state(package: dict[str, tp.Any], expected: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> None:
+    state = package["state"]
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert state[key].dtype == dtype, key
+            assert torch.equal(state[key], value.to(dtype)), key
+
+
+def test_export_best_and_separate(dora_dir: Path, tmp_path: Path, musdb: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    sig, solver = fake_xp(TINY, epochs_done=2)
+    out = tmp_path / "release"
+    export.main([sig, "-o", str(out)])
+    assert f"Exported XP {sig}" in capsys.readouterr().out
+    path = out / f"{sig}.th"
+    package = load_package(path)
+    assert_state(package, solver.best_state, torch.half)
+    assert package["training_args"]["hdemucs"]["channels"] == 4
+    model = load_model(path)
+    assert model.sources == SOURCES and model.segment == 1
+    track = musdb / "test" / "synth_test_000" / "mixture.wav"
+    separate.main(["--repo", str(out), "-n", sig, "-o", str(tmp_path / "sep"), "-d", "cpu",
+                   str(track)])
+    stems = sorted(p.name for p in (tmp_path / "sep" / sig / "mixture").iterdir())
+    assert stems == sorted(f"{source}.wav" for source in SOURCES)
+
+
+def test_export_last_float(dora_dir: Path, tmp_path: Path) -> None:
+    sig, solver = fake_xp(TINY, epochs_done=2)
+    export.main([sig, "-o", str(tmp_path), "--last", "--no-half"])
+    package = load_package(tmp_path / f"{sig}.th")
+    assert_state(package, solver.model.state_dict(), torch.float32)
+
+
+def test_export_sign(dora_dir: Path, tmp_path: Path) -> None:
+    sig, _ = fake_xp(TINY, epochs_done=2)
+    export.main([sig, "-o", str(tmp_path)])
+    export.main([sig, "-o", str(tmp_path), "--sign"])
+    files = list(tmp_path.glob("*.th"))
+    assert len(files) == 1  # the unsigned export was replaced
+    name, checksum = split_package_name(files[0].stem)
+    assert name == sig and checksum is not None
+    check_checksum(files[0], checksum)
+    load_model(files[0])
+
+
+def test_export_unfinished_warns(dora_dir: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    sig, _ = fake_xp(TINY, epochs_done=1)
+    export.main([sig, "-o", str(tmp_path)])
+    assert f"XP {sig} trained 1 of its 2 epochs" in capsys.readouterr().err
+    assert (tmp_path / f"{sig}.th").is_file()
+
+
+def test_export_diffq(dora_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("diffq")
+    sig, solver = fake_xp(TINY + ["quant.diffq=1e-4", "quant.min_size=0.0001"], epochs_done=2)
+    export.main([sig, "-o", str(tmp_path)])
+    package = load_package(tmp_path / f"{sig}.th")
+    assert package["state"]["__quantized"]
+    load_model(package)
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tools.export: error: ")
+    return err
+
+
+def test_export_errors(dora_dir: Path, tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert "unknown XP signature 'deadbeef'" in one_line_error(capsys, ["deadbeef"])
+    sig, _ = fake_xp(TINY, epochs_done=0, checkpoint=False)
+    err = one_line_error(capsys, [sig, "-o", str(tmp_path)])
+    assert f"train it first with `dora run -f {sig}`" in err
+    assert not list(tmp_path.glob("*.th"))
+
+
+# ---------------------------------------------------------------------------------------
+# tools.test_pretrained
+
+
+@pytest.fixture
+def repo(dora_dir: Path, tmp_path: Path) -> Path:
+    """A repository with one exported tiny model and a bag of it twice."""
+    sig, _ = fake_xp(TINY, epochs_done=2)
+    out = tmp_path / "release"
+    export.main([sig, "-o", str(out), "--sign"])
+    (out / "my_bag.yaml").write_text(f"models: ['{sig}', '{sig}']\n"
+                                     "weights: [[1, 1, 1, 1], [1, 0, 1, 1]]\nsegment: 1\n")
+    return out
+
+
+def test_pretrained_bag(repo: Path, musdb: Path, capsys: pytest.CaptureFixture[str],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_museval(references: np.ndarray, *args: tp.Any) -> np.ndarray:
+        calls.append(references.shape)
+        return np.full(references.shape[0], 5.)
+
+    monkeypatch.setattr(ev, "museval_sdr", fake_museval)
+    test_pretrained.main(["--repo", str(repo), "-n", "my_bag", "--musdb", str(musdb),
+                          "-d", "cpu", "test.shifts=0", "test.workers=0"])
+    out = capsys.readouterr().out
+    assert len(calls) == 2  # museval once per track (test.sdr defaults to true)
+    lines = out.strip().splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["source"])
+    assert header.split() == ["source", "nSDR", "SDR"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[lines.index(header) + 1:]}
+    assert list(rows) == SOURCES + ["all"]
+    assert all(row[1] == "5.000" for row in rows.values())
+    assert all(np.isfinite(float(row[0])) for row in rows.values())
+
+
+def test_pretrained_env_and_overrides(repo: Path, musdb: Path,
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSDB_PATH", str(musdb))
+    sig = split_package_name(next(repo.glob("*.th")).stem)[0]
+    save = repo.parent / "estimates"
+    test_pretrained.main(["--repo", str(repo), "-n", sig, "-d", "cpu", "-o", str(save),
+                          "test.sdr=false", "test.save=true", "test.shifts=0"])
+    header, *rows = capsys.readouterr().out.strip().splitlines()[-6:]
+    assert header.split() == ["source", "nSDR"]
+    assert sorted(p.name for p in (save / "wav").iterdir()) == ["synth_test_000",
+                                                                 "synth_test_001"]
+
+
+def pretrained_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        test_pretrained.main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tools.test_pretrained: error: ")
+    return err
+
+
+def test_pretrained_errors(repo: Path, musdb: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    err = pretrained_error(capsys, ["--repo", str(repo), "-n", "nope", "--musdb", str(musdb)])
+    assert "Unknown model 'nope'" in err and "my_bag" in err
+    err = pretrained_error(capsys, ["--repo", str(repo), "-n", "my_bag",
+                                    "--musdb", str(tmp_path / "missing")])
+    assert "no test/ folder" in err
+    err = pretrained_error(capsys, ["--repo", str(repo), "-n", "my_bag", "--musdb", str(musdb),
+                                    "test.nope=1"])
+    assert "test.nope" in err
+
+
+def test_cfg_is_composed(musdb: Path) -> None:
+    cfg = test_pretrained.get_config(["test.shifts=2"], musdb)
+    assert isinstance(cfg, DictConfig)
+    assert cfg.test.shifts == 2 and cfg.dset.musdb == str(musdb)
