@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import shutil
 import subprocess
 import sys
 import typing as tp
@@ -225,3 +226,25 @@ def test_evaluate_errors(musdb: Path, tmp_path: Path) -> None:
         ev.evaluate(StandInSolver(Mixer(["guitar"], [1.]), make_cfg(musdb), tmp_path))
     with pytest.raises(DatasetError, match="no test/ folder of .stem.mp4"):
         ev.evaluate(StandInSolver(model, make_cfg(musdb, nonhq=str(tmp_path)), tmp_path))
+
+
+def test_evaluate_nonhq(musdb: Path, tmp_path: Path) -> None:
+    """test.nonhq: the original MusDB (.stem.mp4 read by musdb), here one AAC track."""
+    stempeg = pytest.importorskip("stempeg")
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("writing .stem.mp4 files needs ffmpeg")
+    track = musdb / "test" / "synth_test_000"
+    names = ["mixture"] + SOURCES  # the stream order of the MusDB stems
+    stems = np.stack([sf.read(str(track / f"{name}.wav"), dtype="float32")[0]
+                      for name in names])  # (5, T, C)
+    (tmp_path / "nonhq" / "test").mkdir(parents=True)
+    stempeg.write_stems(str(tmp_path / "nonhq" / "test" / "synth_test_000.stem.mp4"), stems,
+                        sample_rate=44100, writer=stempeg.StreamsWriter(codec="aac"))
+    weights = [0.3, 0.2, 0.25, 0.25]
+    cfg = make_cfg(musdb, nonhq=str(tmp_path / "nonhq"))
+    metrics = ev.evaluate(StandInSolver(Mixer(SOURCES, weights), cfg, tmp_path))
+    expected = expected_nsdr(musdb, weights)
+    for source in SOURCES:  # AAC is lossy: close to the HQ values
+        assert metrics[f"nsdr_{source}"] == pytest.approx(expected[source][0], abs=0.5)
+    with pytest.raises(DatasetError, match="no guitar stem"):
+        ev.evaluate(StandInSolver(Mixer(["guitar"], [1.]), cfg, tmp_path))
