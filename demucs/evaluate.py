@@ -321,6 +321,6 @@ def evaluate(solver: tp.Any, compute_sdr: bool = False) -> dict[str, float]:
         model.train(training)
     scores = _gather(scores)
     metrics = summarize(scores, model.sources)
-    logger.info("Test on %d tracks: %s", len(scores),
+    logger.debug("Test on %d tracks: %s", len(scores),
                 ", ".join(f"{key}={value:.3f}" for key, value in metrics.items()))
     return metrics
