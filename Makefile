@@ -2,7 +2,8 @@
 #   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
 #                  requirements, the package (editable), ffmpeg and soundstretch
 #   make test      install, then ruff, mypy and the test suite
-#   make demo      the README's main command: synthetic data, a tiny model, `demucs` on a track
+#   make demo      the README's main command: synthetic data, `dora run` trains a tiny
+#                  model, `tools.export` exports it, `demucs` separates a test track
 #   make bench     every benchmark under bench/
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -11,7 +12,6 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO := demo
-DEMO_MODEL := demo_hdemucs
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test lint typecheck pytest demo bench clean-demo
@@ -54,21 +54,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	$(PY) -m tools.synth_dataset $(DEMO)/musdb --tracks 4 --seconds 8
-	$(PY) -m tools.demo --out $(DEMO)/release_models --name $(DEMO_MODEL)
-	@track=$$(ls $(DEMO)/musdb/test | head -n 1); \
-	cp "$(DEMO)/musdb/test/$$track/mixture.wav" "$(DEMO)/$$track.wav"; \
-	echo "+ demucs --repo $(DEMO)/release_models -n $(DEMO_MODEL) $(DEMO)/$$track.wav -o $(DEMO)/separated"; \
-	$(VENV)/bin/demucs --repo $(DEMO)/release_models -n $(DEMO_MODEL) "$(DEMO)/$$track.wav" \
-		-o $(DEMO)/separated
-	@echo; echo "Separated stems:"; find $(DEMO)/separated -type f | sort
-	@echo
-	@echo "The model above is untrained (random weights): its stems are noise-like."
-	@echo "Next step: train a real model on $(DEMO)/musdb with Dora, e.g."
-	@echo "    dora run -d --ddp_workers 2 dset.musdb=$(abspath $(DEMO)/musdb)   (see docs/training.md)"
-	@echo "then export it with 'python -m tools.export SIG' and separate with"
-	@echo "    demucs --repo release_models -n SIG my_track.wav"
-	@echo "Training (dora run) and tools.export arrive with the solver."
+	$(PY) -m tools.demo --root $(DEMO)
 
 bench: install
 	@mkdir -p bench/results

@@ -231,18 +231,6 @@ def test_silent_track_gives_silent_stems(setup, tmp_path):
     assert np.isfinite(data.numpy()).all()  # no division by a zero std
 
 
-def test_demo_export(tmp_path):
-    from tools.demo import export_demo_model, main
-
-    first = export_demo_model(tmp_path, "demo_model")
-    assert first.name.startswith("demo_model-") and first.suffix == ".th"
-    (tmp_path / "demo_model-00000000.th").write_bytes(b"stale")  # an older export
-    main(["--out", str(tmp_path), "--name", "demo_model"])
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # deterministic, one per name
-    model = load_model(first)
-    assert isinstance(model, HDemucs) and model.sources == SOURCES
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda(setup, capsys):
     with pytest.raises(SystemExit) as info:

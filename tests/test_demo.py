@@ -1,0 +1,25 @@
+"""The README's main command end to end: data, `dora run`, export, `demucs`, scores."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tools import demo
+
+
+@pytest.mark.slow
+def test_demo_trains_exports_and_separates(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    demo.main(["--root", str(tmp_path), "--epochs", "1"])
+    out = capsys.readouterr().out
+    sig = demo.signature(demo.training_args(1), demo.environment(tmp_path))
+    xp = tmp_path / "outputs" / "xps" / sig
+    assert (xp / "checkpoint.th").is_file() and (xp / "best.th").is_file()
+    assert list((tmp_path / "release_models").glob(f"{sig}*.th"))
+    stems = tmp_path / "separated" / sig / "mixture"
+    assert sorted(p.name for p in stems.iterdir()) == [
+        "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    scores = re.findall(r"^  (drums|bass|other|vocals|mean)\s+(-?\d+\.\d+)$", out, re.M)
+    assert [name for name, _ in scores] == ["drums", "bass", "other", "vocals", "mean"]
