@@ -117,6 +117,14 @@ def load_checkpoint(path: Path) -> State:
         raise ModelLoadingError(f"{path}: unreadable checkpoint ({first_line}).") from None
 
 
+def _xp_reference(value: tp.Any) -> str:
+    """`continue_from` as given: Hydra reads an all-digit signature as an integer."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ConfigError(f"continue_from={value!r} is not an XP signature or a checkpoint "
+                          "path; quote it: continue_from=\"'SIG'\".")
+    return f"{value:08d}" if isinstance(value, int) else str(value)
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -183,7 +191,7 @@ class Solver:
         elif self.args.continue_pretrained:
             self._continue_pretrained(str(self.args.continue_pretrained))
         elif self.args.continue_from:
-            self._continue_from(str(self.args.continue_from))
+            self._continue_from(_xp_reference(self.args.continue_from))
 
     def _load_model_state(self, state: State, origin: tp.Any, hint: str) -> None:
         try:
@@ -300,6 +308,10 @@ class Solver:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
         total = len(loader)
+        if total == 0:
+            raise ConfigError(f"The train set has {len(loader.dataset)} examples: not one "
+                              f"batch of batch_size={self.args.batch_size}; lower batch_size or "
+                              "dset.segment, or add tracks.")
         if self.args.max_batches:
             total = min(total, self.args.max_batches)
         self.dmodel.train()

@@ -177,6 +177,8 @@ def test_continue_from() -> None:
 def test_continue_from_errors() -> None:
     with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
         make_solver(f"continue_from={'deadbeef'}", model_only=True)
+    with pytest.raises(ConfigError, match="unknown XP signature '00001234'"):
+        make_solver("continue_from=00001234", model_only=True)  # Hydra reads 1234
     untrained = main.get_xp(TINY + ["epochs=3"])
     main.init_xp(untrained)
     with pytest.raises(ConfigError, match=f"XP {untrained.sig} has no checkpoint.*"
@@ -198,8 +200,15 @@ def test_incompatible_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\n" not in str(error.value) and "checkpoint.th" in str(error.value)
 
 
+def test_train_set_too_small() -> None:
+    solver, xp = make_solver("batch_size=64", "augment.remix.group_size=4")
+    with xp.enter(), pytest.raises(ConfigError, match="not one batch of batch_size=64"):
+        solver.train()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["dset.segment=1"], "dset.segment=1 must be longer than dset.shift=1"),
+    (["continue_from=1e3"], "quote it"),
     (["weights=[1,1]"], "one non-negative weight per source"),
     (["quant.diffq=1", "quant.qat=8"], "choose one quantizer"),
 ])
