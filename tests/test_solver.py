@@ -6,6 +6,7 @@ tracks), inside a temporary Dora folder.
 from __future__ import annotations
 
 import os
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -174,6 +175,19 @@ def test_continue_from() -> None:
     assert len(last.history) == 1
 
 
+def test_continue_pretrained(tmp_path: Path) -> None:
+    _, parent = train_xp("epochs=1")
+    repo = tmp_path / "release_models"
+    repo.mkdir()
+    shutil.copy(parent.folder / "best.th", repo / "mymodel.th")  # as tools.export would
+    solver, _ = make_solver("epochs=1", "continue_pretrained=mymodel",
+                            f"pretrained_repo={repo}")
+    best = load_checkpoint(parent.folder / "checkpoint.th")["best_state"]
+    assert states_equal(solver.model.state_dict(), best)
+    with pytest.raises(ModelLoadingError, match="Unknown model 'other'"):
+        make_solver("continue_pretrained=other", f"pretrained_repo={repo}", model_only=True)
+
+
 def test_continue_from_errors() -> None:
     with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
         make_solver(f"continue_from={'deadbeef'}", model_only=True)
@@ -225,7 +239,8 @@ def test_model_only_solver_has_no_data() -> None:
 
 def test_diffq_and_nsdr_selection() -> None:
     pytest.importorskip("diffq")
-    solver, xp = train_xp("quant.diffq=1e-4", "quant.min_size=0.01", "test.metric=nsdr")
+    solver, xp = train_xp("quant.diffq=1e-4", "quant.min_size=0.01", "test.metric=nsdr",
+                          "optim.loss=mse", "optim.clip_grad=1e-3")
     history = solver.history
     assert all("ms" in epoch["train"] for epoch in history)
     assert history[-1]["valid"]["best"] == max(epoch["valid"]["nsdr"] for epoch in history)
