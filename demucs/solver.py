@@ -11,6 +11,11 @@ whose folder receives:
 - `history.json` (through Dora's link): one entry per epoch,
   `{"train": {...}, "valid": {...}, "test": {...}}` (`test` only when the test set ran).
 
+The checkpoint is loaded when the solver is built (so `train.get_solver_from_sig(SIG)`
+gives the trained weights and best state); without one, the weights come from
+`continue_pretrained` (a model name in `pretrained_repo` or the remote repository) or
+`continue_from` (another XP's signature, or a checkpoint path).
+
 Each epoch evaluates on the validation set the live weights and every EMA of them
 (`ema.batch`, `ema.epoch`); the best of these candidates (lowest valid loss, or highest
 nSDR with `test.metric=nsdr`) gives the epoch's valid metrics and, if it beats all the
