@@ -171,7 +171,10 @@ def get_state(model: nn.Module, quantizer: tp.Any = None, half: bool = False) ->
     """The state to store: plain (optionally float16) tensors, or DiffQ-quantized."""
     if quantizer is None:
         dtype = torch.half if half else None
-        state = {k: p.data.to(device="cpu", dtype=dtype if p.is_floating_point() else None)
+        # Copies, never views of the live parameters: a package made inside `swap_state`
+        # must keep the swapped-in weights after the swap ends.
+        state = {k: p.data.to(device="cpu", dtype=dtype if p.is_floating_point() else None,
+                              copy=True)
                  for k, p in model.state_dict().items()}
     else:
         state = quantizer.get_quantized_state()

@@ -282,7 +282,8 @@ def test_solver_loaders(fake_solver: None, tmp_path: Path) -> None:
     synth.generate_dataset(tmp_path / "musdb", tracks=3, seconds=3, valid_tracks=1,
                            test_tracks=0)
     cfg = cfg_of(f"dset.musdb={tmp_path / 'musdb'}", f"dset.metadata={tmp_path / 'meta'}",
-                 "dset.segment=1", "batch_size=2", "misc.num_workers=0")
+                 "dset.segment=1", "batch_size=2", "misc.num_workers=0",
+                 "augment.repitch.proba=0")
     solver = train.get_solver(cfg)
     batch = next(iter(solver.loaders["train"]))
     assert batch.shape == (2, 4, 2, 44100)  # (B, S, C, T)

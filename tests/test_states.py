@@ -133,3 +133,12 @@ def test_copy_and_swap_state() -> None:
         assert all((p == 0).all() for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert get_state(model, None, half=True)["encoder.0.conv.weight"].dtype == torch.half
+
+
+def test_get_state_copies_the_weights() -> None:
+    model = tiny()
+    state = get_state(model, None, half=False)
+    saved = state["encoder.0.conv.weight"].clone()
+    with torch.no_grad():
+        model.encoder[0].conv.weight.add_(1.0)
+    assert torch.equal(state["encoder.0.conv.weight"], saved)
