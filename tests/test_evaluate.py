@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import typing as tp
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from demucs import evaluate as ev
 from demucs.errors import ConfigError, DatasetError
 from demucs.hdemucs import HDemucs
 from tools.synth_dataset import generate_dataset
+from tools.test_pretrained import EvalSolver
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 SECONDS = 2.
@@ -107,16 +107,7 @@ class Mixer(nn.Module):
         return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)
 
 
-@dataclass
-class StandInSolver:
-    """The attributes of demucs.solver.Solver that `evaluate` uses."""
-    model: nn.Module
-    args: DictConfig
-    folder: Path
-    device: str = "cpu"
-    quantizer: tp.Any = None
-    history: list = field(default_factory=list)
-    best_state: tp.Any = None
+StandInSolver = EvalSolver  # the attributes of Solver that `evaluate` uses
 
 
 def make_cfg(musdb: Path, **test: tp.Any) -> DictConfig:
