@@ -227,3 +227,32 @@ def test_other_sources_in_a_process_pool(tmp_path: Path) -> None:
         folder = out / remix["split"] / remix["name"]
         assert sorted(p.name for p in folder.glob("*.wav")) == [
             "bass.wav", "drums.wav", "guitar.wav", "mixture.wav"]
+
+
+def test_remixed_drums_follow_the_target(remixed: Path,
+                                         analyses: list[automix.TrackAnalysis]) -> None:
+    """Borrowed drums are stretched to the target's tempo and start on a beat."""
+    tempos = {analysis.name: analysis.tempo for analysis in analyses}
+    summary = json.loads((remixed / automix.SUMMARY_FILE).read_text())
+    for remix in summary["remixes"]:
+        drums_stem, = [stem for stem in remix["stems"] if stem["source"] == "drums"]
+        drums, _ = sf.read(str(remixed / remix["split"] / remix["name"] / "drums.wav"),
+                           dtype="float32")
+        tempo, _ = automix.estimate_beats(drums.mean(axis=1), SR)
+        target = tempos[remix["target"]]
+        ratio = min((tempo / target, 2 * tempo / target, tempo / target / 2),
+                    key=lambda r: abs(np.log(r)))
+        assert abs(ratio - 1) < 0.05, (remix["name"], drums_stem, tempo, target)
+        head = np.abs(drums[:int(0.03 * SR)]).max()
+        assert head > 0.3 * np.abs(drums).max(), remix["name"]  # a kick right at the start
+
+
+def test_failed_analysis_leaves_no_output(musdb: Path, tmp_path: Path) -> None:
+    needs_soundstretch()
+    broken = tmp_path / "musdb"
+    shutil.copytree(musdb, broken)
+    (broken / "train" / "synth_002" / "vocals.wav").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        automix.main(["--musdb", str(broken), "--out", str(out), *LOOSE])
+    assert not out.exists() or not any(out.iterdir())  # a rerun needs no --overwrite

@@ -484,17 +484,30 @@ def _path(value: Path | None, variable: str, flag: str) -> Path:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty `out` without `overwrite`; remove our stale temporary folders."""
+    """Refuse a non-empty `out` without `overwrite`."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"Output {out} exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"Output folder {out} is not empty: pass --overwrite to write into "
                           "it (finished remixes with the same plan are kept, e.g. to resume "
                           "an interrupted run; nothing else is deleted).")
+
+
+def prepare_output(out: Path, plans: tp.Sequence[RemixPlan]) -> None:
+    """Create the split folders, remove our stale temporary folders and warn about
+    remixes of an earlier run that the current plan does not have (they are kept)."""
+    names = {(plan.split, plan.name) for plan in plans}
+    unknown = 0
     for split in ("train", "valid"):
         (out / split).mkdir(parents=True, exist_ok=True)
-        for stale in (out / split).glob(TMP_PREFIX + "*"):
-            shutil.rmtree(stale)
+        for folder in (out / split).iterdir():
+            if folder.name.startswith(TMP_PREFIX):
+                shutil.rmtree(folder)
+            elif not folder.name.startswith(".") and (split, folder.name) not in names:
+                unknown += 1
+    if unknown:
+        print(f"Warning: {out} holds {unknown} track folders that this run does not make; "
+              "they are kept and will be part of the dataset.", file=sys.stderr)
 
 
 def write_summary(out: Path, settings: Settings, tracks: tp.Sequence[TrackAnalysis],
@@ -555,6 +568,7 @@ def automix(musdb: Path, out: Path, settings: Settings, workers: int = 1,
     jobs = [(root, name, settings.sources) for name in names]
     tracks: list[TrackAnalysis] = run_jobs(analyse_track, jobs, workers, "analysis")
     plans = plan_all(tracks, settings)
+    prepare_output(out, plans)
     by_target: dict[str, list[RemixPlan]] = {}
     for plan in plans:
         by_target.setdefault(plan.target, []).append(plan)
