@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from demucs.errors import DatasetError
 from demucs.wav import get_wav_datasets
-from tools import automix
+from tools import automix, automix_analysis
 from tools.synth_dataset import Song, generate_dataset, track_names
 
 SR = 22050
@@ -238,7 +238,7 @@ def test_remixed_drums_follow_the_target(remixed: Path,
         drums_stem, = [stem for stem in remix["stems"] if stem["source"] == "drums"]
         drums, _ = sf.read(str(remixed / remix["split"] / remix["name"] / "drums.wav"),
                            dtype="float32")
-        tempo, _ = automix.estimate_beats(drums.mean(axis=1), SR)
+        tempo, _ = automix_analysis.estimate_beats(drums.mean(axis=1), SR)
         target = tempos[remix["target"]]
         ratio = min((tempo / target, 2 * tempo / target, tempo / target / 2),
                     key=lambda r: abs(np.log(r)))
