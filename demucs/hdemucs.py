@@ -20,7 +20,7 @@ from .demucs import rescale_module
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .spec import ispectro, spectro
 from .states import capture_init
-from .wiener import wiener
+from .wiener import mixture_phase_filter, wiener
 
 
 def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
@@ -283,6 +283,8 @@ class HDemucs(nn.Module):
         if niters < 0:
             z = z[:, None]
             return z / (1e-8 + z.abs()) * m
+        if niters == 0 and not self.wiener_residual:
+            return mixture_phase_filter(z, m).to(z.dtype)
         return self._wiener(m, z, niters)
 
     def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int

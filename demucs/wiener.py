@@ -75,6 +75,18 @@ def _phase(mix_stft: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     return out, torch.stack([re, im], dim=-1)
 
 
+def mixture_phase_filter(mix_stft: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """Give each source magnitude the phase of the mixture: `wiener` with 0 iterations.
+
+    `mix_stft` is complex (B, C, Fr, T), `magnitudes` real (B, S, C, Fr, T); the result is
+    complex (B, S, C, Fr, T). Every product is the one `wiener(..., iterations=0)` computes,
+    without its transpositions to the time-major layout, so the values are identical.
+    """
+    angle, _ = _phase(torch.view_as_real(mix_stft))
+    angle = angle[:, None]  # (B, 1, C, Fr, T)
+    return torch.complex(magnitudes * torch.cos(angle), magnitudes * torch.sin(angle))
+
+
 def _covariance(y_j: torch.Tensor) -> torch.Tensor:
     """Per-bin spatial covariance y y^H: (T, F, C, 2) -> (T, F, C, C, 2)."""
     return _mul(y_j[..., :, None, :], _conj(y_j[..., None, :, :]))

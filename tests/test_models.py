@@ -103,3 +103,13 @@ def test_hybrid_needs_enough_depth() -> None:
     with pytest.raises(ValueError, match="increase depth"):
         HDemucs(SOURCES, channels=4, depth=4)
     assert HDemucs(SOURCES, channels=4, depth=4, hybrid=False).depth == 4
+
+
+def test_mixture_phase_fast_path_is_bitwise_the_wiener_path() -> None:
+    """`wiener_iters=0` skips the time-major transpositions, not a single rounding."""
+    torch.manual_seed(0)
+    model = HDemucs(SOURCES, channels=4, cac=False).eval()
+    z = model._spec(torch.randn(1, 2, 30000))
+    z[..., 3, 5] = 0  # an exact zero bin reads as 1 + 0j in the reference phase
+    mag = torch.rand(1, 4, 2, *z.shape[-2:]) - 0.2
+    assert torch.equal(model._mask(z, mag), model._wiener(mag, z, 0))
