@@ -13,10 +13,8 @@ moved into place, so that an interrupted run never leaves a truncated file behin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import soundfile
 import torch
 
 from .errors import AudioError, MissingProgramError
+from .utils import atomic_path
 
 PathLike = tp.Union[str, Path]
 SOUNDFILE_SUFFIXES = (".wav", ".flac")
@@ -289,16 +288,8 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
         raise AudioError(f"Cannot save {path}: unsupported extension {suffix!r}, "
                          "use .wav or .mp3.")
     wav = prevent_clip(wav.detach().cpu().float(), mode=clip)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".mp3":
             tmp.write_bytes(_encode_mp3(wav, samplerate, bitrate))
         else:
             _write_wav(wav, tmp, samplerate, bits_per_sample, as_float)
-        tmp.chmod(0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

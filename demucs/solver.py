@@ -23,7 +23,6 @@ previous epochs, becomes the best state.
 """
 from __future__ import annotations
 
-import io
 import logging
 import random
 import typing as tp
@@ -45,7 +44,7 @@ from .augment import get_augmentations
 from .ema import ModelEMA
 from .errors import ConfigError, ModelLoadingError
 from .quantize import get_quantizer, model_size
-from .states import atomic_write_bytes, copy_state, serialize_model, swap_state
+from .states import copy_state, save_atomic, serialize_model, swap_state
 from .svd import svd_penalty
 
 logger = logging.getLogger(__name__)
@@ -103,14 +102,6 @@ def set_rng_state(state: State) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(content: tp.Any, path: Path) -> None:
-    """`torch.save` to `path` through a temporary file, fsync and rename: a reader (or a
-    crash) sees either the previous file or the complete new one."""
-    buffer = io.BytesIO()
-    torch.save(content, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def load_checkpoint(path: Path) -> State:

@@ -19,7 +19,6 @@ import inspect
 import io
 import os
 import pickle
-import tempfile
 import typing as tp
 import warnings
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadingError
+from .utils import atomic_path
 
 PathLike = tp.Union[str, os.PathLike]
 State = tp.Dict[str, tp.Any]
@@ -224,19 +224,15 @@ def serialize_model(model: tp.Any, training_args: tp.Any, quantizer: tp.Any = No
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_atomic(content: tp.Any, path: PathLike) -> None:
+    """`torch.save` to `path` atomically: never a half-written checkpoint or package."""
+    buf = io.BytesIO()
+    torch.save(content, buf)
+    atomic_write_bytes(buf.getvalue(), path)
 
 
 def save_with_checksum(content: tp.Any, path: PathLike) -> Path:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import typing as tp
-from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -40,15 +43,6 @@ def unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     return a.as_strided([*shape, n_frames, kernel_size], strides)
 
 
-def sizeof_fmt(num: float, suffix: str = "B") -> str:
-    """Human readable size, e.g. `sizeof_fmt(3 * 2**20) == '3.0MiB'`."""
-    for unit in ["", "Ki", "Mi", "Gi", "Ti"]:
-        if abs(num) < 1024.0:
-            return f"{num:3.1f}{unit}{suffix}"
-        num /= 1024.0
-    return f"{num:.1f}Pi{suffix}"
-
-
 class DummyPoolExecutor:
     """Same interface as `concurrent.futures` executors, but runs jobs when asked."""
 
@@ -74,4 +68,21 @@ class DummyPoolExecutor:
         return
 
 
-ResultLike = tp.Union[Future, DummyPoolExecutor.DummyResult]
+@contextmanager
+def atomic_path(path: tp.Union[str, os.PathLike], mode: int = 0o644) -> tp.Iterator[Path]:
+    """Yield a temporary path next to `path`; once the block succeeds, the file written
+    there is synced and renamed to `path`. Readers, and a crash, see either the previous
+    file or the complete new one; on error the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(mode)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

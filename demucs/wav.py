@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .errors import ConfigError, DatasetError
+from .utils import atomic_path
 
 MIXTURE = "mixture"
 EXT = ".wav"
@@ -228,9 +229,8 @@ def _write_cache(cache_file: Path, folders: dict[str, Metadata]) -> None:
     data = {"version": CACHE_VERSION,
             "folders": {folder: {track: asdict(meta) for track, meta in metadata.items()}
                         for folder, metadata in folders.items()}}
-    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, cache_file)
+    with atomic_path(cache_file) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def _update_cache(cache_file: Path, roots: tp.Sequence[Path], sources: tp.Sequence[str],

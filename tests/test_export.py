@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from demucs import evaluate as ev
 from demucs import separate, train
 from demucs.repo import check_checksum, split_package_name
-from demucs.solver import save_atomic
+from demucs.states import save_atomic
 from demucs.states import copy_state, load_model, load_package
 from tools import export, test_pretrained
 from tools.synth_dataset import generate_dataset

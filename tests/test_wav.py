@@ -29,17 +29,6 @@ BASE_DSET = {"musdb": None, "musdb_samplerate": 44100, "wav": None, "segment": 1
 VALID_TRACK = "Actions - One Minute Smile"  # an official MusDB validation track
 
 
-def reference_dir() -> Path:
-    """The shared reference folder; skip when absent, except on CI where it must exist."""
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    path = Path(os.environ.get("DEMUCS_REFERENCE", default))
-    if not path.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"reference folder {path} is missing (set DEMUCS_REFERENCE)")
-        pytest.skip(f"reference folder {path} is missing")
-    return path
-
-
 def write_track(folder: Path, stems: dict[str, np.ndarray], samplerate: int = 1000,
                 subtype: str = "FLOAT") -> None:
     """Write `stems` (T, C) arrays as wav files in `folder`, with their sum as mixture."""
@@ -68,8 +57,8 @@ GOLDEN_TRACK_ORDER = ["tone_b", "tone_c", "tone_a"]  # os.walk order where the g
 
 
 @pytest.fixture(scope="module")
-def tone_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    script = reference_dir() / "golden_data" / "make_tone_dataset.py"
+def tone_dataset(tmp_path_factory: pytest.TempPathFactory, reference_dir: Path) -> Path:
+    script = reference_dir / "golden_data" / "make_tone_dataset.py"
     out = tmp_path_factory.mktemp("tone")
     subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
@@ -79,9 +68,9 @@ def golden_cases() -> list[str]:
     return ["seg1.5_shift0.5", "seg2_norm0_mono", "seg5_sr16k"]
 
 
-def base_dset_from_reference() -> dict[str, tp.Any]:
+def base_dset_from_reference(reference_dir: Path) -> dict[str, tp.Any]:
     values = {}
-    for line in (reference_dir() / "config_defaults.txt").read_text().splitlines():
+    for line in (reference_dir / "config_defaults.txt").read_text().splitlines():
         key, _, value = line.partition(" = ")
         if key.startswith("dset."):
             values[key[len("dset."):]] = ast.literal_eval(value)
@@ -114,9 +103,10 @@ def check_fingerprint(example: torch.Tensor, golden: dict[str, tp.Any]) -> None:
 
 
 @pytest.mark.parametrize("case", golden_cases())
-def test_golden_examples(case: str, tone_dataset: Path, tmp_path: Path) -> None:
-    expected = torch.load(reference_dir() / "golden_data" / "expected_examples.pt")[case]
-    cfg = OmegaConf.merge({"dset": base_dset_from_reference()},
+def test_golden_examples(case: str, tone_dataset: Path, tmp_path: Path,
+                         reference_dir: Path) -> None:
+    expected = torch.load(reference_dir / "golden_data" / "expected_examples.pt")[case]
+    cfg = OmegaConf.merge({"dset": base_dset_from_reference(reference_dir)},
                           OmegaConf.from_dotlist(expected["config"]))
     cfg.dset.musdb = str(tone_dataset)
     cfg.dset.metadata = str(tmp_path / "metadata")

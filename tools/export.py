@@ -15,17 +15,15 @@ separates with it, and `OUT/NAME.yaml` files can combine exported models into ba
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import typing as tp
 from pathlib import Path
 
-import torch
 
 from demucs import train
 from demucs.errors import DemucsError
 from demucs.repo import split_package_name
-from demucs.states import atomic_write_bytes, copy_state, save_with_checksum, serialize_model
+from demucs.states import copy_state, save_atomic, save_with_checksum, serialize_model
 from demucs.states import swap_state
 
 PROG = "tools.export"
@@ -64,9 +62,7 @@ def write_package(solver: tp.Any, state: dict[str, tp.Any], path: Path, half: bo
         package = serialize_model(solver.model, solver.args, solver.quantizer, half=half)
         if sign:
             return save_with_checksum(package, path)
-        buffer = io.BytesIO()
-        torch.save(package, buffer)
-        atomic_write_bytes(buffer.getvalue(), path)
+        save_atomic(package, path)
         return path
 
 
