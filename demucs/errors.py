@@ -1,9 +1,19 @@
-"""User-facing errors.
+"""User-facing errors, and the one way every command reports them.
 
 Every error a user can fix (a bad file, a bad option, a missing program) is raised as a
-subclass of `DemucsError`. Command-line entry points catch `DemucsError`, print its
-one-line message and exit with a non-zero status instead of showing a traceback.
+subclass of `DemucsError`. Command-line entry points run their work inside
+`report_errors(PROG, verbose)`, which prints `PROG: error: <one line>` to stderr and exits
+with status 1 instead of showing a traceback; with `verbose`, the traceback is printed
+first (to debug the tool itself).
 """
+from __future__ import annotations
+
+import sys
+import traceback
+import typing as tp
+from contextlib import contextmanager
+
+EXIT_USER_ERROR = 1
 
 
 class DemucsError(Exception):
@@ -28,3 +38,27 @@ class AudioError(DemucsError):
 
 class MissingProgramError(DemucsError):
     """An external program (ffmpeg, soundstretch) is needed but not on the PATH."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on a single line (whitespace runs collapsed)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def exit_with_error(prog: str, message: str) -> tp.NoReturn:
+    """Print `PROG: error: MESSAGE` on stderr and exit with status 1."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def report_errors(prog: str, verbose: bool = False,
+                  also: tuple[type[BaseException], ...] = ()) -> tp.Iterator[None]:
+    """Turn a `DemucsError` (or one of the `also` types) raised inside into one line on
+    stderr and exit status 1; with `verbose`, print the traceback before that line."""
+    try:
+        yield
+    except (DemucsError, *also) as error:
+        if verbose:
+            traceback.print_exc()
+        exit_with_error(prog, one_line(error))
