@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .states import capture_init
-from .utils import center_trim, unfold
+from .utils import capture_init, center_trim, unfold
 
 
 class BLSTM(nn.Module):

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from .demucs import rescale_module
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .spec import ispectro, spectro
-from .states import capture_init
+from .utils import capture_init
 from .wiener import mixture_phase_filter, wiener
 
 

@@ -25,7 +25,9 @@ import torch
 import yaml
 from torch import nn
 
+from .apply import BagOfModels
 from .errors import ModelLoadingError
+from .states import load_model
 
 PathLike = tp.Union[str, Path]
 CHECKSUM_RE = re.compile(r"^(?P<sig>.+)-(?P<checksum>[0-9a-f]{8})$")
@@ -55,12 +57,6 @@ def check_checksum(path: PathLike, checksum: str) -> None:
         raise ModelLoadingError(
             f"Checksum mismatch for {path}: expected {checksum}, got {actual}; the file is "
             "corrupt or was modified, delete it and download or export it again.")
-
-
-def _load_package(path: Path) -> nn.Module:
-    from .states import load_model  # models are only imported when a model is needed
-
-    return load_model(path)
 
 
 class ModelOnlyRepo(ABC):
@@ -105,7 +101,7 @@ class LocalRepo(ModelOnlyRepo):
         path, checksum = self._models[sig]
         if checksum is not None:
             check_checksum(path, checksum)
-        return _load_package(path)
+        return load_model(path)
 
     def list_model(self) -> tp.Dict[str, str]:
         return {sig: str(path) for sig, (path, _) in self._models.items()}
@@ -158,7 +154,7 @@ class RemoteRepo(ModelOnlyRepo):
             dest.unlink()  # a corrupt cached copy is downloaded again
         if not dest.exists():
             _download(url, dest, checksum)
-        return _load_package(dest)
+        return load_model(dest)
 
     def list_model(self) -> tp.Dict[str, str]:
         return dict(self._models)
@@ -220,8 +216,6 @@ class BagOnlyRepo:
         return name in self._bags
 
     def get_model(self, name: str) -> nn.Module:
-        from .apply import BagOfModels
-
         if name not in self._bags:
             raise ModelLoadingError(f"Could not find bag of models {name} in {self.root}.")
         path = self._bags[name]

@@ -7,13 +7,12 @@ come from `capture_init`, so a package describes itself and can be rebuilt witho
 the config that trained it.
 
 Loading uses `torch.load(weights_only=True)` with an allow-list made of the model
-classes of this project and the DiffQ quantizer classes that quantized packages
-reference. Anything else is refused with a `ModelLoadingError` unless the caller passes
+classes of the registry (`demucs.models`) and the DiffQ quantizer classes that quantized
+packages reference. Anything else is refused with a `ModelLoadingError` unless the caller passes
 `trusted=True` for a file it trusts.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import io
@@ -28,18 +27,13 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadingError
+from .models import model_classes
 from .utils import atomic_path
+from .utils import capture_init as capture_init  # re-exported: its home in the original
 
 PathLike = tp.Union[str, os.PathLike]
 State = tp.Dict[str, tp.Any]
 PACKAGE_KEYS = ("klass", "args", "kwargs", "state")
-
-
-def model_classes() -> tp.List[type]:
-    """The model classes a package may name in `klass`."""
-    from .demucs import Demucs
-    from .hdemucs import HDemucs
-    return [Demucs, HDemucs]
 
 
 def quantizer_classes() -> tp.List[type]:
@@ -54,16 +48,6 @@ def quantizer_classes() -> tp.List[type]:
 def safe_globals() -> tp.List[tp.Any]:
     """Everything a safe load lets the unpickler resolve besides tensors and containers."""
     return model_classes() + quantizer_classes()
-
-
-def capture_init(init: tp.Callable) -> tp.Callable:
-    """Decorate `__init__` to record its args and kwargs in `self._init_args_kwargs`."""
-    @functools.wraps(init)
-    def __init__(self: tp.Any, *args: tp.Any, **kwargs: tp.Any) -> None:
-        self._init_args_kwargs = (args, kwargs)
-        init(self, *args, **kwargs)
-
-    return __init__
 
 
 def _describe_unsafe(path: Path) -> str:

@@ -30,13 +30,12 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import distrib
 from .errors import ConfigError, DemucsError
+from .models import model_class
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_VERSION_BASE = "1.3"
-# model name -> (module, class); the modules are imported only when a model is built.
-MODELS = {"demucs": ("demucs.demucs", "Demucs"), "hdemucs": ("demucs.hdemucs", "HDemucs")}
 OPTIMIZERS = ("adam", "adamw")
 LOSSES = ("l1", "mse")
 CONFIG_GROUPS = ("dset", "svd", "variant")
@@ -68,7 +67,7 @@ def check_overrides(argv: tp.Sequence[str], config_dir: Path = CONFIG_DIR) -> No
 
 def check_config(cfg: DictConfig) -> None:
     """Check the values that select a class or a function (model, optimizer, loss)."""
-    _check_choice("model", cfg.model, MODELS)
+    model_class(cfg.model)  # ConfigError naming the registered models
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     _check_choice("optim.loss", cfg.optim.loss, LOSSES)
 
@@ -91,7 +90,7 @@ def check_dataset_paths(dset: DictConfig) -> None:
 
 def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
     """Constructor arguments of the model: data settings, then its config section."""
-    _check_choice("model", cfg.model, MODELS)
+    model_class(cfg.model)  # an unknown name fails here, before its section is read
     section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
     return {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
             "samplerate": cfg.dset.samplerate,
@@ -99,10 +98,8 @@ def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
 
 
 def get_model(cfg: DictConfig) -> torch.nn.Module:
-    """Build the model named by `cfg.model` from its config section (`demucs:`, ...)."""
-    kwargs = get_model_kwargs(cfg)
-    module_name, class_name = MODELS[cfg.model]
-    return getattr(import_module(module_name), class_name)(**kwargs)
+    """Build the model registered as `cfg.model` (`demucs.models`) from its config section."""
+    return model_class(cfg.model)(**get_model_kwargs(cfg))
 
 
 def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:

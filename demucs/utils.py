@@ -1,6 +1,7 @@
-"""Small tensor helpers shared by the models, inference and training."""
+"""Small helpers shared by the models, inference and training (tensors, files, `capture_init`)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -10,6 +11,19 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+
+def capture_init(init: tp.Callable) -> tp.Callable:
+    """Decorate `__init__` to record its args and kwargs in `self._init_args_kwargs`.
+
+    Packages (`states.serialize_model`) store them, so a model rebuilds without its config.
+    """
+    @functools.wraps(init)
+    def __init__(self: tp.Any, *args: tp.Any, **kwargs: tp.Any) -> None:
+        self._init_args_kwargs = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def center_trim(tensor: torch.Tensor, reference: tp.Union[torch.Tensor, int]) -> torch.Tensor:

@@ -1,0 +1,43 @@
+"""The model registry: the one list of model classes, by the name the config gives them.
+
+`cfg.model` picks a class here (`train.get_model` builds it from the config section of
+the same name), and the same classes form the allow-list of safe package loading
+(`states.safe_globals`). A new architecture is one line in `MODELS`.
+
+This module is a leaf: it imports the model modules (pure torch) and `errors` only, so
+that `states`, `train` and the separation path can all read it without import cycles.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+from torch import nn
+
+from .demucs import Demucs
+from .errors import ConfigError
+from .hdemucs import HDemucs
+
+# config name (`model=NAME`, and the config section `NAME:`) -> model class
+MODELS: tp.Mapping[str, type[nn.Module]] = {
+    "demucs": Demucs,
+    "hdemucs": HDemucs,
+}
+
+
+def model_names() -> list[str]:
+    """The names `cfg.model` accepts, in registry order."""
+    return list(MODELS)
+
+
+def model_classes() -> list[type[nn.Module]]:
+    """Every registered model class (the classes a package may name in `klass`)."""
+    return list(MODELS.values())
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class registered as `name`; `ConfigError` listing the valid names otherwise."""
+    try:
+        return MODELS[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a config
+        raise ConfigError(f"model={name!r} is not valid; choose one of: "
+                          f"{', '.join(model_names())}.") from None
