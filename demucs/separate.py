@@ -9,7 +9,6 @@ stderr and the command exits with a non-zero status.
 from __future__ import annotations
 
 import argparse
-import sys
 import typing as tp
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from .apply import apply_model
 from .audio import read_audio, save_audio
-from .errors import DemucsError
+from .errors import DemucsError, report_errors
 from .pretrained import add_model_flags, get_model_from_args
 
 # A model (Demucs, HDemucs) or a BagOfModels: all have `sources`, `samplerate`,
@@ -168,14 +167,8 @@ def separate(args: argparse.Namespace) -> None:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
-    try:
+    with report_errors("demucs", args.verbose):
         separate(args)
-    except DemucsError as error:
-        if args.verbose:
-            raise
-        message = " ".join(str(error).split())  # always a single line
-        print(f"demucs: error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

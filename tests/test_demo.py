@@ -23,3 +23,13 @@ def test_demo_trains_exports_and_separates(tmp_path: Path,
         "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
     scores = re.findall(r"^  (drums|bass|other|vocals|mean)\s+(-?\d+\.\d+)$", out, re.M)
     assert [name for name, _ in scores] == ["drums", "bass", "other", "vocals", "mean"]
+
+
+def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "a_file"
+    root.write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--root", str(root)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tools.demo: error: ") and "a_file" in err[0]

@@ -1,6 +1,9 @@
 """tools.export and tools.test_pretrained on fake finished XPs, in a temporary Dora folder."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -134,6 +137,25 @@ def test_export_errors(dora_dir: Path, tmp_path: Path,
     err = one_line_error(capsys, [sig, "-o", str(tmp_path)])
     assert f"train it first with `dora run -f {sig}`" in err
     assert not list(tmp_path.glob("*.th"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True])
+def test_export_command_error_traceback_only_when_verbose(tmp_path: Path,
+                                                          verbose: bool) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(repo), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "tools.export", "deadbeef", *(["-v"] if verbose else [])]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("tools.export: error: unknown XP signature 'deadbeef'")
+    if verbose:
+        assert "Traceback" in proc.stderr
+    else:
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------

@@ -175,6 +175,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
+def test_user_error_has_no_traceback_unless_verbose(setup: Setup, tmp_path: Path) -> None:
+    args = ["--repo", str(setup.repo), "-n", "nope", str(setup.mix), "-o", str(tmp_path)]
+    quiet = run_cli(*args)
+    assert_one_line_error(quiet, "demucs: error: ", "'nope'")
+    assert "Traceback" not in quiet.stderr
+    verbose = run_cli("-v", *args)
+    assert verbose.returncode == 1
+    assert "Traceback" in verbose.stderr and "ModelLoadingError" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+
+
 def test_missing_track(setup, tmp_path):
     proc = run_cli("--repo", str(setup.repo), "-n", "tinyhd", str(tmp_path / "nope.wav"),
                    "-o", str(tmp_path / "out"))

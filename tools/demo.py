@@ -25,7 +25,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from demucs.errors import DemucsError
+from demucs.errors import DemucsError, report_errors
 from demucs.evaluate import new_sdr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,17 +81,19 @@ def report(track: Path, separated: Path) -> None:
     print(f"  {'mean':8s} {scores.mean().item():6.2f}")
 
 
+PROG = "tools.demo"
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser("tools.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("demo"),
                         help="Folder for the dataset, the XP, the export and the stems.")
     parser.add_argument("--epochs", type=int, default=10, help="Training epochs.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show the full traceback of errors.")
     args = parser.parse_args(argv)
-    try:
+    with report_errors(PROG, args.verbose, also=(subprocess.CalledProcessError, OSError)):
         demo(args.root.resolve(), args.epochs)
-    except (DemucsError, subprocess.CalledProcessError) as error:
-        print(f"tools.demo: error: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 def demo(root: Path, epochs: int) -> None:

@@ -19,9 +19,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
-
 from demucs import train
-from demucs.errors import DemucsError
+from demucs.errors import DemucsError, report_errors
 from demucs.repo import split_package_name
 from demucs.states import copy_state, save_atomic, save_with_checksum, serialize_model
 from demucs.states import swap_state
@@ -101,18 +100,17 @@ def get_parser() -> argparse.ArgumentParser:
                        help="Export the best state (default).")
     state.add_argument("--last", dest="best", action="store_false",
                        help="Export the last state rather than the best one.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show the full traceback of errors.")
     return parser
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
-    try:
+    with report_errors(PROG, args.verbose):
         for sig in args.sigs:
             path = export(sig, args.out, half=args.half, best=args.best, sign=args.sign)
             print(f"Exported XP {sig} to {path}")
-    except DemucsError as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import tarfile
 import typing as tp
 from pathlib import Path
 
+from demucs.errors import report_errors
+
+PROG = "tools.make_outputs"
 SIG_PATTERN = re.compile(r"[0-9a-f]{8}")
 ROOT = "outputs/xps"
 
@@ -76,23 +79,23 @@ def read_archive(path: Path) -> dict[str, list[str]]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("make_outputs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--xps", type=Path, required=True,
                         help="JSON file {signature: argv}, e.g. mdx_xps.json.")
     parser.add_argument("-o", "--output", type=Path, default=Path("outputs.tar.gz"),
                         help="Archive to write (default: outputs.tar.gz).")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show the full traceback of errors.")
     return parser
 
 
 def main(argv: tp.Sequence[str] | None = None) -> int:
+    """Write the archive and return 0; a bad input file exits with status 1 (one line)."""
     args = get_parser().parse_args(argv)
-    try:
+    with report_errors(PROG, args.verbose, also=(OSError, ValueError)):
         xps = load_xps(args.xps)
-    except (OSError, ValueError) as error:
-        print(f"make_outputs: error: {error}", file=sys.stderr)
-        return 1
-    write_archive(xps, args.output)
-    print(f"Wrote {len(xps)} XPs to {args.output}")
+        write_archive(xps, args.output)
+        print(f"Wrote {len(xps)} XPs to {args.output}")
     return 0
 
 
