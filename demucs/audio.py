@@ -213,7 +213,12 @@ def read_audio(path: PathLike, samplerate: int, channels: int) -> torch.Tensor:
 
 # Conversions
 def convert_audio_channels(wav: torch.Tensor, channels: int = 2) -> torch.Tensor:
-    """Convert `wav` of shape `(..., C, T)` to `channels` channels."""
+    """Convert `wav` of shape `(..., C, T)` to `channels` channels, as the original does.
+
+    Mono to many duplicates (a view), many to mono averages, more channels than needed
+    keep the first ones; upmixing anything but mono raises `AudioError`. The one channel
+    conversion of the project: separation, evaluation and the datasets all use it.
+    """
     *shape, src_channels, length = wav.shape
     if src_channels == channels:
         return wav

@@ -24,7 +24,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .errors import ConfigError, DatasetError
+from .audio import convert_audio_channels
+from .errors import AudioError, ConfigError, DatasetError
 from .utils import atomic_path
 
 MIXTURE = "mixture"
@@ -276,24 +277,6 @@ def _cache_file(dset: tp.Any, prefix: str, dataset_path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------
 # Datasets
 
-def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
-    """Convert `wav` (..., C, T) to `channels` channels.
-
-    Mono to many duplicates, many to mono averages, and otherwise the first channels are
-    kept.
-    """
-    *_, src_channels, _ = wav.shape
-    if src_channels == channels:
-        return wav
-    if channels == 1:
-        return wav.mean(dim=-2, keepdim=True)
-    if src_channels == 1:
-        return wav.expand(*wav.shape[:-2], channels, wav.shape[-1])
-    if src_channels >= channels:
-        return wav[..., :channels, :]
-    raise DatasetError(f"Cannot convert audio with {src_channels} channels to {channels}.")
-
-
 def _as_meta(meta: TrackMeta | tp.Mapping[str, tp.Any]) -> TrackMeta:
     return meta if isinstance(meta, TrackMeta) else TrackMeta.from_dict(meta)
 
@@ -370,8 +353,7 @@ class Wavset(torch.utils.data.Dataset):
         name, k = self.locate(index)
         meta = self.metadata[name]
         offset, num_frames = self._window(meta, k)
-        wavs = [convert_channels(self._read(name, source, offset, num_frames), self.channels)
-                for source in self.sources]
+        wavs = [self._read(name, source, offset, num_frames) for source in self.sources]
         example = torch.stack(wavs)  # (S, C, T), the one copy of the data read
         example = julius.resample_frac(example, meta.samplerate, self.samplerate)
         if self.normalize:
@@ -385,7 +367,8 @@ class Wavset(torch.utils.data.Dataset):
         return example
 
     def _read(self, name: str, source: str, offset: int, num_frames: int) -> torch.Tensor:
-        """Read `num_frames` frames (all with -1) from `offset`: a (C, T) float32 view."""
+        """Read `num_frames` frames (all with -1) from `offset`, as `self.channels` channels
+        (`audio.convert_audio_channels`): a (C, T) float32 tensor."""
         path = self.get_file(name, source)
         try:
             data = sf.read(str(path), start=offset, frames=num_frames, dtype="float32",
@@ -393,7 +376,10 @@ class Wavset(torch.utils.data.Dataset):
         except (RuntimeError, sf.LibsndfileError) as error:
             raise DatasetError(f"Track {name!r}: cannot read {path} ({error}); the dataset "
                                "changed since it was scanned? Run again to rescan.") from error
-        return torch.from_numpy(data).t()
+        try:
+            return convert_audio_channels(torch.from_numpy(data).t(), self.channels)
+        except AudioError as error:
+            raise DatasetError(f"Track {name!r}: {path}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -199,6 +199,15 @@ def test_channel_conversion(tmp_path: Path, file_channels: int, channels: int) -
     torch.testing.assert_close(example, expected, atol=1e-6, rtol=0)
 
 
+def test_stereo_cannot_become_three_channels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    write_track(tmp_path / "a", {name: rng.normal(0, 0.1, (500, 2)) for name in SOURCES})
+    dataset = Wavset(tmp_path, build_metadata(tmp_path, SOURCES), SOURCES, normalize=False,
+                     samplerate=1000, channels=3)
+    with pytest.raises(DatasetError, match=r"Track 'a': .*drums\.wav: .*2 channels to 3"):
+        dataset[0]
+
+
 def test_metadata_as_plain_dicts(tmp_path: Path) -> None:
     write_track(tmp_path / "a", ramp_stems(1000))
     meta = {"a": {"length": 1000, "samplerate": 1000, "mean": 0., "std": 1.}}
