@@ -5,6 +5,11 @@ source (`drums.wav`, `bass.wav`, ...). Scanning a track reads its length, sample
 the mean and std of its (mono) mixture. The scan results are cached as JSON under
 `dset.metadata`; the cache remembers each file's size and mtime so that changed tracks are
 rescanned, and deleting the cache folder forces a full rescan.
+
+Our cache files are named `demucs_musdb_<sig>.json` and `demucs_wav_<sig>.json`, apart from
+the original's `musdb_<sig>.json` and `wav_<sig>.json` (a plain `{track: {...}}` format) so
+that both can share a metadata folder; a file that is not in our format is ignored and
+rewritten, never trusted.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .utils import atomic_path
 MIXTURE = "mixture"
 EXT = ".wav"
 CACHE_VERSION = 1
+CACHE_PREFIX = "demucs_"  # the original writes `musdb_<sig>.json`: never the same file
 _BLOCK = 1 << 20  # frames read at once when computing the mixture statistics
 
 
@@ -213,14 +219,15 @@ def build_metadata(path: str | Path, sources: tp.Sequence[str], normalize: bool 
 # The JSON cache
 
 def _read_cache(cache_file: Path) -> dict[str, Metadata]:
-    """`{folder: metadata}` from a cache file; empty when absent or unusable."""
+    """`{folder: metadata}` from a cache file; empty when absent, unusable or in another
+    format (another version, the original's `{track: {...}}`, garbage): a full rescan."""
     try:
         data = json.loads(cache_file.read_text())
-        if data.get("version") != CACHE_VERSION:
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
             return {}
         return {folder: {track: TrackMeta.from_dict(meta) for track, meta in tracks.items()}
                 for folder, tracks in data["folders"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
@@ -269,9 +276,9 @@ def cached_metadata(cache_file: str | Path, roots: tp.Sequence[str | Path],
 
 
 def _cache_file(dset: tp.Any, prefix: str, dataset_path: str | Path) -> Path:
-    """`<dset.metadata>/<prefix>_<sha1(path)[:8]>.json`."""
+    """`<dset.metadata>/demucs_<prefix>_<sha1(path)[:8]>.json`."""
     sig = hashlib.sha1(str(dataset_path).encode()).hexdigest()[:8]
-    return Path(dset.metadata) / f"{prefix}_{sig}.json"
+    return Path(dset.metadata) / f"{CACHE_PREFIX}{prefix}_{sig}.json"
 
 
 # ---------------------------------------------------------------------------------------

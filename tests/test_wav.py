@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -244,7 +245,7 @@ def test_cache_reused_invalidated_rebuilt(tmp_path: Path, count_scans: list[str]
     dset = make_dset(tmp_path, musdb=str(musdb), segment=1, shift=1)
     get_musdb_wav_datasets(dset)
     assert sorted(count_scans) == sorted([VALID_TRACK, "t1", "t2"])
-    cache_files = list((tmp_path / "metadata").glob("musdb_*.json"))
+    cache_files = list((tmp_path / "metadata").glob("demucs_musdb_*.json"))
     assert len(cache_files) == 1
     count_scans.clear()
     train, valid = get_musdb_wav_datasets(dset)
@@ -269,11 +270,54 @@ def test_cache_reused_invalidated_rebuilt(tmp_path: Path, count_scans: list[str]
 def test_cache_file_is_json_of_records(tmp_path: Path) -> None:
     musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     get_musdb_wav_datasets(make_dset(tmp_path, musdb=str(musdb)))
-    cache_file, = (tmp_path / "metadata").glob("musdb_*.json")
+    cache_file, = (tmp_path / "metadata").glob("demucs_musdb_*.json")
     data = json.loads(cache_file.read_text())
     entry = data["folders"][str(musdb / "train")]["t1"]
     assert entry["length"] == 3000 and entry["samplerate"] == 1000
     assert set(entry["files"]) == {"mixture.wav", *(s + ".wav" for s in SOURCES)}
+
+
+def original_cache_name(prefix: str, path: str) -> str:
+    """The name the original Demucs gives its metadata cache of the dataset `path`."""
+    return f"{prefix}_{hashlib.sha1(path.encode()).hexdigest()[:8]}.json"
+
+
+def test_original_cache_files_are_left_alone(tmp_path: Path) -> None:
+    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    folder = tmp_path / "metadata"
+    folder.mkdir()
+    # What the original writes there: {track: {...}} (musdb) and {split: {track: {...}}} (wav).
+    original = folder / original_cache_name("musdb", str(musdb))
+    original.write_text(json.dumps({"t1": {"length": 7, "mean": 0, "std": 1,
+                                           "samplerate": 44100}}))
+    stamp = original.stat().st_mtime_ns
+    train, _ = get_musdb_wav_datasets(make_dset(tmp_path, musdb=str(musdb)))
+    assert train.metadata["t1"].length == 3000  # scanned, not read from the original's file
+    assert json.loads(original.read_text())["t1"]["length"] == 7
+    assert original.stat().st_mtime_ns == stamp
+    ours, = folder.glob("demucs_musdb_*.json")
+    assert ours.name == "demucs_" + original.name
+
+
+@pytest.mark.parametrize("content", [
+    '{"t1": {"length": 7, "mean": 0, "std": 1, "samplerate": 44100}}',  # the original's
+    '{"version": 1, "folders": ["not", "a", "dict"]}',
+    '{"version": 1, "folders": {"x": {"t1": {"length": "?"}}}}',
+    '{"version": 99, "folders": {}}',
+    "[1, 2, 3]",
+    "not json {",
+])
+def test_foreign_content_in_our_cache_is_rescanned(tmp_path: Path, count_scans: list[str],
+                                                   content: str) -> None:
+    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    dset = make_dset(tmp_path, musdb=str(musdb))
+    cache = tmp_path / "metadata" / ("demucs_" + original_cache_name("musdb", str(musdb)))
+    cache.parent.mkdir()
+    cache.write_text(content)
+    train, _ = get_musdb_wav_datasets(dset)
+    assert sorted(count_scans) == sorted([VALID_TRACK, "t1"])
+    assert train.metadata["t1"].length == 3000
+    assert json.loads(cache.read_text())["version"] == wav.CACHE_VERSION  # rewritten
 
 
 def test_new_and_removed_tracks(tmp_path: Path, count_scans: list[str]) -> None:
@@ -353,7 +397,7 @@ def test_wav_datasets(tmp_path: Path) -> None:
                      samplerate=1000)
     train, valid = get_wav_datasets(dset)
     assert len(train) == 4 and len(valid) == 1 and valid[0].shape == (5, 2, 2000)
-    assert list((tmp_path / "metadata").glob("wav_*.json"))
+    assert list((tmp_path / "metadata").glob("demucs_wav_*.json"))
     dset.train_valid = True
     train, _ = get_wav_datasets(dset)
     assert len(train) == 6 and train[5].shape == (4, 2, 1000)
