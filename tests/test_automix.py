@@ -1,9 +1,15 @@
-"""Tests of tools/automix.py on a small synthetic MusDB-HQ-shaped dataset."""
+"""Tests of tools/automix.py on a small synthetic MusDB-HQ-shaped dataset.
+
+The dataset's train/ holds VALID tracks named after official MusDB validation tracks and
+TRACKS - VALID others, so that both splits of the remixes can be checked.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -15,13 +21,18 @@ from omegaconf import OmegaConf
 from demucs.errors import DatasetError
 from demucs.wav import get_wav_datasets
 from tools import automix, automix_analysis
+from tools.automix_analysis import RemixPlan, Settings, StemPlan, TrackAnalysis
 from tools.synth_dataset import Song, generate_dataset, track_names
 
 SR = 22050
 SECONDS = 8.
-TRACKS = 4
-# Wide tolerances: 4 random synthetic tracks (90 to 140 BPM, any key) must all be compatible.
-LOOSE = ["--max-tempo", "60", "--max-pitch", "6", "--valid-tracks", "1", "--workers", "1"]
+TRACKS = 8
+VALID = 4  # tracks named after MusDB validation tracks (the first ones)
+SOURCES = list(automix.SOURCES)
+STEM_FIELDS = {"track", "offset_seconds", "tempo_factor", "pitch_semitones"}
+REPO = Path(__file__).resolve().parents[1]
+# Wide tolerances: random synthetic tracks (90 to 140 BPM, any key) must all be compatible.
+LOOSE = ["--max-tempo", "60", "--max-pitch", "6", "--workers", "1"]
 
 
 def needs_soundstretch() -> None:
@@ -30,17 +41,26 @@ def needs_soundstretch() -> None:
         pytest.skip("soundstretch is not installed")
 
 
+def _manifest(out: Path) -> dict[str, tp.Any]:
+    return json.loads((out / automix.MANIFEST_FILE).read_text())
+
+
+def _remix_folders(out: Path) -> set[str]:
+    """The remix folders of `out`, as `split/name`."""
+    return {f"{split}/{p.name}" for split in automix.SPLITS for p in (out / split).iterdir()
+            if p.is_dir() and not p.name.startswith(".")}
+
+
 @pytest.fixture(scope="module")
 def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=TRACKS, seconds=SECONDS,
-                            samplerate=SR, seed=0, test_tracks=0)
+                            samplerate=SR, seed=0, test_tracks=0, valid_tracks=VALID)
 
 
 @pytest.fixture(scope="module")
-def analyses(musdb: Path) -> list[automix.TrackAnalysis]:
+def analyses(musdb: Path) -> list[TrackAnalysis]:
     root = musdb / "train"
-    return [automix.analyse_track(root, name, automix.SOURCES)
-            for name in automix.track_names(root)]
+    return [automix.analyse_track(root, name, SOURCES) for name in automix.track_names(root)]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +73,20 @@ def remixed(musdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _song(name: str) -> Song:
     """The musical plan synth_dataset used for the train track `name` (seed 0)."""
-    index = track_names(TRACKS, max(1, TRACKS // 4)).index(name)
+    index = track_names(TRACKS, VALID).index(name)
     return Song(np.random.default_rng(index), SECONDS, SR)
 
 
-def test_analysis_finds_tempo_key_and_downbeat(analyses: list[automix.TrackAnalysis]) -> None:
+def _track(name: str, tempo: float, key: int) -> TrackAnalysis:
+    """A hand-made analysis: SECONDS long, regular beats at `tempo`."""
+    beats = [round(k * 60 / tempo, 6) for k in range(int(SECONDS * tempo / 60))]
+    return TrackAnalysis(name, SR, 2, int(SECONDS * SR), tempo, beats, key, False)
+
+
+# ---------------------------------------------------------------------------------------
+# Analysis and planning
+
+def test_analysis_finds_tempo_key_and_downbeat(analyses: list[TrackAnalysis]) -> None:
     assert len(analyses) == TRACKS
     for analysis in analyses:
         song = _song(analysis.name)
@@ -71,64 +100,170 @@ def test_analysis_finds_tempo_key_and_downbeat(analyses: list[automix.TrackAnaly
 
 
 def test_tempo_ratio_and_pitch_shift() -> None:
-    def track(tempo: float, key: int) -> automix.TrackAnalysis:
-        return automix.TrackAnalysis("t", SR, 2, SR, tempo, [], key, False)
-    assert automix.tempo_ratio(track(110, 0), track(100, 0), 15) == pytest.approx(1.1)
-    assert automix.tempo_ratio(track(120, 0), track(100, 0), 15) is None
-    assert automix.tempo_ratio(track(100, 0), track(210, 0), 15) == pytest.approx(200 / 210)
-    assert automix.pitch_shift(track(100, 0), track(100, 11)) == 1
-    assert automix.pitch_shift(track(100, 11), track(100, 1)) == -2
+    tempo_ratio, pitch_shift = automix_analysis.tempo_ratio, automix_analysis.pitch_shift
+    assert tempo_ratio(_track("a", 110, 0), _track("b", 100, 0), 15) == pytest.approx(1.1)
+    assert tempo_ratio(_track("a", 120, 0), _track("b", 100, 0), 15) is None
+    assert tempo_ratio(_track("a", 100, 0), _track("b", 210, 0), 15) == pytest.approx(200 / 210)
+    assert pitch_shift(_track("a", 100, 0), _track("b", 100, 11)) == 1
+    assert pitch_shift(_track("a", 100, 11), _track("b", 100, 1)) == -2
 
 
-def test_plans_are_deterministic_and_mix_different_tracks(
-        analyses: list[automix.TrackAnalysis]) -> None:
-    settings = automix.Settings(sources=list(automix.SOURCES), mixes_per_track=3,
-                                max_tempo=60, max_pitch=6, valid_tracks=1)
-    plans = automix.plan_all(analyses, settings)
-    assert plans == automix.plan_all(analyses, settings)
-    other = automix.plan_all(analyses, automix.Settings(**{**settings.__dict__, "seed": 1}))
+def test_split_names_puts_validation_tracks_apart(tmp_path: Path) -> None:
+    names = track_names(TRACKS, VALID)
+    splits = automix.split_names(tmp_path, names, SOURCES)
+    assert splits == {"train": names[VALID:], "valid": names[:VALID]}
+    assert set(splits["valid"]) <= automix.validation_tracks()
+    assert not set(splits["train"]) & automix.validation_tracks()
+    with pytest.raises(DatasetError, match="0 official MusDB validation tracks"):
+        automix.split_names(tmp_path, track_names(TRACKS, 0), SOURCES)
+    with pytest.raises(DatasetError, match="1 tracks besides"):
+        automix.split_names(tmp_path, track_names(VALID + 1, VALID), SOURCES)
+
+
+def test_plans_are_deterministic_and_borrow_within_their_split(
+        analyses: list[TrackAnalysis]) -> None:
+    settings = Settings(sources=SOURCES, mixes_per_track=3, max_tempo=60, max_pitch=6)
+    valid = set(track_names(TRACKS, VALID)[:VALID])
+    plans = automix_analysis.plan_all(analyses, settings, valid)
+    assert plans == automix_analysis.plan_all(analyses, settings, valid)
+    other = automix_analysis.plan_all(analyses, Settings(**{**settings.__dict__, "seed": 1}),
+                                      valid)
     assert [p.to_dict() for p in plans] != [p.to_dict() for p in other]
     assert len(plans) == 3 * TRACKS
-    assert sum(plan.split == "valid" for plan in plans) == 3
+    assert sum(plan.split == "valid" for plan in plans) == 3 * VALID
     for plan in plans:
-        assert len({stem.track for stem in plan.stems}) == len(automix.SOURCES)
-        assert plan.target in {stem.track for stem in plan.stems}
+        tracks = {stem.track for stem in plan.stems}
+        assert len(tracks) == len(SOURCES) and plan.target in tracks
+        assert plan.split == ("valid" if plan.target in valid else "train")
+        assert all((track in valid) == (plan.split == "valid") for track in tracks), plan
 
 
-def test_strict_tolerances_make_fewer_remixes(analyses: list[automix.TrackAnalysis]) -> None:
-    strict = automix.Settings(sources=list(automix.SOURCES), max_tempo=0, max_pitch=0,
-                              valid_tracks=1)
+def test_strict_tolerances_make_fewer_remixes() -> None:
+    """Only the tracks within the tolerances lend stems: with a 10% tempo and 1 semitone
+    limit, the fast tracks f* are left out, a2 (2 semitones above a0 and a1) only lends them
+    drums, and a2 itself finds too few pitched donors to be remixed."""
+    tracks = [_track("a0", 120, 0), _track("a1", 118, 0), _track("a2", 122, 2),
+              _track("a3", 121, 1), _track("f0", 156, 0), _track("f1", 160, 0)]
+    loose = Settings(sources=SOURCES, mixes_per_track=3, max_tempo=60, max_pitch=6)
+    strict = Settings(sources=SOURCES, mixes_per_track=3, max_tempo=10, max_pitch=1)
+    all_plans = automix_analysis.plan_split(tracks, "train", loose)
+    assert len(all_plans) == 3 * len(tracks)
+    plans = automix_analysis.plan_split(tracks, "train", strict)
+    assert 0 < len(plans) < len(all_plans)
+    assert {plan.target for plan in plans} == {"a0", "a1", "a3"}
+    for plan in plans:
+        for stem in plan.stems:
+            assert not stem.track.startswith("f"), plan
+            assert abs(stem.tempo_factor - 1) <= 0.1 and abs(stem.pitch_semitones) <= 1, stem
+            if stem.track == "a2" and plan.target in ("a0", "a1"):
+                assert stem.source == "drums", plan
+    # Nothing within tolerance at all: an error, not an empty dataset.
+    zero = Settings(sources=SOURCES, max_tempo=0, max_pitch=0)
     with pytest.raises(DatasetError, match="compatible"):
-        automix.plan_all(analyses, strict)
+        automix_analysis.plan_split(tracks, "train", zero)
 
+
+# ---------------------------------------------------------------------------------------
+# The written dataset and its manifest
 
 def _dset(path: Path, tmp_path: Path) -> tp.Any:
     return OmegaConf.create({
-        "wav": str(path), "metadata": str(tmp_path / "metadata"),
-        "sources": list(automix.SOURCES), "segment": 2., "shift": 1., "samplerate": SR,
-        "channels": 2, "normalize": True, "train_valid": False, "full_cv": True})
+        "wav": str(path), "metadata": str(tmp_path / "metadata"), "sources": SOURCES,
+        "segment": 2., "shift": 1., "samplerate": SR, "channels": 2, "normalize": True,
+        "train_valid": False, "full_cv": True})
 
 
 def test_cli_writes_a_wav_dataset(remixed: Path, tmp_path: Path) -> None:
     train, valid = get_wav_datasets(_dset(remixed, tmp_path))
-    assert len(train) > 0 and len(valid) == 2  # 2 remixes of the single valid target
-    assert train[0].shape[:2] == (len(automix.SOURCES), 2)
-    summary = json.loads((remixed / automix.SUMMARY_FILE).read_text())
-    assert len(summary["remixes"]) == 2 * TRACKS
-    for remix in summary["remixes"]:
-        folder = remixed / remix["split"] / remix["name"]
-        assert len({stem["track"] for stem in remix["stems"]}) == len(automix.SOURCES)
-        for stem in remix["stems"]:
-            assert abs(stem["pitch"]) <= 6 and abs(stem["tempo"]) <= 60
-        wavs = {name: sf.read(str(folder / f"{name}.wav"), dtype="float32")[0]
-                for name in ["mixture", *automix.SOURCES]}
-        assert {len(wav) for wav in wavs.values()} == {remix["length"]}
-        assert remix["length"] > 0.5 * SECONDS * SR / 1.6
-        stems_sum = sum(wavs[name] for name in automix.SOURCES)
-        np.testing.assert_allclose(wavs["mixture"], stems_sum, atol=1e-5)
-        for name in automix.SOURCES:
-            assert np.abs(wavs[name]).max() > 1e-3, (remix["name"], name)  # not silent
+    assert len(train) > 0 and len(valid) == 2 * VALID  # full_cv: one example per remix
+    assert train[0].shape[:2] == (len(SOURCES), 2)
+    manifest = _manifest(remixed)
+    assert len(manifest) == 2 * TRACKS
+    for key, remix in manifest.items():
+        wavs = {name: sf.read(str(remixed / key / f"{name}.wav"), dtype="float32")[0]
+                for name in ["mixture", *SOURCES]}
+        assert {len(wav) for wav in wavs.values()} == {remix["length_samples"]}
+        assert remix["length_samples"] > 0.5 * SECONDS * SR / 1.6
+        np.testing.assert_allclose(wavs["mixture"], sum(wavs[s] for s in SOURCES), atol=1e-5)
+        for name in SOURCES:
+            assert np.abs(wavs[name]).max() > 1e-3, (key, name)  # not silent
 
+
+def test_training_remixes_never_use_validation_tracks(remixed: Path, musdb: Path) -> None:
+    validation = automix.validation_tracks()
+    names = set(automix.track_names(musdb / "train"))
+    assert len(names & validation) == VALID  # the dataset does hold validation tracks
+    splits = {"train": names - validation, "valid": names & validation}
+    manifest = _manifest(remixed)
+    assert {remix["split"] for remix in manifest.values()} == {"train", "valid"}
+    for key, remix in manifest.items():
+        assert key.startswith(remix["split"] + "/")
+        donors = {stem["track"] for stem in remix["stems"].values()}
+        # Every stem comes from the split of the remix: training remixes from non-validation
+        # train tracks only, validation remixes from validation tracks only.
+        assert donors <= splits[remix["split"]], (key, donors)
+        assert remix["target"] in donors
+
+
+def test_manifest_lists_every_remix_and_stem(remixed: Path, musdb: Path) -> None:
+    manifest = _manifest(remixed)
+    assert set(manifest) == _remix_folders(remixed)
+    for key, remix in manifest.items():
+        assert set(remix["stems"]) == set(SOURCES), key
+        assert remix["samplerate"] == SR and remix["format"] == "float32"
+        assert remix["gain"] == 1.
+        kept = [s for s in remix["stems"].values() if s["track"] == remix["target"]]
+        assert len(kept) == 1 and (kept[0]["tempo_factor"], kept[0]["pitch_semitones"]) == (1, 0)
+        for source, stem in remix["stems"].items():
+            assert set(stem) == STEM_FIELDS, (key, source)
+            assert isinstance(stem["pitch_semitones"], int) and abs(stem["pitch_semitones"]) <= 6
+            assert 1 / 1.6 <= stem["tempo_factor"] <= 1.6
+            duration = sf.info(str(musdb / "train" / stem["track"] / f"{source}.wav")).duration
+            assert 0 <= stem["offset_seconds"] < duration
+    # The manifest is also what the remix folders record: it can be rebuilt from them.
+    copy = Path(shutil.copytree(remixed, remixed.parent / "records",
+                                ignore=shutil.ignore_patterns("*.wav", automix.MANIFEST_FILE)))
+    assert automix.write_manifest(copy) == manifest == _manifest(copy)
+
+
+def _loud_stems(length: int) -> dict[str, np.ndarray]:
+    """(2, length) stems: bass and other peak well above full scale but mostly cancel, so
+    that their sum (the mixture) stays below it."""
+    t = np.arange(length) / SR
+    sine = np.stack([np.sin(2 * np.pi * 110 * t)] * 2).astype(np.float32)
+    return {"drums": 0.1 * np.cos(7 * sine), "bass": 1.5 * sine, "other": -1.3 * sine,
+            "vocals": 0.2 * sine ** 2}
+
+
+@pytest.mark.parametrize("int16", [True, False])
+def test_loud_stems_are_written_without_wraparound(tmp_path: Path, int16: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    length = SR // 2
+    stems = _loud_stems(length)
+    monkeypatch.setattr(automix, "render_stem",
+                        lambda root, stem, length, channels: stems[stem.source])
+    plan = RemixPlan("loud - mix00", "train", "loud", length,
+                     [StemPlan(source, f"t{k}", 0., 1., 0) for k, source in enumerate(SOURCES)])
+    assert automix.render_remix(tmp_path, tmp_path, plan, SR, 2, int16)
+    folder = tmp_path / plan.folder
+    read = {name: sf.read(str(folder / f"{name}.wav"), dtype="float32", always_2d=True)[0].T
+            for name in ["mixture", *SOURCES]}
+    gain = automix.write_manifest(tmp_path)[plan.folder]["gain"]
+    assert sf.info(str(folder / "bass.wav")).subtype == ("PCM_16" if int16 else "FLOAT")
+    if int16:
+        assert gain == pytest.approx(automix.HEADROOM / 1.5)  # bass, the loudest file
+    else:
+        assert gain == 1.  # float32 keeps values above 1
+    for source in SOURCES:
+        loud = np.abs(stems[source]) > 1e-2
+        assert np.all(np.sign(read[source][loud]) == np.sign(stems[source][loud])), source
+        np.testing.assert_allclose(read[source], gain * stems[source], atol=1 / 32767)
+    np.testing.assert_allclose(read["mixture"], sum(read[s] for s in SOURCES), atol=1e-6)
+    assert np.abs(read["bass"]).max() == pytest.approx(1.5 * gain, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Output folder, resume and errors
 
 def test_refuses_a_non_empty_output(musdb: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,29 +277,33 @@ def test_refuses_a_non_empty_output(musdb: Path, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 
-def test_resume_skips_finished_remixes(musdb: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    needs_soundstretch()
-    out = tmp_path / "out"
-    args = ["--musdb", str(musdb), "--out", str(out), "--mixes-per-track", "1", "--int16",
-            *LOOSE]
-    automix.main(args)
-    folders = sorted(p for split in ("train", "valid") for p in (out / split).iterdir())
-    assert len(folders) == TRACKS
-    stamps = {p: (p / "drums.wav").stat().st_mtime_ns for p in folders}
-    # An interrupted run: one remix missing, a temporary folder left over.
-    shutil.rmtree(folders[0])
+def test_resume_keeps_finished_remixes_and_their_manifest_entries(
+        musdb: Path, remixed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted run (a remix missing, a temporary folder left over) resumed with
+    fewer mixes per track: the missing remix is made, the others are kept, and so are the
+    remixes of the earlier run and their manifest entries (one from the old manifest only,
+    its folder having lost its record)."""
+    out = Path(shutil.copytree(remixed, tmp_path / "out"))
+    before = _manifest(out)
+    first = sorted(key for key in before if key.endswith("mix00"))
+    stamps = {key: (out / key / "drums.wav").stat().st_mtime_ns for key in first}
+    shutil.rmtree(out / first[0])
     (out / "train" / f"{automix.TMP_PREFIX}x-1").mkdir()
     (out / "notes.txt").write_text("mine")
+    recordless = sorted(key for key in before if key.endswith("mix01"))[0]
+    (out / recordless / automix.PLAN_FILE).unlink()
     capsys.readouterr()
-    automix.main([*args, "--overwrite"])
-    assert f"1 written, {TRACKS - 1} already there" in capsys.readouterr().out
-    assert (folders[0] / "mixture.wav").is_file()
-    for folder in folders[1:]:
-        assert (folder / "drums.wav").stat().st_mtime_ns == stamps[folder]
+    automix.main(["--musdb", str(musdb), "--out", str(out), "--mixes-per-track", "1",
+                  "--overwrite", *LOOSE])
+    captured = capsys.readouterr()
+    assert f"1 written, {TRACKS - 1} already there" in captured.out
+    assert f"holds {TRACKS} track folders that this run does not make" in captured.err
+    assert (out / first[0] / "mixture.wav").is_file()
+    for key in first[1:]:
+        assert (out / key / "drums.wav").stat().st_mtime_ns == stamps[key]
     assert not list((out / "train").glob(automix.TMP_PREFIX + "*"))
     assert (out / "notes.txt").read_text() == "mine"
-    assert sf.info(str(folders[0] / "bass.wav")).subtype == "PCM_16"
+    assert _manifest(out) == before and set(before) == _remix_folders(out)
 
 
 def test_missing_paths_are_one_line_errors(musdb: Path, tmp_path: Path,
@@ -179,17 +318,36 @@ def test_missing_paths_are_one_line_errors(musdb: Path, tmp_path: Path,
             automix.main(argv)
         assert error.value.code == 1
         message = capsys.readouterr().err.strip()
+        assert message.startswith(f"{automix.PROG}: error: ")
         assert expected in message and "\n" not in message, message
+
+
+@pytest.mark.slow
+def test_user_error_is_one_line_and_verbose_adds_the_traceback(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "tools.automix", "--musdb", str(tmp_path / "nope"),
+            "--out", str(tmp_path / "out")]
+    for verbose in (False, True):
+        result = subprocess.run([*argv, *(["-v"] if verbose else [])], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("tools.automix: error: ") and "nope" in lines[-1]
+        if verbose:
+            assert lines[0].startswith("Traceback") and "DatasetError" in result.stderr
+        else:
+            assert len(lines) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_env_variables_are_the_defaults(musdb: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
+    needs_soundstretch()
     monkeypatch.setenv("MUSDB_PATH", str(musdb))
     monkeypatch.setenv("AUTOMIX_MUSDB_PATH", str(tmp_path))
     (tmp_path / "x").write_text("")
     with pytest.raises(SystemExit):  # reaches the output check: both paths were taken
-        automix.main(["--valid-tracks", "1"])
+        automix.main([])
     assert str(tmp_path) in capsys.readouterr().err
 
 
@@ -205,46 +363,45 @@ def test_missing_soundstretch(musdb: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def test_missing_stem(musdb: Path, tmp_path: Path) -> None:
     root = tmp_path / "train"
-    shutil.copytree(musdb / "train" / "synth_001", root / "synth_001")
-    (root / "synth_001" / "bass.wav").unlink()
+    shutil.copytree(musdb / "train" / "synth_004", root / "synth_004")
+    (root / "synth_004" / "bass.wav").unlink()
     with pytest.raises(DatasetError, match="bass.wav"):
-        automix.analyse_track(root, "synth_001", automix.SOURCES)
+        automix.analyse_track(root, "synth_004", SOURCES)
 
 
+@pytest.mark.slow
 def test_other_sources_in_a_process_pool(tmp_path: Path) -> None:
     needs_soundstretch()
     sources = ["drums", "bass", "guitar"]
-    musdb = generate_dataset(tmp_path / "musdb", tracks=4, seconds=4., samplerate=SR, seed=3,
-                             sources=sources, test_tracks=0)
+    musdb = generate_dataset(tmp_path / "musdb", tracks=6, seconds=4., samplerate=SR, seed=3,
+                             sources=sources, test_tracks=0, valid_tracks=3)
     out = tmp_path / "out"
     automix.main(["--musdb", str(musdb), "--out", str(out), "--sources", *sources,
                   "--mixes-per-track", "1", "--segment", "2", *LOOSE[:-1], "2"])
-    summary = json.loads((out / automix.SUMMARY_FILE).read_text())
-    assert len(summary["remixes"]) == 4
-    for remix in summary["remixes"]:
-        assert [stem["source"] for stem in remix["stems"]] == sources
-        assert SR <= remix["length"] <= 2 * SR
-        folder = out / remix["split"] / remix["name"]
-        assert sorted(p.name for p in folder.glob("*.wav")) == [
+    manifest = _manifest(out)
+    assert len(manifest) == 6 and set(manifest) == _remix_folders(out)
+    for key, remix in manifest.items():
+        assert list(remix["stems"]) == sources
+        assert SR <= remix["length_samples"] <= 2 * SR
+        assert sorted(p.name for p in (out / key).glob("*.wav")) == [
             "bass.wav", "drums.wav", "guitar.wav", "mixture.wav"]
 
 
-def test_remixed_drums_follow_the_target(remixed: Path,
-                                         analyses: list[automix.TrackAnalysis]) -> None:
+# ---------------------------------------------------------------------------------------
+# What the remixes sound like
+
+def test_remixed_drums_follow_the_target(remixed: Path, analyses: list[TrackAnalysis]) -> None:
     """Borrowed drums are stretched to the target's tempo and start on a beat."""
     tempos = {analysis.name: analysis.tempo for analysis in analyses}
-    summary = json.loads((remixed / automix.SUMMARY_FILE).read_text())
-    for remix in summary["remixes"]:
-        drums_stem, = [stem for stem in remix["stems"] if stem["source"] == "drums"]
-        drums, _ = sf.read(str(remixed / remix["split"] / remix["name"] / "drums.wav"),
-                           dtype="float32")
+    for key, remix in _manifest(remixed).items():
+        drums, _ = sf.read(str(remixed / key / "drums.wav"), dtype="float32")
         tempo, _ = automix_analysis.estimate_beats(drums.mean(axis=1), SR)
         target = tempos[remix["target"]]
         ratio = min((tempo / target, 2 * tempo / target, tempo / target / 2),
                     key=lambda r: abs(np.log(r)))
-        assert abs(ratio - 1) < 0.05, (remix["name"], drums_stem, tempo, target)
+        assert abs(ratio - 1) < 0.05, (key, remix["stems"]["drums"], tempo, target)
         head = np.abs(drums[:int(0.03 * SR)]).max()
-        assert head > 0.3 * np.abs(drums).max(), remix["name"]  # a kick right at the start
+        assert head > 0.3 * np.abs(drums).max(), key  # a kick right at the start
 
 
 def _chroma(mono: np.ndarray) -> np.ndarray:
@@ -252,17 +409,14 @@ def _chroma(mono: np.ndarray) -> np.ndarray:
     return librosa.feature.chroma_cqt(y=mono, sr=SR, hop_length=4096).mean(axis=1)  # (12,)
 
 
-def test_borrowed_stems_are_shifted_by_the_planned_pitch(
-        musdb: Path, remixed: Path) -> None:
+def test_borrowed_stems_are_shifted_by_the_planned_pitch(musdb: Path, remixed: Path) -> None:
     """The chroma of each `other` stem is that of its source region, rolled by the shift."""
-    summary = json.loads((remixed / automix.SUMMARY_FILE).read_text())
-    for remix in summary["remixes"]:
-        stem, = [stem for stem in remix["stems"] if stem["source"] == "other"]
-        frames = int(remix["length"] * stem["stretch"])
+    for key, remix in _manifest(remixed).items():
+        stem = remix["stems"]["other"]
+        frames = int(remix["length_samples"] * stem["tempo_factor"])
         original, _ = automix.read_stem(musdb / "train", stem["track"], "other",
-                                        int(stem["start"] * SR), frames)
-        rendered, _ = sf.read(str(remixed / remix["split"] / remix["name"] / "other.wav"),
-                              dtype="float32")
+                                        int(stem["offset_seconds"] * SR), frames)
+        rendered, _ = sf.read(str(remixed / key / "other.wav"), dtype="float32")
         before, after = _chroma(original.mean(axis=0)), _chroma(rendered.mean(axis=1))
         scores = [np.corrcoef(np.roll(before, shift), after)[0, 1] for shift in range(12)]
-        assert int(np.argmax(scores)) == stem["pitch"] % 12, (remix["name"], stem)
+        assert int(np.argmax(scores)) == stem["pitch_semitones"] % 12, (key, stem)

@@ -1,16 +1,19 @@
-"""Analysis of multitrack songs for `tools.automix`: tempo, beats, downbeats and key.
+"""Analysis of multitrack songs for `tools.automix` (tempo, beats, downbeats and key), and
+the planning of remixes from it.
 
 Tempo and beats come from librosa's beat tracker on the drums (on the sum of the stems when
 the drums are silent); the first downbeat is the beat, among the first four, with the most
 kick-band energy every fourth beat; the key is the best match of the pitched stems' chroma
 with the Krumhansl-Kessler major and minor profiles (a minor key stored as its relative
-major). `tempo_ratio` and `pitch_shift` say how to bring one track to another's tempo and key.
+major). `tempo_ratio` and `pitch_shift` say how to bring one track to another's tempo and key;
+`plan_all` chooses the stems of each remix, among the tracks of its split only.
 """
 from __future__ import annotations
 
 import math
+import random
 import typing as tp
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,12 @@ import soundfile as sf
 from demucs.errors import DatasetError
 
 SOURCES = ("drums", "bass", "other", "vocals")
+SPLITS = ("train", "valid")
 UNPITCHED = ("drums",)  # sources that are time-stretched but never pitch-shifted
 EXT = ".wav"
 SILENCE_DB = -50.  # a stem whose RMS is below this (dB full scale) counts as silent
 LOW_HZ = 150.  # upper frequency of the kick band used to find downbeats
+ATTEMPTS = 20  # random tries per remix before giving up on finding compatible stems
 # Krumhansl-Kessler key profiles, tonic first, matched against the chroma.
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
@@ -169,7 +174,6 @@ def analyse_track(root: Path, track: str, sources: tp.Sequence[str]) -> TrackAna
                          minor=minor, phase=phase, silent=silent)
 
 
-
 def tempo_ratio(target: TrackAnalysis, donor: TrackAnalysis, max_tempo: float) -> float | None:
     """The speed factor bringing `donor` to the tempo of `target` (or to half or double
     of it, to cope with the beat tracker's octave errors), None if beyond `max_tempo` %."""
@@ -183,3 +187,151 @@ def tempo_ratio(target: TrackAnalysis, donor: TrackAnalysis, max_tempo: float) -
 def pitch_shift(target: TrackAnalysis, donor: TrackAnalysis) -> int:
     """Semitones (in [-5, 6]) that bring the key of `donor` to that of `target`."""
     return (target.key - donor.key + 5) % 12 - 5
+
+
+# ---------------------------------------------------------------------------------------
+# Remix plans
+
+@dataclass
+class StemPlan:
+    """Where a stem of a remix comes from and how it is transformed."""
+    source: str
+    track: str
+    offset_seconds: float  # start in the original track
+    tempo_factor: float  # speed factor: the output lasts 1 / tempo_factor times the input
+    pitch_semitones: int
+
+    @property
+    def tempo_percent(self) -> float:
+        """The tempo change in percent, as soundstretch takes it."""
+        return 100. * (self.tempo_factor - 1.)
+
+
+@dataclass
+class RemixPlan:
+    name: str
+    split: str  # train or valid
+    target: str
+    length_samples: int
+    stems: list[StemPlan]
+
+    @property
+    def folder(self) -> str:
+        """The remix folder, relative to the output folder (its key in the manifest)."""
+        return f"{self.split}/{self.name}"
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return asdict(self)
+
+
+@dataclass
+class Settings:
+    """The options that decide the remixes (everything but paths and workers)."""
+    sources: list[str]
+    seed: int = 42
+    mixes_per_track: int = 6
+    segment: float = 30.
+    max_tempo: float = 15.  # percent
+    max_pitch: int = 2  # semitones
+    int16: bool = False
+
+
+def _donors(target: TrackAnalysis, source: str, tracks: tp.Sequence[TrackAnalysis],
+            used: set[str], settings: Settings) -> list[tuple[TrackAnalysis, float, int]]:
+    """(track, tempo factor, pitch) of the tracks that can lend `source` to a remix of
+    `target`."""
+    out = []
+    for donor in tracks:
+        if donor.name in used or source in donor.silent:
+            continue
+        stretch = tempo_ratio(target, donor, settings.max_tempo)
+        pitch = 0 if source in UNPITCHED else pitch_shift(target, donor)
+        if stretch is not None and abs(pitch) <= settings.max_pitch:
+            out.append((donor, stretch, pitch))
+    return out
+
+
+def _pick_start(track: TrackAnalysis, stretch: float, segment: float,
+                rng: random.Random) -> float:
+    """A random downbeat leaving `segment` seconds (after stretching), else the first one."""
+    downbeats = track.downbeats()
+    fitting = [t for t in downbeats if (track.duration - t) / stretch >= segment]
+    return rng.choice(fitting) if fitting else downbeats[0]
+
+
+def _try_remix(target: TrackAnalysis, tracks: tp.Sequence[TrackAnalysis],
+               settings: Settings, rng: random.Random) -> list[StemPlan] | None:
+    """One random remix of `target`, None when some source finds no compatible track."""
+    playing = [s for s in settings.sources if s not in target.silent]
+    if not playing:
+        return None
+    kept = rng.choice(playing)
+    stems = [StemPlan(kept, target.name, 0., 1., 0)]
+    used = {target.name}
+    for source in rng.sample(settings.sources, len(settings.sources)):
+        if source == kept:
+            continue
+        donors = _donors(target, source, tracks, used, settings)
+        if not donors:
+            return None
+        donor, stretch, pitch = rng.choice(donors)
+        used.add(donor.name)
+        stems.append(StemPlan(source, donor.name, 0., stretch, pitch))
+    return sorted(stems, key=lambda stem: settings.sources.index(stem.source))
+
+
+def _place(stems: list[StemPlan], by_name: dict[str, TrackAnalysis], settings: Settings,
+           rng: random.Random) -> int:
+    """Choose the start downbeat of each stem; returns the remix length in samples."""
+    seconds = settings.segment
+    for stem in stems:
+        track = by_name[stem.track]
+        stem.offset_seconds = _pick_start(track, stem.tempo_factor, settings.segment, rng)
+        seconds = min(seconds, (track.duration - stem.offset_seconds) / stem.tempo_factor)
+    return max(0, int(seconds * by_name[stems[0].track].samplerate))
+
+
+def plan_track(target: TrackAnalysis, tracks: tp.Sequence[TrackAnalysis], split: str,
+               settings: Settings) -> list[RemixPlan]:
+    """Up to `settings.mixes_per_track` distinct remixes of `target`, its other stems
+    borrowed from `tracks`."""
+    rng = random.Random(f"{settings.seed}:{target.name}")
+    by_name = {track.name: track for track in tracks}
+    plans: list[RemixPlan] = []
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for _ in range(settings.mixes_per_track * ATTEMPTS):
+        if len(plans) == settings.mixes_per_track:
+            break
+        stems = _try_remix(target, tracks, settings, rng)
+        if stems is None or tuple((s.source, s.track) for s in stems) in seen:
+            continue
+        seen.add(tuple((s.source, s.track) for s in stems))
+        length = _place(stems, by_name, settings, rng)
+        if length > 0:
+            name = f"{target.name} - mix{len(plans):02d}"
+            plans.append(RemixPlan(name, split, target.name, length, stems))
+    return plans
+
+
+def plan_split(tracks: tp.Sequence[TrackAnalysis], split: str,
+               settings: Settings) -> list[RemixPlan]:
+    """The remixes of each of `tracks`, borrowing stems only among `tracks`."""
+    plans = [plan for target in tracks for plan in plan_track(target, tracks, split, settings)]
+    if not plans:
+        raise DatasetError(f"No compatible stems for the {split} remixes among its "
+                           f"{len(tracks)} tracks: use wider --max-tempo / --max-pitch.")
+    return plans
+
+
+def plan_all(tracks: tp.Sequence[TrackAnalysis], settings: Settings,
+             valid: tp.Collection[str]) -> list[RemixPlan]:
+    """The remixes of both splits: tracks named in `valid` only mix among themselves, the
+    others too."""
+    rates = {track.samplerate for track in tracks}
+    if len(rates) > 1:
+        raise DatasetError(f"Tracks have different sample rates {sorted(rates)}; resample them.")
+    plans = []
+    for split in SPLITS:
+        pool = [track for track in tracks if (track.name in valid) == (split == "valid")]
+        plans.extend(plan_split(pool, split, settings))
+    return plans
