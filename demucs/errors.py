@@ -56,9 +56,10 @@ def report_errors(prog: str, verbose: bool = False,
                   also: tuple[type[BaseException], ...] = ()) -> tp.Iterator[None]:
     """Turn a `DemucsError` (or one of the `also` types) raised inside into one line on
     stderr and exit status 1; with `verbose`, print the traceback before that line."""
+    caught: tuple[type[BaseException], ...] = (DemucsError, *also)
     try:
         yield
-    except (DemucsError, *also) as error:
+    except caught as error:
         if verbose:
             traceback.print_exc()
         exit_with_error(prog, one_line(error))
