@@ -1,19 +1,22 @@
-"""Test-set evaluation: the MDX nSDR and the museval (BSSEval v4) SDR.
+"""Test-set evaluation: the MDX nSDR and the museval (BSSEval v4) metrics.
 
-`evaluate(solver)` separates every track of the MusDB test set (`<dset.musdb>/test/<track>/`
-with `mixture.wav` and one wav per source, or the non-HQ `.stem.mp4` files of
-`test.nonhq`) with the solver's model and returns the metrics:
+`evaluate(model, test, test_set, device, folder, compute_sdr)` separates every track of a
+test set (`get_test_set`: the MusDB HQ test tracks `<dset.musdb>/test/<track>/` with
+`mixture.wav` and one wav per source, or the non-HQ `.stem.mp4` files of `test.nonhq`)
+and returns the metrics, as the original did:
 
-- `nsdr`: the MDX 2021 "new SDR", one value per track and source (see `new_sdr`), averaged
-  over the tracks for `nsdr_<source>`, then over the sources for `nsdr`;
-- with `compute_sdr`, `sdr`: the museval SDR, median over 1 second frames for each track
-  and source, then median over the tracks for `sdr_<source>`, then mean over the sources.
+- `nsdr`: the MDX 2021 "new SDR", one value per track and source (see `new_sdr`);
+- with `compute_sdr`, the museval `sdr`, `sir`, `isr` and `sar`: for each track and
+  source, the median over 1 second frames.
 
-Evaluating the best state rather than the current one is the solver's business (it swaps
-the state in before calling `evaluate`). With several distributed workers, each one
-separates its share of the tracks and every worker gets all the results. museval is slow
-(about 10 s per track on a CPU): its work runs in a pool of `test.workers` processes.
-museval and musdb are imported only when needed.
+For each metric M, `M_<source>` is the mean over tracks and `M_med_<source>` the median
+over tracks; `M` and `M_med` average those over the sources.
+
+It needs no solver: the training loop passes its model (with the best state swapped in),
+`tools.test_pretrained` a pretrained model or bag. With several distributed workers, each
+one separates its share of the tracks and every worker gets all the results. museval is
+slow (about 10 s per track on a CPU): its work runs in a pool of `test.workers`
+processes. museval and musdb are imported only when needed.
 """
 from __future__ import annotations
 
@@ -60,32 +63,40 @@ def new_sdr(references: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(num / den)
 
 
+MUSEVAL_METRICS = ("sdr", "sir", "isr", "sar")  # in the order of the history
+
+
 @dataclass
 class TrackScores:
-    """Metrics of one track, one value per source (in the model's source order)."""
+    """Metrics of one track, one value per source (in the model's source order).
+
+    `museval` maps each BSSEval metric (sdr, sir, isr, sar) to its per-source median over
+    1 second frames, when museval ran.
+    """
     nsdr: list[float]
-    sdr: list[float] | None = None  # museval SDR, median over frames
+    museval: dict[str, list[float]] | None = None
 
 
-def museval_sdr(references: np.ndarray, estimates: np.ndarray, win: int,
-                hop: int) -> np.ndarray:
-    """BSSEval v4 SDR of (S, T, C) arrays, median over frames (NaN ignored). Returns (S,)."""
+def museval_scores(references: np.ndarray, estimates: np.ndarray, win: int,
+                   hop: int) -> dict[str, list[float]]:
+    """BSSEval v4 metrics of (S, T, C) arrays: for each of sdr, sir, isr, sar, the median
+    over frames (NaN frames ignored) per source."""
     import museval  # slow to import, and only needed here
 
-    sdr = museval.metrics.bss_eval(references, estimates, window=win, hop=hop,
-                                   compute_permutation=False, framewise_filters=False,
-                                   bsseval_sources_version=False)[0]  # (S, frames)
+    sdr, isr, sir, sar, _ = museval.metrics.bss_eval(
+        references, estimates, window=win, hop=hop, compute_permutation=False,
+        framewise_filters=False, bsseval_sources_version=False)  # each (S, frames)
+    frames = {"sdr": sdr, "sir": sir, "isr": isr, "sar": sar}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: silent reference
-        return np.nanmedian(sdr, axis=1)
+        return {name: [float(value) for value in np.nanmedian(frames[name], axis=1)]
+                for name in MUSEVAL_METRICS}
 
 
 def eval_track(references: ArrayLike, estimates: ArrayLike, win: int, hop: int,
                compute_sdr: bool = True) -> TrackScores:
-    """nSDR and, with `compute_sdr`, museval SDR of (S, C, T) estimates of one track.
-
-    `win` and `hop` are the museval frame length and hop in samples.
-    """
+    """nSDR and, with `compute_sdr`, the museval metrics of (S, C, T) estimates of one
+    track. `win` and `hop` are the museval frame length and hop in samples."""
     refs = torch.as_tensor(references).detach().cpu().double()
     ests = torch.as_tensor(estimates).detach().cpu().double()
     if refs.dim() != 3 or refs.shape != ests.shape:
@@ -94,27 +105,38 @@ def eval_track(references: ArrayLike, estimates: ArrayLike, win: int, hop: int,
     nsdr = new_sdr(refs[None], ests[None])[0].tolist()
     if not compute_sdr:
         return TrackScores(nsdr)
-    sdr = museval_sdr(refs.transpose(1, 2).numpy(), ests.transpose(1, 2).numpy(), win, hop)
-    return TrackScores(nsdr, [float(value) for value in sdr])
+    museval = museval_scores(refs.transpose(1, 2).numpy(), ests.transpose(1, 2).numpy(),
+                             win, hop)
+    return TrackScores(nsdr, museval)
 
 
 def summarize(scores: tp.Mapping[str, TrackScores], sources: tp.Sequence[str],
               ) -> dict[str, float]:
-    """Aggregate per-track scores: `nsdr` (means) and, when present, `sdr` (medians)."""
+    """Aggregate per-track scores over the tracks, for `nsdr` and, when every track has
+    them, the museval metrics: `M_SOURCE` is the mean over tracks, `M_med_SOURCE` the
+    median; `M` and `M_med` average those over the sources."""
+    tables = {"nsdr": [track.nsdr for track in scores.values()]}
+    museval = [track.museval for track in scores.values()]
+    if museval and all(track is not None for track in museval):
+        tables.update({name: [track[name] for track in museval if track is not None]
+                       for name in MUSEVAL_METRICS})
     metrics: dict[str, float] = {}
-    nsdr = np.array([track.nsdr for track in scores.values()])  # (tracks, S)
-    metrics.update(_per_source("nsdr", nsdr.mean(axis=0), sources))
-    sdrs = [track.sdr for track in scores.values()]
-    if sdrs and all(sdr is not None for sdr in sdrs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            metrics.update(_per_source("sdr", np.nanmedian(np.array(sdrs), axis=0), sources))
+    for name, table in tables.items():
+        metrics.update(_mean_and_median(name, np.array(table), sources))
     return metrics
 
 
-def _per_source(name: str, values: np.ndarray, sources: tp.Sequence[str]) -> dict[str, float]:
-    metrics = {name: float(np.mean(values))}
-    metrics.update({f"{name}_{source}": float(value) for source, value in zip(sources, values)})
+def _mean_and_median(name: str, values: np.ndarray,
+                     sources: tp.Sequence[str]) -> dict[str, float]:
+    """`values` (tracks, S) -> per-source mean and median over tracks, then the averages
+    of both over the sources."""
+    means, medians = values.mean(axis=0), np.median(values, axis=0)
+    metrics: dict[str, float] = {}
+    for source, mean, median in zip(sources, means, medians):
+        metrics[f"{name}_{source}"] = float(mean)
+        metrics[f"{name}_med_{source}"] = float(median)
+    metrics[name] = float(means.mean())
+    metrics[f"{name}_med"] = float(medians.mean())
     return metrics
 
 
@@ -268,17 +290,16 @@ def _pool(workers: int) -> tp.Any:
     return ProcessPoolExecutor(workers) if workers > 0 else DummyPoolExecutor()
 
 
-def _score_tracks(solver: tp.Any, test_set: EvalSet, compute_sdr: bool) -> dict[str, TrackScores]:
+def _score_tracks(model: tp.Any, test: tp.Any, test_set: EvalSet, device: tp.Any,
+                  folder: Path | None, compute_sdr: bool) -> dict[str, TrackScores]:
     """Separate this worker's share of the tracks and score them.
 
     nSDR is computed here; museval runs in the pool on numpy arrays only: forked children
     must not run torch ops (its OpenMP thread pool can hang after a fork).
     """
-    cfg, model = solver.args, solver.model
     rank, world_size = _distributed()
     win = hop = int(FRAME_SECONDS * model.samplerate)
-    workers = int(cfg.test.workers) if compute_sdr else 0
-    device = getattr(solver, "device", None) or "cpu"
+    workers = int(test.workers) if compute_sdr else 0
     scores: dict[str, TrackScores] = {}
     pending: deque = deque()
     indexes = range(rank, len(test_set), world_size)
@@ -286,14 +307,14 @@ def _score_tracks(solver: tp.Any, test_set: EvalSet, compute_sdr: bool) -> dict[
         for index in tqdm.tqdm(indexes, desc="Test", unit="track", ncols=100,
                                disable=rank != 0, leave=False):
             track = test_set.load(index)
-            estimates, references = separate(model, track, cfg.test, device)
-            if cfg.test.save:
-                save_estimates(Path(solver.folder) / "wav" / track.name, model.sources,
-                               estimates, model.samplerate)
+            estimates, references = separate(model, track, test, device)
+            if folder is not None:
+                save_estimates(folder / track.name, model.sources, estimates,
+                               model.samplerate)
             scores[track.name] = eval_track(references, estimates, win, hop, compute_sdr=False)
             if compute_sdr:
                 refs, ests = (x.double().transpose(1, 2).numpy() for x in (references, estimates))
-                pending.append((track.name, pool.submit(museval_sdr, refs, ests, win, hop)))
+                pending.append((track.name, pool.submit(museval_scores, refs, ests, win, hop)))
             while len(pending) > workers:  # bounds the audio waiting for museval
                 _collect(scores, *pending.popleft())
         while pending:
@@ -302,25 +323,30 @@ def _score_tracks(solver: tp.Any, test_set: EvalSet, compute_sdr: bool) -> dict[
 
 
 def _collect(scores: dict[str, TrackScores], name: str, future: tp.Any) -> None:
-    scores[name].sdr = [float(value) for value in future.result()]
+    scores[name].museval = future.result()
 
 
-def evaluate(solver: tp.Any, compute_sdr: bool = False) -> dict[str, float]:
-    """Separate the test set with `solver.model` and return its metrics.
+def evaluate(model: tp.Any, test: tp.Any, test_set: EvalSet, device: tp.Any = "cpu",
+             folder: Path | None = None, compute_sdr: bool = False) -> dict[str, float]:
+    """Separate `test_set` with `model` (a model or a bag) and return its metrics.
 
-    `solver` needs `model`, `args` (the config: `dset.musdb`, `test.*`), `folder` (where
-    `test.save` writes `wav/<track>/<source>.wav`) and optionally `device`.
+    `test` is the `test` section of the config (`shifts`, `split`, `overlap`, `workers`,
+    `save`); with `test.save`, the estimates go to `folder/wav/TRACK/SOURCE.wav`.
+    With `compute_sdr`, the museval metrics are computed too (slow).
     """
-    model = solver.model
-    test_set = get_test_set(solver.args, model.sources)
+    save_folder = None
+    if test.save:
+        if folder is None:
+            raise ConfigError("test.save=true needs an output folder for the separated tracks.")
+        save_folder = Path(folder) / "wav"
     training = model.training
     model.eval()
     try:
-        scores = _score_tracks(solver, test_set, compute_sdr)
+        scores = _score_tracks(model, test, test_set, device, save_folder, compute_sdr)
     finally:
         model.train(training)
     scores = _gather(scores)
     metrics = summarize(scores, model.sources)
     logger.debug("Test on %d tracks: %s", len(scores),
-                ", ".join(f"{key}={value:.3f}" for key, value in metrics.items()))
+                 ", ".join(f"{key}={value:.3f}" for key, value in metrics.items()))
     return metrics

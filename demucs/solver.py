@@ -1,36 +1,39 @@
 """The training loop of an XP: train, validate, test, checkpoint, resume.
 
-`Solver(loaders, model, optimizer, args)` runs inside Dora's current XP (`dora.get_xp()`),
-whose folder receives:
-- `checkpoint.th`: everything needed to resume (model, optimizer, EMAs, best state,
-  history, quantizer parameters, random generators), written atomically at the end of
-  every epoch, so that a killed training resumes as if it had never stopped;
+`Solver(loaders, model, optimizer, args, find_xp)` runs inside Dora's current XP
+(`dora.get_xp()`), whose folder receives:
+- `checkpoint.th`: everything needed to resume (see `demucs.checkpoints`; the parts are
+  declared once, in `Solver._checkpoint_parts`), written atomically at the end of every
+  epoch, so that a killed training resumes as if it had never stopped. A checkpoint
+  written by the original Demucs resumes too (without its random generators);
 - `checkpoint_<epoch>.th`: copies kept every `save_every` epochs;
 - `best.th`: a model package (see `demucs.states`) of the best state so far, the one that
   the test set evaluates (`test.best`) and `tools.export` exports;
 - `history.json` (through Dora's link): one entry per epoch,
-  `{"train": {...}, "valid": {...}, "test": {...}}` (`test` only when the test set ran).
+  `{"train": {...}, "valid": {...}, "test": {...}}` (`test` only when the test set ran),
+  with the original's keys (see docs/training.md).
 
 The checkpoint is loaded when the solver is built (so `train.get_solver_from_sig(SIG)`
 gives the trained weights and best state); without one, the weights come from
 `continue_pretrained` (a model name in `pretrained_repo` or the remote repository) or
-`continue_from` (another XP's signature, or a checkpoint path).
+`continue_from` (another XP's signature, resolved by `find_xp`, or a checkpoint path).
 
-Each epoch evaluates on the validation set the live weights and every EMA of them
-(`ema.batch`, `ema.epoch`); the best of these candidates (lowest valid loss, or highest
-nSDR with `test.metric=nsdr`) gives the epoch's valid metrics and, if it beats all the
-previous epochs, becomes the best state.
+Each epoch validates the live weights (`main`) then every EMA (`ema_batch_K`,
+`ema_epoch_K`); a candidate replaces the current choice when its `test.metric` is strictly
+better (keys starting with `nsdr` are maximised, the others minimised). The chosen
+candidate's weights become the best state when its value is the best over all epochs so
+far (always with `dset.train_valid`).
 """
 from __future__ import annotations
 
 import logging
 import random
 import typing as tp
-from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from dora import get_xp
@@ -41,9 +44,11 @@ from torch import nn
 from . import distrib
 from .apply import BagOfModels, apply_model
 from .augment import get_augmentations
+from .checkpoints import VERSION, ema_key, get_rng_state, load_checkpoint, set_rng_state
 from .ema import ModelEMA
-from .errors import ConfigError, ModelLoadingError
-from .quantize import get_quantizer, model_size
+from .errors import ConfigError, ModelLoadingError, one_line
+from .evaluate import evaluate, get_test_set, new_sdr
+from .quantize import get_quantizer
 from .states import copy_state, save_atomic, serialize_model, swap_state
 from .svd import svd_penalty
 
@@ -51,66 +56,68 @@ logger = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 State = dict[str, tp.Any]
-CHECKPOINT_VERSION = 1
 QUANTIZER_SUFFIX = "_diffq"  # parameters DiffQ adds to a model
+EMA_KINDS = ("batch", "epoch")
+# Divergence stop (l1 loss): (first epoch index checked, largest valid reco allowed).
+DIVERGENCE_LIMITS = ((100, 0.25), (180, 0.18))
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers: metrics, random generators, checkpoint files
+# Metrics
 
 
 class Averager:
-    """Mean of metrics over examples, each update weighted by its number of examples."""
+    """Mean of metrics over the batches of a stage (each batch counts once)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.count = 0.
+        self.count = 0
 
-    def update(self, metrics: tp.Mapping[str, float], count: float = 1.) -> None:
+    def update(self, metrics: tp.Mapping[str, float]) -> None:
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.) + float(value) * count
-        self.count += count
+            self.sums[key] = self.sums.get(key, 0.) + float(value)
+        self.count += 1
 
     def mean(self) -> Metrics:
-        return {key: value / max(self.count, 1e-12) for key, value in self.sums.items()}
+        return {key: self.sums[key] / max(self.count, 1) for key in sorted(self.sums)}
 
     def reduce(self) -> Metrics:
-        """The mean over every distributed worker."""
-        return distrib.average(self.mean(), self.count)
+        """The mean over every distributed worker, weighted by their number of batches."""
+        return dict(sorted(distrib.average(self.mean(), self.count).items()))
+
+
+def _scalar(value: tp.Any) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def valid_metric_keys(sources: tp.Sequence[str]) -> list[str]:
+    """The keys of each candidate's valid metrics, any of which `test.metric` may name."""
+    keys = ["loss", "reco", "ms", "nsdr"]
+    return keys + [f"{name}_{source}" for name in ("reco", "nsdr") for source in sources]
+
+
+def check_metric(metric: str, sources: tp.Sequence[str]) -> None:
+    """Fail at start-up when `test.metric` names no valid metric."""
+    keys = valid_metric_keys(sources)
+    if metric not in keys:
+        raise ConfigError(f"test.metric={metric!r} is not a valid metric; choose one of: "
+                          f"{', '.join(keys)}.")
+
+
+def is_maximized(metric: str) -> bool:
+    """nSDR metrics are maximised, losses minimised."""
+    return metric.startswith("nsdr")
+
+
+def is_better(value: float, reference: float, metric: str) -> bool:
+    """Whether `value` is strictly better than `reference` for `metric`."""
+    return value > reference if is_maximized(metric) else value < reference
 
 
 def format_metrics(metrics: tp.Mapping[str, tp.Any]) -> str:
     return " | ".join(f"{key.capitalize()}={value:.4f}" if isinstance(value, float)
-                      else f"{key.capitalize()}={value}" for key, value in metrics.items())
-
-
-def get_rng_state() -> State:
-    """The state of the generators of torch (CPU and CUDA), numpy and Python."""
-    name, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    state: State = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": (name, torch.from_numpy(np.asarray(keys).astype(np.int64)), position,
-                              has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: State) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path) -> State:
-    """Read a checkpoint written by the solver (plain tensors and containers only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types on corrupt data
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelLoadingError(f"{path}: unreadable checkpoint ({first_line}).") from None
+                      else f"{key.capitalize()}={value}" for key, value in metrics.items()
+                      if not isinstance(value, dict))
 
 
 def _xp_reference(value: tp.Any) -> str:
@@ -121,8 +128,16 @@ def _xp_reference(value: tp.Any) -> str:
     return f"{value:08d}" if isinstance(value, int) else str(value)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def _ema_state(ema: ModelEMA) -> State:
+    return {"state": copy_state(ema.state), "count": ema.count}
+
+
+@dataclass
+class Part:
+    """One named part of the checkpoint: how to save it and how to restore it."""
+    save: tp.Callable[[], tp.Any]
+    load: tp.Callable[[tp.Any], None]
+    required: bool = True  # False for what the original's checkpoints lack
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,23 +146,27 @@ def _first_line(error: BaseException) -> str:
 
 class Solver:
     """Trains `model` with `optimizer` on `loaders` ({"train", "valid"}, or None to only
-    load the XP's checkpoint), following the config `args` (see conf/config.yaml)."""
+    load the XP's checkpoint), following the config `args` (see conf/config.yaml).
+    `find_xp(SIG)` gives the folder of another XP (for `continue_from=SIG`)."""
 
     def __init__(self, loaders: tp.Optional[dict[str, tp.Any]], model: nn.Module,
-                 optimizer: torch.optim.Optimizer, args: tp.Any):
+                 optimizer: torch.optim.Optimizer, args: tp.Any,
+                 find_xp: tp.Optional[tp.Callable[[str], Path]] = None):
         self.args = args
         self.loaders = loaders
         self.model = model
         self.optimizer = optimizer
+        self.find_xp = find_xp
         self.device = next(iter(model.parameters())).device
         self.sources = list(args.dset.sources)
+        check_metric(args.test.metric, self.sources)
         self.weights = self._loss_weights()
         self._check_segment()
         self.quantizer = get_quantizer(model, args.quant, optimizer)  # before DDP
         self.dmodel = distrib.wrap(model)
         self.augment = get_augmentations(args).to(self.device)
         self.emas = {kind: [ModelEMA(model, decay, device=self.device)
-                            for decay in args.ema[kind]] for kind in ("batch", "epoch")}
+                            for decay in args.ema[kind]] for kind in EMA_KINDS}
         self.penalty_rng = random.Random(args.seed)  # draws of svd.proba
         xp = get_xp()
         self.folder = xp.folder
@@ -157,18 +176,37 @@ class Solver:
         self.checkpoint_file = self.folder / "checkpoint.th"
         self.best_file = self.folder / "best.th"
         self.best_state: tp.Optional[State] = None
-        self.best_score = float("inf")
+        self.parts = self._checkpoint_parts()
         self._reset()
 
     # -- setup ----------------------------------------------------------------------
 
+    def _checkpoint_parts(self) -> dict[str, Part]:
+        """What `checkpoint.th` holds, declared once for saving and resuming."""
+        parts = {
+            "state": Part(lambda: copy_state(self.model.state_dict()), self._load_weights),
+            "optimizer": Part(self.optimizer.state_dict, self._load_optimizer),
+            "best_state": Part(lambda: self.best_state, self._load_best_state),
+            "history": Part(lambda: list(self.history), self._load_history),
+            "rng": Part(get_rng_state, set_rng_state, required=False),
+            "penalty_rng": Part(self.penalty_rng.getstate, self._load_penalty_rng,
+                                required=False),
+        }
+        for kind, emas in self.emas.items():
+            for index, ema in enumerate(emas):
+                parts[ema_key(kind, index)] = Part(partial(_ema_state, ema), ema.load_state_dict)
+        return parts
+
     def _loss_weights(self) -> torch.Tensor:
         weights = [float(weight) for weight in self.args.weights]
-        if len(weights) != len(self.sources) or sum(weights) <= 0:
+        if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
             raise ConfigError(f"weights={weights}: give one non-negative weight per source "
                               f"({', '.join(self.sources)}), not all zero.")
-        tensor = torch.tensor(weights, device=self.device)
-        return tensor / tensor.sum()
+        return torch.tensor(weights, device=self.device)
+
+    def _weighted(self, values: torch.Tensor) -> torch.Tensor:
+        """`sum_s w_s * values_s / sum_s w_s` over the sources (last axis)."""
+        return (values * self.weights).sum(-1) / self.weights.sum()
 
     def _check_segment(self) -> None:
         segment, shift = self.args.dset.segment, self.args.dset.shift
@@ -194,29 +232,52 @@ class Solver:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # shape mismatch
             raise ModelLoadingError(f"{origin}: weights from a different model "
-                                    f"({_first_line(error)}); {hint}.") from None
+                                    f"({one_line(error)[:200]}); {hint}.") from None
         missing = [key for key in missing if not key.endswith(QUANTIZER_SUFFIX)]
         if missing or unexpected:
             keys = ", ".join((missing + unexpected)[:3])
             raise ModelLoadingError(f"{origin}: weights from a different model (keys "
                                     f"{keys} do not match); {hint}.")
 
+    # Loaders of the checkpoint parts.
+
+    def _resume_hint(self) -> str:
+        return f"start the XP over with `{self._clear_hint()}`"
+
+    def _load_weights(self, state: State) -> None:
+        self._load_model_state(state, self.checkpoint_file, self._resume_hint())
+
+    def _load_optimizer(self, state: State) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def _load_best_state(self, state: tp.Optional[State]) -> None:
+        self.best_state = state
+
+    def _load_history(self, history: list[dict[str, tp.Any]]) -> None:
+        self.history[:] = history
+
+    def _load_penalty_rng(self, state: tp.Any) -> None:
+        self.penalty_rng.setstate(tuple(state) if isinstance(state, list) else state)
+
     def _resume(self, package: State) -> None:
-        hint = f"start the XP over with `{self._clear_hint()}`"
-        self._load_model_state(package["state"], self.checkpoint_file, hint)
-        try:
-            self.optimizer.load_state_dict(package["optimizer"])
-            for kind, emas in self.emas.items():
-                for ema, state in zip(emas, package["emas"][kind], strict=True):
-                    ema.load_state_dict(state)
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ModelLoadingError(f"{self.checkpoint_file}: optimizer or EMA state does "
-                                    f"not fit ({_first_line(error)}); {hint}.") from None
-        self.best_state = package["best_state"]
-        self.best_score = package["best_score"]
-        self.history[:] = package["history"]
-        set_rng_state(package["rng"])
-        self.penalty_rng.setstate(package["penalty_rng"])
+        version = package.get("version", VERSION)
+        if version != VERSION or "emas" in package:
+            raise ModelLoadingError(f"{self.checkpoint_file}: checkpoint of another version "
+                                    f"({version}); {self._resume_hint()}.")
+        for name, part in self.parts.items():
+            if name not in package:
+                if part.required:
+                    raise ModelLoadingError(f"{self.checkpoint_file}: no {name!r} in the "
+                                            f"checkpoint; {self._resume_hint()}.")
+                continue
+            try:
+                part.load(package[name])
+            except (ValueError, KeyError, RuntimeError, TypeError) as error:
+                if isinstance(error, ModelLoadingError):
+                    raise
+                raise ModelLoadingError(f"{self.checkpoint_file}: its {name!r} does not fit "
+                                        f"({one_line(error)[:200]}); "
+                                        f"{self._resume_hint()}.") from None
         logger.info("Resuming from %s after %d epochs.", self.checkpoint_file,
                     len(self.history))
 
@@ -235,9 +296,9 @@ class Solver:
     def _parent_checkpoint(self, ref: str) -> Path:
         if Path(ref).is_file():
             return Path(ref)
-        from .train import main  # the XP registry; train imports the solver lazily
-        xp = main.get_xp_from_sig(ref)
-        path = xp.folder / self.checkpoint_file.name
+        if self.find_xp is None:
+            raise ConfigError(f"continue_from={ref}: no such checkpoint file.")
+        path = self.find_xp(ref) / self.checkpoint_file.name
         if not path.is_file():
             raise ConfigError(f"continue_from={ref}: XP {ref} has no checkpoint ({path}); "
                               f"train it first with `dora run -f {ref}`.")
@@ -254,7 +315,7 @@ class Solver:
                 self.optimizer.load_state_dict(package["optimizer"])
             except ValueError as error:
                 raise ModelLoadingError(f"continue_from={ref}: its optimizer state does not "
-                                        f"fit ({_first_line(error)}).") from None
+                                        f"fit ({one_line(error)}).") from None
         logger.info("Starting from the %s of %s.", key, path)
 
     # -- training loop --------------------------------------------------------------
@@ -263,20 +324,38 @@ class Solver:
         """Train the remaining epochs, checkpointing after each one."""
         for epoch, metrics in enumerate(self.history):
             self._log_epoch(epoch, metrics, replay=True)
+        if self.history and self._diverged(len(self.history) - 1, self.history[-1]["valid"]):
+            logger.warning("Training stopped earlier: the model diverged.")
+            return
         if len(self.history) >= self.args.epochs:
             logger.info("Training already done (%d epochs).", len(self.history))
         for epoch in range(len(self.history), self.args.epochs):
-            metrics = self._run_epoch(epoch)
+            metrics, stop = self._run_epoch(epoch)
             self.link.push_metrics(metrics)
             self._save(epoch)
+            if stop:
+                break
 
-    def _run_epoch(self, epoch: int) -> dict[str, Metrics]:
-        metrics = {"train": self._train_stage(epoch)}
-        metrics["valid"] = self._valid_stage(epoch, metrics["train"])
-        if self._is_test_epoch(epoch):
-            metrics["test"] = self._test_stage(epoch)
+    def _run_epoch(self, epoch: int) -> tuple[dict[str, tp.Any], bool]:
+        """The metrics of one epoch, and whether training stops after it."""
+        metrics: dict[str, tp.Any] = {"train": self._train_stage(epoch)}
+        metrics["valid"] = self._valid_stage(epoch)
+        diverged = self._diverged(epoch, metrics["valid"])
+        if diverged:
+            logger.warning("Valid reco %.4f at epoch %d: the model diverged, stopping.",
+                           metrics["valid"]["main"]["reco"], epoch + 1)
+        is_last = diverged or epoch == self.args.epochs - 1
+        if is_last or self._is_test_epoch(epoch):
+            metrics["test"] = self._test_stage(compute_sdr=bool(self.args.test.sdr and is_last))
         self._log_epoch(epoch, metrics)
-        return metrics
+        return metrics, diverged
+
+    def _diverged(self, epoch: int, valid: tp.Mapping[str, tp.Any]) -> bool:
+        """Divergence with the l1 loss: the live model's valid reco above a limit."""
+        if self.args.optim.loss != "l1" or "main" not in valid:
+            return False
+        reco = valid["main"]["reco"]
+        return any(epoch >= start and reco > limit for start, limit in DIVERGENCE_LIMITS)
 
     def _log_epoch(self, epoch: int, metrics: tp.Mapping[str, Metrics],
                    replay: bool = False) -> None:
@@ -289,189 +368,181 @@ class Solver:
 
     def _is_test_epoch(self, epoch: int) -> bool:
         every = self.args.test.every
-        return epoch == self.args.epochs - 1 or bool(every and (epoch + 1) % every == 0)
+        return bool(every and (epoch + 1) % every == 0)
 
-    # -- train stage ----------------------------------------------------------------
+    # -- batches --------------------------------------------------------------------
 
     def _loader(self, name: str) -> tp.Any:
         if self.loaders is None:
             raise RuntimeError("This solver was built with model_only=True: no data.")
         return self.loaders[name]
 
+    def _batches(self, loader: tp.Any, name: str) -> LogProgress:
+        """The batches of an epoch: all of them, or the first `max_batches + 1`."""
+        total = len(loader)
+        if self.args.max_batches is not None:
+            total = min(total, int(self.args.max_batches) + 1)
+        return LogProgress(logger, islice(loader, total), total=total,
+                           updates=self.args.misc.num_prints, name=name)
+
+    def _reco_losses(self, estimate: torch.Tensor,
+                     sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per source (S,): the loss that is optimised, and the `reco` that is logged.
+
+        l1: both are the mean absolute error. mse: the loss is the mean over the batch of
+        each example's mean squared error, `reco` the mean over the batch of its root.
+        """
+        if estimate.shape != sources.shape:
+            raise RuntimeError(f"The model returned {tuple(estimate.shape)} for sources of "
+                               f"shape (B, S, C, T)={tuple(sources.shape)}.")
+        if self.args.optim.loss == "l1":
+            loss = F.l1_loss(estimate, sources, reduction="none").mean(dim=(2, 3)).mean(0)
+            return loss, loss
+        if self.args.optim.loss == "mse":
+            per_example = F.mse_loss(estimate, sources, reduction="none").mean(dim=(2, 3))
+            return per_example.mean(0), per_example.sqrt().mean(0)
+        raise ConfigError(f"optim.loss={self.args.optim.loss!r} is not valid; "
+                          "choose one of: l1, mse.")
+
+    def _batch_metrics(self, estimate: torch.Tensor,
+                       sources: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """The loss of a batch (with the DiffQ size penalty) and its metrics."""
+        losses, recos = self._reco_losses(estimate, sources)
+        loss = self._weighted(losses)
+        size = self.quantizer.model_size() if self.quantizer is not None else 0.
+        if self.args.quant.diffq:
+            loss = loss + self.args.quant.diffq * size
+        metrics = {"reco": _scalar(self._weighted(recos)), "ms": _scalar(size)}
+        metrics.update({f"reco_{source}": _scalar(reco)
+                        for source, reco in zip(self.sources, recos)})
+        return loss, metrics
+
+    # -- train stage ----------------------------------------------------------------
+
     def _train_stage(self, epoch: int) -> Metrics:
         loader = self._loader("train")
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        total = len(loader)
-        if total == 0:
+        if len(loader) == 0:
             raise ConfigError(f"The train set has {len(loader.dataset)} examples: not one "
                               f"batch of batch_size={self.args.batch_size}; lower batch_size or "
                               "dset.segment, or add tracks.")
-        if self.args.max_batches:
-            total = min(total, self.args.max_batches)
         self.dmodel.train()
         self.augment.train()
         averager = Averager()
-        progress = LogProgress(logger, islice(loader, total), total=total,
-                               updates=self.args.misc.num_prints,
-                               name=f"Train | Epoch {epoch + 1}")
+        progress = self._batches(loader, f"Train | Epoch {epoch + 1}")
         for sources in progress:
-            step = self._train_step(sources)
-            averager.update(step, len(sources))
+            averager.update(self._train_step(sources))
             progress.update(**{key: f"{value:.4f}" for key, value in averager.mean().items()})
         for ema in self.emas["epoch"]:
             ema.update()
         return averager.reduce()
 
-    def _reco_losses(self, estimate: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-        """Loss per source (S,), averaged over batch, channels and time."""
-        if estimate.shape != sources.shape:
-            raise RuntimeError(f"The model returned {tuple(estimate.shape)} for sources of "
-                               f"shape (B, S, C, T)={tuple(sources.shape)}.")
-        if self.args.optim.loss == "l1":
-            losses = F.l1_loss(estimate, sources, reduction="none")
-        elif self.args.optim.loss == "mse":
-            losses = F.mse_loss(estimate, sources, reduction="none")
-        else:
-            raise ConfigError(f"optim.loss={self.args.optim.loss!r} is not valid; "
-                              "choose one of: l1, mse.")
-        return losses.mean(dim=(0, 2, 3))
-
-    def _penalties(self) -> tuple[torch.Tensor | float, Metrics]:
-        """Penalty terms of the loss (SVD, DiffQ) and their values as metrics."""
-        total: torch.Tensor | float = 0.
-        metrics: Metrics = {}
-        svd = self.args.svd
-        if svd.penalty:
-            penalty = svd_penalty(self.model, min_size=svd.min_size, dim=svd.dim,
-                                  niters=svd.niters, powm=svd.powm, convtr=svd.convtr,
-                                  proba=svd.proba, conv_only=svd.conv_only, bs=svd.bs,
-                                  rng=self.penalty_rng)
-            total = total + svd.penalty * penalty
-            metrics["penalty"] = float(penalty.item() if isinstance(penalty, torch.Tensor)
-                                       else penalty)
-        if self.quantizer is not None:
-            size = self.quantizer.model_size()
-            if self.args.quant.diffq:
-                total = total + self.args.quant.diffq * size
-            metrics["ms"] = float(size.item() if isinstance(size, torch.Tensor) else size)
-        return total, metrics
-
     def _train_step(self, sources: torch.Tensor) -> Metrics:
         sources = self.augment(sources.to(self.device))  # (B, S, C, T)
         mix = sources.sum(dim=1)  # (B, C, T)
-        estimate = self.dmodel(mix)
-        reco = (self._reco_losses(estimate, sources) * self.weights).sum()
-        penalty, metrics = self._penalties()
-        loss = reco + penalty
+        loss, metrics = self._batch_metrics(self.dmodel(mix), sources)
+        svd = self.args.svd
+        if svd.penalty > 0:
+            penalty = self._svd_penalty(exact=False)
+            metrics["penalty"] = _scalar(penalty)
+            loss = loss + svd.penalty * penalty
         self.optimizer.zero_grad()
         loss.backward()
-        grad_norm = self._clip_gradients()
+        metrics["grad"] = self._clip_gradients()
         self.optimizer.step()
         for ema in self.emas["batch"]:
             ema.update()
-        return {"loss": loss.item(), "reco": reco.item(), "grad": grad_norm,
-                "penalty": 0., **metrics}
+        return {"loss": loss.item(), **metrics}
+
+    def _svd_penalty(self, exact: bool) -> tp.Any:
+        svd = self.args.svd
+        return svd_penalty(self.model, min_size=svd.min_size, dim=svd.dim, niters=svd.niters,
+                           powm=svd.powm, convtr=svd.convtr, proba=svd.proba,
+                           conv_only=svd.conv_only, bs=svd.bs, exact=exact,
+                           rng=self.penalty_rng)
 
     def _clip_gradients(self) -> float:
+        """The norm of all the gradients, before they are clipped to `optim.clip_grad`."""
         params = [param for param in self.model.parameters() if param.grad is not None]
         max_norm = self.args.optim.clip_grad or float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     # -- valid stage ----------------------------------------------------------------
 
-    def _candidates(self) -> tp.Iterator[tuple[str, tp.ContextManager]]:
-        """The weights to validate: the live ones, then every EMA swapped in."""
-        yield "main", nullcontext()
+    def _valid_stage(self, epoch: int) -> dict[str, tp.Any]:
+        """Validate every candidate, choose one, update the best state (see module doc)."""
+        metric = self.args.test.metric
+        chosen_name, chosen = "main", self._validate(epoch, "main")
+        chosen_state: tp.Optional[State] = None  # None: the live weights
+        valid: dict[str, tp.Any] = {"main": chosen}
         for kind, emas in self.emas.items():
-            for ema in emas:
-                yield f"ema_{kind}_{ema.decay}", ema.swap()
-
-    def _score(self, metrics: Metrics) -> float:
-        """Lower is better: valid loss, or minus nSDR with test.metric=nsdr."""
-        if self.args.test.metric == "nsdr":
-            return -metrics["nsdr"]
-        return metrics["loss"]
-
-    def _valid_stage(self, epoch: int, train: Metrics) -> Metrics:
-        chosen: tp.Optional[Metrics] = None
-        chosen_name = ""
-        for name, context in self._candidates():
-            with context:
-                metrics = self._validate(epoch, name)
-                score = self._score(metrics)
-                if chosen is None or score < self._score(chosen):
-                    chosen, chosen_name = metrics, name
-                if score < self.best_score:
-                    self.best_score = score
-                    self.best_state = copy_state(self.model.state_dict())
-        assert chosen is not None  # "main" is always a candidate
+            for index, ema in enumerate(emas):
+                name = ema_key(kind, index)
+                with ema.swap():
+                    valid[name] = self._validate(epoch, name)
+                if is_better(valid[name][metric], chosen[metric], metric):
+                    chosen_name, chosen, chosen_state = name, valid[name], ema.state
+            valid.update(chosen)
+            valid["bname"] = chosen_name
+        values = [entry["valid"][metric] for entry in self.history] + [valid[metric]]
+        valid["best"] = max(values) if is_maximized(metric) else min(values)
+        if self.args.svd.penalty > 0:
+            with torch.no_grad():
+                valid["penalty"] = _scalar(self._svd_penalty(exact=True))
+        if valid[metric] == valid["best"] or self.args.dset.train_valid:
+            self.best_state = copy_state(chosen_state if chosen_state is not None
+                                         else self.model.state_dict())
         logger.info("Valid | Epoch %d | kept %s", epoch + 1, chosen_name)
-        best = -self.best_score if self.args.test.metric == "nsdr" else self.best_score
-        return {**chosen, "best": best, "penalty": train.get("penalty", 0.),
-                "ms": model_size(self.model, self.quantizer)}
+        return valid
 
     def _validate(self, epoch: int, name: str) -> Metrics:
         self.model.eval()
-        loader = self._loader("valid")
         averager = Averager()
-        progress = LogProgress(logger, loader, updates=self.args.misc.num_prints,
-                               name=f"Valid | Epoch {epoch + 1} | {name}")
         with torch.no_grad():
-            for streams in progress:
-                averager.update(self._valid_step(streams), len(streams))
+            for streams in self._batches(self._loader("valid"),
+                                         f"Valid | Epoch {epoch + 1} | {name}"):
+                averager.update(self._valid_step(streams))
         return averager.reduce()
 
     def _valid_step(self, streams: torch.Tensor) -> Metrics:
-        from .evaluate import new_sdr
         streams = streams.to(self.device)
         mix, sources = streams[:, 0], streams[:, 1:]  # (B, C, T), (B, S, C, T)
         if self.args.valid_apply:
             estimate = apply_model(self.model, mix, split=self.args.test.split, overlap=0)
         else:
             estimate = self.model(mix)
-        losses = self._reco_losses(estimate, sources)
+        loss, metrics = self._batch_metrics(estimate, sources)
         nsdrs = new_sdr(sources, estimate).mean(dim=0)  # (S,)
-        loss = (losses * self.weights).sum().item()
-        metrics = {"reco": loss, "loss": loss, "nsdr": nsdrs.mean().item()}
-        for source, value, nsdr in zip(self.sources, losses.tolist(), nsdrs.tolist()):
-            metrics[f"reco_{source}"] = value
-            metrics[f"nsdr_{source}"] = nsdr
+        metrics["loss"] = float(loss)
+        metrics["nsdr"] = float(self._weighted(nsdrs))
+        metrics.update({f"nsdr_{source}": float(nsdr)
+                        for source, nsdr in zip(self.sources, nsdrs)})
         return metrics
 
     # -- test stage -----------------------------------------------------------------
 
-    def _test_stage(self, epoch: int) -> Metrics:
-        from .evaluate import evaluate
-        is_last = epoch == self.args.epochs - 1
+    def _test_stage(self, compute_sdr: bool) -> Metrics:
         if self.args.test.best and self.best_state is not None:
             state = self.best_state
         else:
             state = copy_state(self.model.state_dict())
         logger.info("-" * 70)
         logger.info("Evaluating on the test set...")
+        test_set = get_test_set(self.args, self.sources)
         with swap_state(self.model, state), torch.no_grad():
-            self.model.eval()
-            return dict(evaluate(self, compute_sdr=bool(self.args.test.sdr and is_last)))
+            return evaluate(self.model, self.args.test, test_set, self.device, self.folder,
+                            compute_sdr=compute_sdr)
 
     # -- checkpoints ----------------------------------------------------------------
 
     def checkpoint(self) -> State:
         """The resumable state of the training (what `checkpoint.th` holds)."""
-        return {
-            "version": CHECKPOINT_VERSION,
-            "state": copy_state(self.model.state_dict()),
-            "best_state": self.best_state,
-            "best_score": self.best_score,
-            "optimizer": self.optimizer.state_dict(),
-            "emas": {kind: [{"state": copy_state(ema.state), "count": ema.count}
-                            for ema in emas] for kind, emas in self.emas.items()},
-            "history": list(self.history),
-            "rng": get_rng_state(),
-            "penalty_rng": self.penalty_rng.getstate(),
-            "args": OmegaConf.to_container(self.args, resolve=True),
-        }
+        package = {name: part.save() for name, part in self.parts.items()}
+        package["version"] = VERSION
+        package["args"] = OmegaConf.to_container(self.args, resolve=True)
+        return package
 
     def save_best(self, path: Path) -> None:
         """Write the model package of the best state (what `best.th` holds) to `path`."""

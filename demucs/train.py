@@ -15,9 +15,8 @@ import logging
 import random
 import sys
 import typing as tp
-from importlib import import_module
+from contextlib import nullcontext
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import torch
@@ -29,11 +28,13 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import distrib
-from .errors import ConfigError, DemucsError
+from .errors import ConfigError, report_errors
+from .solver import Solver, check_metric
 from .models import model_class
 
 logger = logging.getLogger(__name__)
 
+PROG = "demucs.train"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_VERSION_BASE = "1.3"
 OPTIMIZERS = ("adam", "adamw")
@@ -70,6 +71,7 @@ def check_config(cfg: DictConfig) -> None:
     model_class(cfg.model)  # ConfigError naming the registered models
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     _check_choice("optim.loss", cfg.optim.loss, LOSSES)
+    check_metric(cfg.test.metric, list(cfg.dset.sources))
 
 
 def check_dataset_paths(dset: DictConfig) -> None:
@@ -151,17 +153,6 @@ def get_loaders(cfg: DictConfig) -> dict[str, tp.Any]:
     return {"train": train, "valid": valid}
 
 
-def _solver_class() -> type:
-    try:
-        solver = import_module("demucs.solver")
-    except ModuleNotFoundError as error:
-        if error.name != "demucs.solver":
-            raise
-        raise DemucsError("training is not available yet: the training loop "
-                          "(demucs.solver) is not part of this version.") from None
-    return solver.Solver
-
-
 def seed_all(seed: int) -> None:
     """Seed the generators of torch, numpy and Python (augmentations use all three)."""
     torch.manual_seed(seed)
@@ -169,20 +160,24 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def get_solver(cfg: DictConfig, model_only: bool = False) -> tp.Any:
+def get_solver(cfg: DictConfig, model_only: bool = False) -> Solver:
     """The training loop for `cfg`; with `model_only`, without data (to load a checkpoint)."""
     check_config(cfg)
     seed_all(cfg.seed)
     model = get_model(cfg)
-    solver_class = _solver_class()
     if torch.cuda.is_available():
         model.cuda()
     optimizer = get_optimizer(model, cfg)
     loaders = None if model_only else get_loaders(cfg)
-    return solver_class(loaders, model, optimizer, cfg)
+    return Solver(loaders, model, optimizer, cfg, find_xp=xp_folder)
 
 
-def get_solver_from_sig(sig: str, model_only: bool = True) -> tp.Any:
+def xp_folder(sig: str) -> Path:
+    """The folder of the XP with signature `sig` (for `continue_from=SIG`)."""
+    return main.get_xp_from_sig(sig).folder
+
+
+def get_solver_from_sig(sig: str, model_only: bool = True) -> Solver:
     """The solver of an existing XP, found from its signature."""
     xp = main.get_xp_from_sig(sig)
     with xp.enter(stack=True):
@@ -209,25 +204,45 @@ def _first_lines(error: BaseException) -> str:
     return " ".join(lines)
 
 
+def invoked_as_dora() -> bool:
+    """Whether this process is the `dora` command (`dora run`, `dora grid`, ...)."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return program.name == "dora" or program.parent.name == "dora"
+
+
+def _verbose(argv: tp.Sequence[str]) -> bool:
+    return any(arg.lower() in ("misc.verbose=true", "misc.verbose=1") for arg in argv)
+
+
 class DemucsMain(HydraMain):
-    """Dora's Hydra main, turning bad overrides into a `ConfigError` naming the key."""
+    """Dora's Hydra main, turning bad overrides into a `ConfigError` naming the key.
+
+    Programs calling `get_xp` get the `ConfigError`; the `dora` command reports it as one
+    line and a non-zero exit (with the traceback when `misc.verbose=true`).
+    """
 
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
-        check_overrides(argv, self.full_config_path)
-        try:
-            xp = super().get_xp(argv)
-        except (HydraException, OmegaConfBaseException) as error:
-            raise ConfigError(f"invalid override: {_first_lines(error)}") from None
-        check_config(xp.cfg)
-        return xp
+        with self._report_errors(argv):
+            check_overrides(argv, self.full_config_path)
+            try:
+                xp = super().get_xp(argv)
+            except (HydraException, OmegaConfBaseException) as error:
+                raise ConfigError(f"invalid override: {_first_lines(error)}") from None
+            check_config(xp.cfg)
+            return xp
 
     def get_argv_from_sig(self, sig: str) -> list[str]:
-        try:
-            return list(super().get_argv_from_sig(sig))
-        except RuntimeError:
-            raise ConfigError(f"unknown XP signature {sig!r}: no {self.dora.dir}/xps/{sig}/"
-                              f".argv.json; known XPs: {self._known_sigs()}. Run `tar xf "
-                              "outputs.tar.gz` for the MDX ones.") from None
+        with self._report_errors([]):
+            try:
+                return list(super().get_argv_from_sig(sig))
+            except RuntimeError:
+                raise ConfigError(f"unknown XP signature {sig!r}: no {self.dora.dir}/xps/"
+                                  f"{sig}/.argv.json; known XPs: {self._known_sigs()}. Run "
+                                  "`tar xf outputs.tar.gz` for the MDX ones.") from None
+
+    @staticmethod
+    def _report_errors(argv: tp.Sequence[str]) -> tp.ContextManager:
+        return report_errors(PROG, _verbose(argv)) if invoked_as_dora() else nullcontext()
 
     def _known_sigs(self, limit: int = 8) -> str:
         folder = self.dora.dir / self.dora.xps
@@ -277,25 +292,10 @@ def _dora_main(**kwargs: tp.Any) -> tp.Callable[[tp.Callable], DemucsMain]:
 
 @_dora_main(config_path="../conf", config_name="config", version_base=HYDRA_VERSION_BASE)
 def main(cfg: DictConfig) -> None:
-    """Train the XP of `cfg` (or show its model), reporting user mistakes as one line."""
-    try:
+    """Train the XP of `cfg` (or show its model), reporting user mistakes as one line
+    (with the traceback when `misc.verbose`)."""
+    with report_errors(PROG, bool(cfg.misc.verbose)):
         run(cfg)
-    except DemucsError as error:
-        print(f"demucs.train: error: {error}", file=sys.stderr)
-        sys.exit(1)
-
-
-def _report_user_errors(kind: type[BaseException], error: BaseException,
-                        traceback: TracebackType | None) -> None:
-    # Command line tools (dora, python -m demucs.train) print user mistakes as one line.
-    if isinstance(error, DemucsError):
-        print(f"demucs: error: {error}", file=sys.stderr)
-    else:
-        _previous_hook(kind, error, traceback)
-
-
-_previous_hook = sys.excepthook
-sys.excepthook = _report_user_errors
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from demucs import evaluate as ev
 from demucs.errors import ConfigError, DatasetError
 from demucs.hdemucs import HDemucs
 from tools.synth_dataset import generate_dataset
-from tools.test_pretrained import EvalSolver
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 SECONDS = 2.
@@ -63,15 +62,16 @@ def test_eval_track_museval() -> None:
     references = torch.from_numpy(rng.standard_normal((2, 2, 2 * samplerate)))
     estimates = references + 0.1 * torch.from_numpy(rng.standard_normal(references.shape))
     scores = ev.eval_track(references, estimates, samplerate, samplerate, compute_sdr=True)
-    assert scores.sdr is not None and len(scores.sdr) == 2
-    assert scores.sdr == pytest.approx([20, 20], abs=0.5)
+    assert scores.museval is not None and set(scores.museval) == {"sdr", "sir", "isr", "sar"}
+    assert scores.museval["sdr"] == pytest.approx([20, 20], abs=0.5)
+    assert all(len(values) == 2 for values in scores.museval.values())
     assert scores.nsdr == pytest.approx([20, 20], abs=0.5)
 
 
 def test_eval_track_nsdr_only() -> None:
     references = torch.ones(4, 2, 100)
     scores = ev.eval_track(references, references.numpy() * 0.9, 10, 10, compute_sdr=False)
-    assert scores.sdr is None
+    assert scores.museval is None
     assert scores.nsdr == pytest.approx([20.] * 4, abs=1e-4)
 
 
@@ -107,7 +107,11 @@ class Mixer(nn.Module):
         return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)
 
 
-StandInSolver = EvalSolver  # the attributes of Solver that `evaluate` uses
+def run_eval(model: tp.Any, cfg: DictConfig, folder: Path,
+             compute_sdr: bool = False) -> dict[str, float]:
+    """`evaluate` as the solver and tools.test_pretrained call it."""
+    return ev.evaluate(model, cfg.test, ev.get_test_set(cfg, model.sources), "cpu", folder,
+                       compute_sdr=compute_sdr)
 
 
 def make_cfg(musdb: Path, **test: tp.Any) -> DictConfig:
@@ -134,12 +138,19 @@ def test_evaluate_nsdr_values(musdb: Path, tmp_path: Path) -> None:
     weights = [0.3, 0.2, 0.25, 0.25]
     model = Mixer(SOURCES, weights)
     model.train()
-    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb), tmp_path))
-    assert list(metrics) == ["nsdr"] + [f"nsdr_{source}" for source in SOURCES]
+    metrics = run_eval(model, make_cfg(musdb), tmp_path)
+    # The original's keys and order: per source the mean and median over tracks, then both
+    # averaged over the sources.
+    assert list(metrics) == [f"nsdr{med}_{source}" for source in SOURCES
+                             for med in ("", "_med")] + ["nsdr", "nsdr_med"]
     expected = expected_nsdr(musdb, weights)
     for source in SOURCES:
         assert metrics[f"nsdr_{source}"] == pytest.approx(np.mean(expected[source]), abs=1e-3)
+        assert metrics[f"nsdr_med_{source}"] == pytest.approx(np.median(expected[source]),
+                                                              abs=1e-3)
     assert metrics["nsdr"] == pytest.approx(np.mean([metrics[f"nsdr_{s}"] for s in SOURCES]))
+    assert metrics["nsdr_med"] == pytest.approx(
+        np.mean([metrics[f"nsdr_med_{s}"] for s in SOURCES]))
     assert model.training  # the mode is restored
     assert not (tmp_path / "wav").exists()
 
@@ -148,8 +159,9 @@ def test_evaluate_hdemucs_save(musdb: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = HDemucs(SOURCES, channels=4, depth=5, segment=1)
     cfg = make_cfg(musdb, save=True, shifts=1)
-    metrics = ev.evaluate(StandInSolver(model, cfg, tmp_path))
-    assert set(metrics) == {"nsdr"} | {f"nsdr_{source}" for source in SOURCES}
+    metrics = run_eval(model, cfg, tmp_path)
+    assert set(metrics) == {"nsdr", "nsdr_med"} | {f"nsdr{med}_{source}" for source in SOURCES
+                                                   for med in ("", "_med")}
     assert all(np.isfinite(value) for value in metrics.values())
     tracks = sorted(path.name for path in (musdb / "test").iterdir())
     assert sorted(path.name for path in (tmp_path / "wav").iterdir()) == tracks
@@ -158,17 +170,21 @@ def test_evaluate_hdemucs_save(musdb: Path, tmp_path: Path) -> None:
 
 
 def fake_museval(references: np.ndarray, estimates: np.ndarray, win: int,
-                 hop: int) -> np.ndarray:
-    """Stands for museval: per-source values that depend on the track (its peak)."""
-    return np.arange(references.shape[0]) + 100 * float(np.abs(references).max())
+                 hop: int) -> dict[str, list[float]]:
+    """Stands for museval: per-source values that depend on the track (its peak) and on
+    the metric."""
+    base = np.arange(references.shape[0]) + 100 * float(np.abs(references).max())
+    return {name: list(base + offset) for offset, name in enumerate(ev.MUSEVAL_METRICS)}
 
 
-def _sdr_expectation(musdb: Path) -> np.ndarray:
+def _museval_expectation(musdb: Path) -> np.ndarray:
+    """(tracks, metrics, S) values of `fake_museval` on the test tracks."""
     values = []
     for track in sorted((musdb / "test").iterdir()):
         refs = np.stack([sf.read(str(track / f"{s}.wav"), dtype="float32")[0] for s in SOURCES])
-        values.append(fake_museval(refs, refs, 1, 1))
-    return np.median(np.array(values), axis=0)
+        fake = fake_museval(refs, refs, 1, 1)
+        values.append([fake[name] for name in ev.MUSEVAL_METRICS])
+    return np.array(values)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -176,15 +192,25 @@ def test_evaluate_sdr_aggregation(musdb: Path, tmp_path: Path, workers: int,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     if workers and multiprocessing.get_start_method() != "fork":
         pytest.skip("the fake museval reaches pool workers only through fork")
-    monkeypatch.setattr(ev, "museval_sdr", fake_museval)
+    monkeypatch.setattr(ev, "museval_scores", fake_museval)
     model = Mixer(SOURCES, [0.25] * 4)
-    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb, workers=workers), tmp_path),
-                          compute_sdr=True)
-    expected = _sdr_expectation(musdb)
-    assert metrics["sdr"] == pytest.approx(expected.mean())
-    for source, value in zip(SOURCES, expected):
-        assert metrics[f"sdr_{source}"] == pytest.approx(value)
-    assert "nsdr_vocals" in metrics
+    metrics = run_eval(model, make_cfg(musdb, workers=workers), tmp_path, compute_sdr=True)
+    expected = _museval_expectation(musdb)  # (tracks, metrics, S)
+    assert len(expected) == 3
+    for index, name in enumerate(ev.MUSEVAL_METRICS):
+        # Mean over tracks of the per-track values, and their median (as the original).
+        means, medians = expected[:, index].mean(axis=0), np.median(expected[:, index], axis=0)
+        assert not np.allclose(means, medians)  # the tracks differ: the two are told apart
+        for source, mean, median in zip(SOURCES, means, medians):
+            assert metrics[f"{name}_{source}"] == pytest.approx(mean)
+            assert metrics[f"{name}_med_{source}"] == pytest.approx(median)
+        assert metrics[name] == pytest.approx(means.mean())
+        assert metrics[f"{name}_med"] == pytest.approx(medians.mean())
+    names = ["nsdr", *ev.MUSEVAL_METRICS]
+    assert list(metrics) == [  # the order of the original's history
+        key for name in names
+        for key in [f"{name}{med}_{s}" for s in SOURCES for med in ("", "_med")]
+        + [name, f"{name}_med"]]
 
 
 def test_evaluate_distributed_share(musdb: Path, tmp_path: Path,
@@ -200,7 +226,7 @@ def test_evaluate_distributed_share(musdb: Path, tmp_path: Path,
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
     model = Mixer(SOURCES, [0.25] * 4)
-    metrics = ev.evaluate(StandInSolver(model, make_cfg(musdb), tmp_path))
+    metrics = run_eval(model, make_cfg(musdb), tmp_path)
     assert list(mine) == ["synth_test_001"]
     assert metrics["nsdr_drums"] == pytest.approx((1 + 3 + mine["synth_test_001"].nsdr[0]) / 3)
 
@@ -208,15 +234,15 @@ def test_evaluate_distributed_share(musdb: Path, tmp_path: Path,
 def test_evaluate_errors(musdb: Path, tmp_path: Path) -> None:
     model = Mixer(SOURCES, [0.25] * 4)
     with pytest.raises(DatasetError, match="no test/ folder"):
-        ev.evaluate(StandInSolver(model, make_cfg(tmp_path), tmp_path))
+        run_eval(model, make_cfg(tmp_path), tmp_path)
     cfg = make_cfg(musdb)
     cfg.dset.musdb = None
     with pytest.raises(ConfigError, match="dset.musdb"):
-        ev.evaluate(StandInSolver(model, cfg, tmp_path))
+        run_eval(model, cfg, tmp_path)
     with pytest.raises(DatasetError, match="Missing test file .*guitar.wav"):
-        ev.evaluate(StandInSolver(Mixer(["guitar"], [1.]), make_cfg(musdb), tmp_path))
+        run_eval(Mixer(["guitar"], [1.]), make_cfg(musdb), tmp_path)
     with pytest.raises(DatasetError, match="no test/ folder of .stem.mp4"):
-        ev.evaluate(StandInSolver(model, make_cfg(musdb, nonhq=str(tmp_path)), tmp_path))
+        run_eval(model, make_cfg(musdb, nonhq=str(tmp_path)), tmp_path)
 
 
 def test_evaluate_nonhq(musdb: Path, tmp_path: Path) -> None:
@@ -233,9 +259,9 @@ def test_evaluate_nonhq(musdb: Path, tmp_path: Path) -> None:
                         sample_rate=44100, writer=stempeg.StreamsWriter(codec="aac"))
     weights = [0.3, 0.2, 0.25, 0.25]
     cfg = make_cfg(musdb, nonhq=str(tmp_path / "nonhq"))
-    metrics = ev.evaluate(StandInSolver(Mixer(SOURCES, weights), cfg, tmp_path))
+    metrics = run_eval(Mixer(SOURCES, weights), cfg, tmp_path)
     expected = expected_nsdr(musdb, weights)
     for source in SOURCES:  # AAC is lossy: close to the HQ values
         assert metrics[f"nsdr_{source}"] == pytest.approx(expected[source][0], abs=0.5)
     with pytest.raises(DatasetError, match="no guitar stem"):
-        ev.evaluate(StandInSolver(Mixer(["guitar"], [1.]), cfg, tmp_path))
+        run_eval(Mixer(["guitar"], [1.]), cfg, tmp_path)

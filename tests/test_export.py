@@ -50,7 +50,10 @@ def fake_xp(argv: list[str], epochs_done: int, checkpoint: bool = True) -> tuple
         with torch.no_grad():
             for param in solver.model.parameters():
                 param.add_(0.01)
-        solver.history[:] = [{"train": {"loss": 1.}, "valid": {"loss": 1.}}] * epochs_done
+        solver.history[:] = [{"train": {"loss": 1.}, "valid": {"loss": 1. + epoch}}
+                             for epoch in range(epochs_done)]
+        if epochs_done:
+            solver.history[0]["test"] = {"nsdr": 3.}
         save_atomic(solver.checkpoint(), solver.checkpoint_file)
         solver.save_best(solver.best_file)
     return xp.sig, solver
@@ -76,6 +79,8 @@ def test_export_best_and_separate(dora_dir: Path, tmp_path: Path, musdb: Path,
     package = load_package(path)
     assert_state(package, solver.best_state, torch.half)
     assert package["training_args"]["hdemucs"]["channels"] == 4
+    # As the original: the last valid metrics and the last test metrics.
+    assert package["metrics"] == ({"loss": 2.}, {"nsdr": 3.})
     model = load_model(path)
     assert model.sources == SOURCES and model.segment == 1
     track = musdb / "test" / "synth_test_000" / "mixture.wav"
@@ -177,21 +182,22 @@ def test_pretrained_bag(repo: Path, musdb: Path, capsys: pytest.CaptureFixture[s
                         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_museval(references: np.ndarray, *args: tp.Any) -> np.ndarray:
+    def fake_museval(references: np.ndarray, *args: tp.Any) -> dict[str, list[float]]:
         calls.append(references.shape)
-        return np.full(references.shape[0], 5.)
+        return {name: [5. + index] * references.shape[0]
+                for index, name in enumerate(ev.MUSEVAL_METRICS)}
 
-    monkeypatch.setattr(ev, "museval_sdr", fake_museval)
+    monkeypatch.setattr(ev, "museval_scores", fake_museval)
     test_pretrained.main(["--repo", str(repo), "-n", "my_bag", "--musdb", str(musdb),
                           "-d", "cpu", "test.shifts=0", "test.workers=0"])
     out = capsys.readouterr().out
     assert len(calls) == 2  # museval once per track (test.sdr defaults to true)
     lines = out.strip().splitlines()
     header = next(line for line in lines if line.split()[:1] == ["source"])
-    assert header.split() == ["source", "nSDR", "SDR"]
+    assert header.split() == ["source", "nSDR", "SDR", "SIR", "ISR", "SAR"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[lines.index(header) + 1:]}
     assert list(rows) == SOURCES + ["all"]
-    assert all(row[1] == "5.000" for row in rows.values())
+    assert all(row[1:] == ["5.000", "6.000", "7.000", "8.000"] for row in rows.values())
     assert all(np.isfinite(float(row[0])) for row in rows.values())
 
 

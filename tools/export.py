@@ -53,12 +53,21 @@ def chosen_state(solver: tp.Any, sig: str, best: bool) -> dict[str, tp.Any]:
     return copy_state(solver.model.state_dict())
 
 
+def last_metrics(history: tp.Sequence[tp.Mapping[str, tp.Any]]) -> tuple[tp.Any, tp.Any]:
+    """(valid metrics of the last epoch, metrics of the last test), None when absent."""
+    valid = next((epoch["valid"] for epoch in reversed(history) if "valid" in epoch), None)
+    test = next((epoch["test"] for epoch in reversed(history) if "test" in epoch), None)
+    return valid, test
+
+
 def write_package(solver: tp.Any, state: dict[str, tp.Any], path: Path, half: bool,
                   sign: bool) -> Path:
-    """Save the package of `solver.model` with `state` to `path` (or its signed name)."""
+    """Save the package of `solver.model` with `state` to `path` (or its signed name),
+    with `metrics` = (last valid metrics, last test metrics), as the original did."""
     with swap_state(solver.model, state):
         # Saved inside the swap: package tensors may alias the parameters.
         package = serialize_model(solver.model, solver.args, solver.quantizer, half=half)
+        package["metrics"] = last_metrics(solver.history)
         if sign:
             return save_with_checksum(package, path)
         save_atomic(package, path)

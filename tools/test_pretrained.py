@@ -12,33 +12,19 @@ the MDX nSDR. Prints the metrics per source as a table.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import typing as tp
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from demucs import train
-from demucs.errors import DemucsError
-from demucs.evaluate import evaluate
+from demucs.errors import DemucsError, report_errors
+from demucs.evaluate import evaluate, get_test_set
 from demucs.pretrained import add_model_flags, get_model_from_args
 
 PROG = "tools.test_pretrained"
-
-
-@dataclass
-class EvalSolver:
-    """What `demucs.evaluate.evaluate` needs of a solver, for a model without an XP."""
-    model: tp.Any
-    args: DictConfig
-    folder: Path
-    device: str = "cpu"
-    quantizer: tp.Any = None
-    history: list = field(default_factory=list)
-    best_state: tp.Any = None
 
 
 def get_config(overrides: tp.Sequence[str], musdb: tp.Optional[Path] = None) -> DictConfig:
@@ -51,8 +37,8 @@ def get_config(overrides: tp.Sequence[str], musdb: tp.Optional[Path] = None) -> 
 
 def format_table(metrics: tp.Mapping[str, float], sources: tp.Sequence[str]) -> str:
     """One row per source and one for the whole (`all`), one column per metric."""
-    names = [name for name in ("nsdr", "sdr") if name in metrics]
-    titles = {"nsdr": "nSDR", "sdr": "SDR"}
+    names = [name for name in ("nsdr", "sdr", "sir", "isr", "sar") if name in metrics]
+    titles = {"nsdr": "nSDR", "sdr": "SDR", "sir": "SIR", "isr": "ISR", "sar": "SAR"}
     lines = [f"{'source':<10}" + "".join(f"{titles[name]:>9}" for name in names)]
     for row, suffix in [(source, f"_{source}") for source in sources] + [("all", "")]:
         lines.append(f"{row:<10}" + "".join(f"{metrics[name + suffix]:>9.3f}" for name in names))
@@ -64,10 +50,11 @@ def run(args: argparse.Namespace) -> None:
     model: tp.Any = get_model_from_args(args)  # a model or a bag: any attribute
     print(f"Evaluating {args.name} ({', '.join(model.sources)}) on {cfg.dset.musdb}/test "
           f"with shifts={cfg.test.shifts}, split={cfg.test.split}, overlap={cfg.test.overlap}")
+    test_set = get_test_set(cfg, model.sources)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out if args.out is not None else Path(tmp)
-        solver = EvalSolver(model, cfg, folder, device=args.device)
-        metrics = evaluate(solver, compute_sdr=bool(cfg.test.sdr))
+        metrics = evaluate(model, cfg.test, test_set, args.device, folder,
+                           compute_sdr=bool(cfg.test.sdr))
     print(format_table(metrics, model.sources))
 
 
@@ -84,6 +71,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", type=Path,
                         help="Folder for test.save=true (wav/TRACK/SOURCE.wav); default: "
                              "a temporary folder.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="On an error, also print the traceback.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="Config overrides, e.g. test.shifts=10 test.sdr=false.")
     return parser
@@ -91,14 +80,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
-    try:
+    with report_errors(PROG, args.verbose):
         if str(args.device).startswith("cuda") and not torch.cuda.is_available():
             raise DemucsError(f"Device {args.device} asked for, but CUDA is not available; "
                               "use -d cpu.")
         run(args)
-    except DemucsError as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
