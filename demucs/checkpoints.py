@@ -109,16 +109,27 @@ def load_checkpoint(path: Path | str) -> State:
         raise ModelLoadingError(f"{path}: unreadable checkpoint ({one_line(error)}).") from None
     if not isinstance(package, dict) or "state" not in package:
         raise ModelLoadingError(f"{path}: not an XP checkpoint (no 'state' entry).")
-    return _plain_args(package)
+    return _plain(package)
 
 
-def _plain_args(package: State) -> State:
-    """The original pickled its config as a `DictConfig`: make it plain containers."""
+def _plain(package: State) -> State:
+    """The original pickled its config as a `DictConfig` and numpy floats in its test
+    metrics: make them plain containers and floats (packages must load safely)."""
     from omegaconf import DictConfig, OmegaConf  # the separation path never gets here
 
     if isinstance(package.get("args"), DictConfig):
         package["args"] = OmegaConf.to_container(package["args"], resolve=False)
+    if "history" in package:
+        package["history"] = _plain_numbers(package["history"])
     return package
+
+
+def _plain_numbers(value: tp.Any) -> tp.Any:
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def ema_key(kind: str, index: int) -> str:

@@ -252,3 +252,121 @@ def test_diffq_and_nsdr_selection() -> None:
     assert package["state"]["__quantized"]
     model = load_model(xp.folder / "best.th")
     assert not any(name.endswith("_diffq") for name, _ in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# The original's training facts, one by one (no training: stages are stubbed)
+
+
+def test_unknown_test_metric_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="test.metric='sdr' is not a valid metric; choose "
+                                          "one of: loss, reco, ms, nsdr, reco_drums"):
+        main.get_xp(TINY + ["test.metric=sdr"])
+
+
+def test_valid_metrics_are_weighted() -> None:
+    solver, _ = make_solver("weights=[1,1,0.1,0.1]", "valid_apply=false", model_only=True)
+    torch.manual_seed(0)
+    streams = torch.randn(1, 5, 2, 44100)  # mixture + 4 sources (B, 1 + S, C, T)
+    solver.model.eval()
+    with torch.no_grad():
+        metrics = solver._valid_step(streams)
+    weights = [1, 1, 0.1, 0.1]
+    for name in ("nsdr", "reco"):
+        values = [metrics[f"{name}_{source}"] for source in SOURCES]
+        weighted = sum(w * x for w, x in zip(weights, values)) / sum(weights)
+        assert metrics[name] == pytest.approx(weighted, rel=1e-5)
+        assert metrics[name] != pytest.approx(sum(values) / 4, rel=1e-3)
+    assert metrics["loss"] == metrics["reco"] and metrics["ms"] == 0.
+
+
+def test_mse_loss_and_reco() -> None:
+    solver, _ = make_solver("optim.loss=mse", model_only=True)
+    sources = torch.zeros(2, 4, 2, 10)
+    estimate = sources.clone()
+    estimate[0] += 1.  # example 0: mse 1 everywhere
+    estimate[1] += 3.  # example 1: mse 9
+    loss, reco = solver._reco_losses(estimate, sources)
+    assert loss.tolist() == [5.] * 4  # mean over the batch of the per-example mse
+    assert reco.tolist() == [2.] * 4  # mean over the batch of their root
+
+
+@pytest.mark.parametrize("max_batches, expected", [(None, 10), (0, 1), (3, 4), (20, 10)])
+def test_max_batches_plus_one(max_batches: tp.Optional[int], expected: int) -> None:
+    solver, _ = make_solver(model_only=True)
+    solver.args.max_batches = max_batches
+    assert len(list(solver._batches(list(range(10)), "Test"))) == expected
+
+
+CANDIDATES = {  # valid metrics of each candidate at one epoch
+    "main": {"loss": 0.5, "nsdr_vocals": 2.0},
+    "ema_batch_0": {"loss": 0.4, "nsdr_vocals": 3.0},
+    "ema_batch_1": {"loss": 0.4, "nsdr_vocals": 3.5},  # ties on loss with ema_batch_0
+    "ema_epoch_0": {"loss": 0.6, "nsdr_vocals": 1.0},
+}
+
+
+def stub_validation(monkeypatch: pytest.MonkeyPatch, candidates: dict[str, dict]) -> None:
+    monkeypatch.setattr(Solver, "_validate",
+                        lambda self, epoch, name: dict(candidates[name]))
+
+
+@pytest.mark.parametrize("metric, chosen", [("loss", "ema_batch_0"),
+                                            ("nsdr_vocals", "ema_batch_1")])
+def test_candidate_choice(monkeypatch: pytest.MonkeyPatch, metric: str, chosen: str) -> None:
+    solver, _ = make_solver("ema.batch=[0.9,0.99]", "ema.epoch=[0.5]", f"test.metric={metric}",
+                            model_only=True)
+    stub_validation(monkeypatch, CANDIDATES)
+    solver.history[:] = [{"valid": {"loss": 0.45, "nsdr_vocals": 3.2}}]
+    valid = solver._valid_stage(1)
+    # The original's layout: sub-dicts, then the choice merged after each kind of EMA.
+    assert list(valid) == ["main", "ema_batch_0", "ema_batch_1", "loss", "nsdr_vocals",
+                           "bname", "ema_epoch_0", "best"]
+    assert valid["bname"] == chosen  # strictly better only: a tie keeps the first
+    assert all(valid[key] == value for key, value in CANDIDATES[chosen].items())
+    # best over the epochs so far; this epoch is better, so its choice is the best state.
+    assert valid["best"] == CANDIDATES[chosen][metric]
+    ema = solver.emas["batch"][0 if chosen == "ema_batch_0" else 1]
+    assert solver.best_state is not None
+    assert all(torch.equal(solver.best_state[key], value) for key, value in ema.state.items())
+
+
+@pytest.mark.parametrize("train_valid, replaced", [(False, False), (True, True)])
+def test_best_state_only_on_a_best_epoch(monkeypatch: pytest.MonkeyPatch, train_valid: bool,
+                                         replaced: bool) -> None:
+    solver, _ = make_solver(f"dset.train_valid={str(train_valid).lower()}", model_only=True)
+    stub_validation(monkeypatch, {"main": {"loss": 0.5}})
+    solver.history[:] = [{"valid": {"loss": 0.3}}]
+    solver.best_state = previous = {"marker": torch.zeros(1)}
+    valid = solver._valid_stage(1)
+    assert valid["best"] == 0.3
+    assert (solver.best_state is not previous) == replaced
+
+
+@pytest.mark.parametrize("epochs_done, reco, loss, stops", [
+    (100, 0.26, "l1", True), (99, 0.26, "l1", False), (100, 0.24, "l1", False),
+    (180, 0.19, "l1", True), (179, 0.19, "l1", False), (100, 0.26, "mse", False)])
+def test_divergence_stop(monkeypatch: pytest.MonkeyPatch, epochs_done: int, reco: float,
+                         loss: str, stops: bool) -> None:
+    """l1 only: from epoch index 100 a valid reco above 0.25, from 180 above 0.18, of the
+    live model stops the training after a last test (with museval when test.sdr)."""
+    solver, xp = make_solver(f"epochs={epochs_done + 2}", "test.every=1000", "test.sdr=true",
+                             f"optim.loss={loss}", model_only=True)
+    stub_validation(monkeypatch, {"main": {"loss": reco, "reco": reco}})
+    tests: list[bool] = []
+
+    def test_stage(self: Solver, compute_sdr: bool) -> dict[str, float]:
+        tests.append(compute_sdr)
+        return {"nsdr": 0.}
+
+    monkeypatch.setattr(Solver, "_train_stage", lambda self, epoch: {"loss": 0.1})
+    monkeypatch.setattr(Solver, "_test_stage", test_stage)
+    monkeypatch.setattr(Solver, "_save", lambda self, epoch: None)
+    solver.history[:] = [{"valid": {"loss": 0.1, "main": {"reco": 0.1}}}] * epochs_done
+    with xp.enter():
+        solver.train()
+    trained = len(solver.history) - epochs_done
+    if stops:
+        assert trained == 1 and tests == [True]  # tested as the last epoch, then stopped
+    else:
+        assert trained == 2 and tests == [True]  # only the real last epoch is tested
