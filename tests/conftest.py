@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the `needs_programs` marker (helpers.needs_ffmpeg, ...)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +11,23 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `tools` is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
+from helpers import require_programs, skip_or_fail  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_programs(*names): skip without these programs (fail on CI=true)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("needs_programs"):
+        require_programs(*marker.args)
+
 
 def reference_path() -> Path:
     """The reference facts: $DEMUCS_REFERENCE, or ../shared/reference next to the repo."""
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    default = REPO.parent / "shared" / "reference"
     return Path(os.environ.get("DEMUCS_REFERENCE", default))
 
 
@@ -23,8 +36,5 @@ def reference_dir() -> Path:
     """The reference folder; tests using it skip without it, except on CI (CI=true)."""
     path = reference_path()
     if not path.is_dir():
-        message = f"reference facts not found at {path} (set DEMUCS_REFERENCE)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"reference facts not found at {path} (set DEMUCS_REFERENCE)")
     return path

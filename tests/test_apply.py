@@ -7,30 +7,17 @@ import pytest
 import torch
 
 from demucs.apply import BagOfModels, TensorChunk, apply_model
-from demucs.demucs import Demucs
-from demucs.hdemucs import HDemucs
 
-SOURCES = ["drums", "bass", "other", "vocals"]
+from helpers import SOURCES, Scaler, tiny_demucs, tiny_hdemucs
 
 
-class Identityish(torch.nn.Module):
-    """A stand-in model: source k is (k + 1) times the mixture."""
-
-    def __init__(self, segment: float = 0.1):
-        super().__init__()
-        self.sources = SOURCES
-        self.samplerate = 1000
-        self.audio_channels = 2
-        self.segment = segment
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.arange(1, 5, dtype=x.dtype)[None, :, None, None]
-        return scale * x[:, None]
+def pointwise() -> Scaler:
+    """Source k is (k + 1) times the mixture; 0.1 s segments at 1000 Hz."""
+    return Scaler(SOURCES, [1., 2., 3., 4.], samplerate=1000, segment=0.1)
 
 
 def test_split_reconstructs_pointwise_model() -> None:
-    model = Identityish()
+    model = pointwise()
     mix = torch.randn(2, 2, 1234)
     out = apply_model(model, mix, shifts=0, split=True, overlap=0.25)
     expected = model(mix)
@@ -38,7 +25,7 @@ def test_split_reconstructs_pointwise_model() -> None:
 
 
 def test_shifts_of_pointwise_model_are_exact() -> None:
-    model = Identityish()
+    model = pointwise()
     mix = torch.randn(1, 2, 700)
     random.seed(0)
     out = apply_model(model, mix, shifts=3, split=False)
@@ -46,8 +33,7 @@ def test_shifts_of_pointwise_model_are_exact() -> None:
 
 
 def test_split_close_to_no_split_for_real_model() -> None:
-    torch.manual_seed(0)
-    model = HDemucs(SOURCES, channels=4, segment=1.0, depth=5).eval()
+    model = tiny_hdemucs(segment=1.0, depth=5).eval()
     mix = torch.randn(1, 2, 3 * 44100)
     whole = apply_model(model, mix, shifts=0, split=False)
     chunked = apply_model(model, mix, shifts=0, split=True, overlap=0.25)
@@ -58,8 +44,7 @@ def test_split_close_to_no_split_for_real_model() -> None:
 
 
 def test_shifts_average_the_shifted_outputs() -> None:
-    torch.manual_seed(0)
-    model = Demucs(SOURCES, channels=4, depth=3, segment=1.0).eval()
+    model = tiny_demucs(depth=3, segment=1.0).eval()
     mix = torch.randn(1, 2, 5000)
     random.seed(42)
     averaged = apply_model(model, mix, shifts=2, split=False)
@@ -73,13 +58,28 @@ def test_shifts_average_the_shifted_outputs() -> None:
     assert torch.allclose(averaged, torch.stack(singles).mean(0), atol=1e-5)
 
 
-def test_bag_weights_and_errors() -> None:
-    a, b = Identityish(), Identityish()
-    bag = BagOfModels([a, b], weights=[[1, 0, 1, 1], [0, 1, 1, 3]], segment=0.2)
-    assert a.segment == b.segment == 0.2
-    mix = torch.randn(1, 2, 500)
+def test_bag_is_the_weighted_average_of_its_members_per_source() -> None:
+    first = tiny_demucs(seed=1, depth=3, segment=1.0).eval()
+    second = tiny_demucs(seed=2, depth=3, segment=1.0).eval()
+    weights = [[1., 0., 1., 1.], [0., 1., 1., 3.]]  # (models, S)
+    bag = BagOfModels([first, second], weights=weights, segment=0.5)
+    assert first.segment == second.segment == 0.5
+    mix = torch.randn(1, 2, 30000)
     out = apply_model(bag, mix, shifts=0)
-    assert torch.allclose(out, a(mix), atol=1e-5)
+    members = [apply_model(model, mix, shifts=0) for model in (first, second)]  # (B, S, C, T)
+    assert (members[0] - members[1]).abs().max() > 1e-2  # two really different models
+    for s in range(len(SOURCES)):
+        total = sum(weight[s] for weight in weights)
+        expected = sum(weight[s] * member[:, s] for weight, member in zip(weights, members))
+        torch.testing.assert_close(out[:, s], expected / total, msg=SOURCES[s])
+    # Spelled out: drums from the first model alone, bass from the second, vocals 1:3.
+    torch.testing.assert_close(out[:, 0], members[0][:, 0])
+    torch.testing.assert_close(out[:, 1], members[1][:, 1])
+    torch.testing.assert_close(out[:, 3], (members[0][:, 3] + 3 * members[1][:, 3]) / 4)
+
+
+def test_bag_needs_one_weight_per_model_and_source() -> None:
+    a, b = pointwise(), pointwise()
     with pytest.raises(ValueError, match="weight"):
         BagOfModels([a, b], weights=[[1, 1, 1, 1]])
     with pytest.raises(ValueError, match="one weight per source"):
@@ -100,7 +100,7 @@ def test_tensor_chunk_padding_reads_neighbours() -> None:
 
 
 def test_progress_and_threads(capsys: pytest.CaptureFixture) -> None:
-    model = Identityish()
+    model = pointwise()
     mix = torch.randn(1, 2, 1000)
     out = apply_model(model, mix, shifts=0, split=True, progress=True, num_workers=2)
     assert torch.allclose(out, model(mix), atol=1e-5)

@@ -1,9 +1,6 @@
 """Audio I/O: ffmpeg and soundfile reading agree, conversions, atomic saving, errors."""
 from __future__ import annotations
 
-import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +13,19 @@ from demucs.audio import (AudioFile, convert_audio, convert_audio_channels, prev
                           read_audio, save_audio)
 from demucs.errors import AudioError, MissingProgramError
 
+from helpers import needs_ffmpeg, tones, write_wav
+
 SR = 44100
-# Skipped without ffmpeg, except in CI (`.ci/run` installs it, so it must be there).
-needs_ffmpeg = pytest.mark.skipif(
-    (shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None)
-    and not os.environ.get("CI"), reason="ffmpeg is not installed (.ci/run installs it)")
-
-
-def sine(freq: float, seconds: float, samplerate: int = SR, amp: float = 0.5) -> torch.Tensor:
-    time = torch.arange(int(seconds * samplerate), dtype=torch.float64) / samplerate
-    return (amp * torch.sin(2 * math.pi * freq * time)).float()
 
 
 def stereo(seconds: float = 2.0, samplerate: int = SR) -> torch.Tensor:
-    return torch.stack([sine(440, seconds, samplerate), sine(220, seconds, samplerate, 0.3)])
-
-
-def write_wav(path: Path, wav: torch.Tensor, samplerate: int = SR,
-              subtype: str = "PCM_16") -> Path:
-    soundfile.write(str(path), wav.t().numpy(), samplerate, subtype=subtype)
-    return path
+    """440 Hz on the left, 220 Hz (quieter) on the right, (2, T)."""
+    return tones([440, 220], seconds, samplerate, [0.5, 0.3])
 
 
 @needs_ffmpeg
-def test_ffprobe_info(tmp_path):
-    path = write_wav(tmp_path / "a.wav", stereo(2.0))
+def test_ffprobe_info(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "a.wav", stereo(2.0), SR)
     file = AudioFile(path)
     assert len(file) == 1
     assert file.channels() == 2
@@ -51,8 +36,8 @@ def test_ffprobe_info(tmp_path):
 @needs_ffmpeg
 @pytest.mark.parametrize("suffix,subtype", [(".wav", "PCM_16"), (".wav", "PCM_24"),
                                             (".wav", "FLOAT"), (".flac", "PCM_16")])
-def test_soundfile_fast_path_matches_ffmpeg(tmp_path, suffix, subtype):
-    path = write_wav(tmp_path / f"a{suffix}", stereo(2.0), subtype=subtype)
+def test_soundfile_fast_path_matches_ffmpeg(tmp_path: Path, suffix: str, subtype: str) -> None:
+    path = write_wav(tmp_path / f"a{suffix}", stereo(2.0), SR, subtype=subtype)
     file = AudioFile(path)
     fast = file.read()
     slow, rate = file._read_ffmpeg(0, None, None, None)
@@ -65,17 +50,17 @@ def test_soundfile_fast_path_matches_ffmpeg(tmp_path, suffix, subtype):
     assert torch.equal(fast, slow[:, :SR])
 
 
-def test_read_is_16_bit_accurate(tmp_path):
+def test_read_is_16_bit_accurate(tmp_path: Path) -> None:
     wav = stereo(1.0)
-    path = write_wav(tmp_path / "a.wav", wav)
+    path = write_wav(tmp_path / "a.wav", wav, SR)
     read = AudioFile(path).read()
     assert read.dtype == torch.float32
     assert (read - wav).abs().max() <= 1 / 2 ** 15
 
 
 @needs_ffmpeg
-def test_resample_with_ffmpeg(tmp_path):
-    path = write_wav(tmp_path / "a.wav", stereo(2.0), subtype="FLOAT")
+def test_resample_with_ffmpeg(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "a.wav", stereo(2.0), SR, subtype="FLOAT")
     read = AudioFile(path).read(samplerate=22050)
     assert read.shape == (2, 44100)
     expected = stereo(2.0, 22050)
@@ -83,8 +68,8 @@ def test_resample_with_ffmpeg(tmp_path):
     assert (read[:, 1000:-1000] - expected[:, 1000:-1000]).abs().max() < 1e-2
 
 
-def test_duration_pads_and_trims(tmp_path):
-    path = write_wav(tmp_path / "a.wav", stereo(1.0))
+def test_duration_pads_and_trims(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "a.wav", stereo(1.0), SR)
     read = AudioFile(path).read(seek_time=0.5, duration=1.0)
     assert read.shape == (2, SR)
     assert read[:, SR // 2 + 10:].abs().max() == 0
@@ -92,9 +77,9 @@ def test_duration_pads_and_trims(tmp_path):
 
 
 @pytest.mark.parametrize("src,dst", [(1, 2), (2, 1), (3, 2), (2, 2)])
-def test_read_channels(tmp_path, src, dst):
-    wav = torch.stack([sine(110 * (i + 1), 0.5) for i in range(src)])
-    path = write_wav(tmp_path / "a.wav", wav, subtype="FLOAT")
+def test_read_channels(tmp_path: Path, src: int, dst: int) -> None:
+    wav = tones([110 * (i + 1) for i in range(src)], 0.5, SR)
+    path = write_wav(tmp_path / "a.wav", wav, SR, subtype="FLOAT")
     read = AudioFile(path).read(channels=dst)
     assert read.shape == (dst, wav.shape[-1])
     if src == 1:
@@ -106,7 +91,7 @@ def test_read_channels(tmp_path, src, dst):
 
 
 @needs_ffmpeg
-def test_read_mp3_and_resample_channels(tmp_path):
+def test_read_mp3_and_resample_channels(tmp_path: Path) -> None:
     wav = stereo(2.0)
     save_audio(wav, tmp_path / "a.mp3", SR)
     file = AudioFile(tmp_path / "a.mp3")
@@ -122,7 +107,7 @@ def test_read_mp3_and_resample_channels(tmp_path):
     assert peak_hz == pytest.approx(440, abs=2)
 
 
-def test_convert_audio_channels():
+def test_convert_audio_channels() -> None:
     mono = torch.randn(1, 100)
     assert torch.equal(convert_audio_channels(mono, 2), mono.expand(2, 100))
     many = torch.randn(3, 4, 100)
@@ -132,14 +117,14 @@ def test_convert_audio_channels():
         convert_audio_channels(torch.randn(2, 10), 3)
 
 
-def test_convert_audio_resamples_with_julius():
+def test_convert_audio_resamples_with_julius() -> None:
     wav = stereo(1.0)
     out = convert_audio(wav, SR, 22050, 1)
     assert out.shape == (1, 22050)
     assert torch.equal(convert_audio(wav, SR, SR, 2), wav)
 
 
-def test_prevent_clip():
+def test_prevent_clip() -> None:
     loud = torch.tensor([[2.0, -1.0, 0.5]])
     assert prevent_clip(loud, "rescale").abs().max().item() == pytest.approx(1 / 1.01)
     quiet = torch.tensor([[0.5, -0.2]])
@@ -151,7 +136,7 @@ def test_prevent_clip():
 
 @pytest.mark.parametrize("bits,as_float,subtype", [(16, False, "PCM_16"), (24, False, "PCM_24"),
                                                    (16, True, "FLOAT")])
-def test_save_wav_formats(tmp_path, bits, as_float, subtype):
+def test_save_wav_formats(tmp_path: Path, bits: int, as_float: bool, subtype: str) -> None:
     wav = stereo(0.5)
     path = tmp_path / "out" / "a.wav"
     save_audio(wav, path, SR, bits_per_sample=bits, as_float=as_float)
@@ -164,7 +149,7 @@ def test_save_wav_formats(tmp_path, bits, as_float, subtype):
     assert [p.name for p in path.parent.iterdir()] == ["a.wav"]  # no temporary file left
 
 
-def test_save_rescales_loud_audio(tmp_path):
+def test_save_rescales_loud_audio(tmp_path: Path) -> None:
     wav = stereo(0.5) * 4  # peak 2
     save_audio(wav, tmp_path / "a.wav", SR, as_float=True)
     data, _ = soundfile.read(str(tmp_path / "a.wav"), dtype="float32")
@@ -174,7 +159,7 @@ def test_save_rescales_loud_audio(tmp_path):
     assert np.abs(data).max() == pytest.approx(0.99)
 
 
-def test_save_failure_leaves_nothing(tmp_path):
+def test_save_failure_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="bits_per_sample"):
         save_audio(stereo(0.1), tmp_path / "a.wav", SR, bits_per_sample=12)
     with pytest.raises(AudioError, match="extension"):
@@ -182,7 +167,7 @@ def test_save_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_replaces_existing_file(tmp_path):
+def test_save_replaces_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "a.wav"
     save_audio(stereo(1.0), path, SR)
     save_audio(stereo(0.5), path, SR)
@@ -190,7 +175,7 @@ def test_save_replaces_existing_file(tmp_path):
 
 
 @needs_ffmpeg
-def test_save_mp3(tmp_path):
+def test_save_mp3(tmp_path: Path) -> None:
     save_audio(stereo(1.0), tmp_path / "a.mp3", SR, bitrate=128)
     file = AudioFile(tmp_path / "a.mp3")
     assert file.info["streams"][0]["codec_name"] == "mp3"
@@ -198,7 +183,7 @@ def test_save_mp3(tmp_path):
     assert file.channels() == 2
 
 
-def test_missing_file_is_named(tmp_path):
+def test_missing_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.wav"
     with pytest.raises(AudioError, match="nope.wav"):
         AudioFile(missing).read()
@@ -207,7 +192,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 @needs_ffmpeg
-def test_unreadable_file_is_named(tmp_path):
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "notes.mp3"
     bad.write_text("this is not audio\n" * 10)
     with pytest.raises(AudioError, match="notes.mp3"):
@@ -218,9 +203,9 @@ def test_unreadable_file_is_named(tmp_path):
         read_audio(bad_wav, SR, 2)
 
 
-def test_without_ffmpeg(tmp_path, monkeypatch):
+def test_without_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audio.shutil, "which", lambda name: None)
-    path = write_wav(tmp_path / "a.wav", stereo(1.0), subtype="FLOAT")
+    path = write_wav(tmp_path / "a.wav", stereo(1.0), SR, subtype="FLOAT")
     # wav/flac still load, resampled with julius.
     assert read_audio(path, SR, 2).shape == (2, SR)
     assert read_audio(path, 22050, 1).shape == (1, 22050)

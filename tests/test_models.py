@@ -1,18 +1,29 @@
 """Shapes and behaviour of Demucs and HDemucs over various configurations and lengths."""
 from __future__ import annotations
 
+import typing as tp
+
 import pytest
 import torch
 
-from demucs.demucs import BLSTM, Demucs, LocalState
+from demucs.demucs import BLSTM, LocalState
 from demucs.hdemucs import HDemucs, pad1d
 from demucs.utils import center_trim, unfold
 
-SOURCES = ["drums", "bass", "other", "vocals"]
+from helpers import SOURCES, tiny_demucs, tiny_hdemucs
 
 
-def small_hdemucs(**kwargs) -> HDemucs:
-    return HDemucs(SOURCES, channels=4, **kwargs).eval()
+def check_per_example_and_scale_equivariant(model: torch.nn.Module, length: int) -> None:
+    """Forward [x, 3 x] as one batch: (B, S, C, T) outputs, finite and not all zero, and
+    the second is 3 times the first. Each example is normalised by its own statistics and
+    rescaled at the end, so the other example of the batch and the level of the input do
+    not change the estimate."""
+    x = torch.randn(1, 2, length)
+    with torch.no_grad():
+        out = model(torch.cat([x, 3 * x]))
+    assert out.shape == (2, len(SOURCES), 2, length)
+    assert torch.isfinite(out).all() and out[0].abs().max() > 1e-3
+    torch.testing.assert_close(out[1], 3 * out[0], rtol=0, atol=1e-3 * out[1].abs().max().item())
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -26,13 +37,8 @@ def small_hdemucs(**kwargs) -> HDemucs:
     {"cac": False, "wiener_iters": -1, "end_iters": -1},
 ])
 @pytest.mark.parametrize("length", [3001, 12345])
-def test_hdemucs_shapes(kwargs: dict, length: int) -> None:
-    torch.manual_seed(0)
-    model = small_hdemucs(**kwargs)
-    with torch.no_grad():
-        out = model(torch.randn(1, 2, length))
-    assert out.shape == (1, 4, 2, length)
-    assert torch.isfinite(out).all()
+def test_hdemucs_shape_and_scale_equivariance(kwargs: dict[str, tp.Any], length: int) -> None:
+    check_per_example_and_scale_equivariant(tiny_hdemucs(**kwargs).eval(), length)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -41,11 +47,10 @@ def test_hdemucs_shapes(kwargs: dict, length: int) -> None:
     {"rewrite": False, "normalize": True, "gelu": False},
 ])
 @pytest.mark.parametrize("length", [1000, 8001, 22050])
-def test_demucs_shapes(kwargs: dict, length: int) -> None:
-    model = Demucs(SOURCES, channels=4, **kwargs).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 2, length))
-    assert out.shape == (1, 4, 2, length)
+def test_demucs_shape_scale_equivariance_and_valid_length(kwargs: dict[str, tp.Any],
+                                                          length: int) -> None:
+    model = tiny_demucs(**kwargs).eval()
+    check_per_example_and_scale_equivariant(model, length)
     valid = model.valid_length(length)
     assert valid >= length
     assert model.valid_length(valid) == valid
@@ -57,7 +62,7 @@ def test_capture_init_records_kwargs() -> None:
 
 
 def test_hdemucs_training_mode_backward() -> None:
-    model = small_hdemucs(cac=False, wiener_iters=1, end_iters=1).train()
+    model = tiny_hdemucs(cac=False, wiener_iters=1, end_iters=1).train()
     out = model(torch.randn(1, 2, 8192))
     out.abs().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -71,10 +76,22 @@ def test_invalid_hybrid_options() -> None:
         HDemucs(SOURCES, wiener_iters=1, end_iters=0)
 
 
-def test_blstm_framed_matches_shape_and_skip() -> None:
-    lstm = BLSTM(8, layers=1, max_steps=20, skip=True)
+def test_blstm_framed_matches_unframed_frames_plus_skip() -> None:
+    torch.manual_seed(0)
+    framed = BLSTM(8, layers=1, max_steps=20, skip=True)
+    whole = BLSTM(8, layers=1)  # the same weights, neither framing nor skip
+    whole.load_state_dict(framed.state_dict())
     x = torch.randn(2, 8, 57)
-    assert lstm(x).shape == x.shape
+    with torch.no_grad():
+        out = framed(x)
+        assert out.shape == x.shape
+        # Frame k covers steps [10 k, 10 k + 20); the first keeps its first 15 steps, the
+        # next ones their steps 5 to 15. Each adds the input (skip).
+        torch.testing.assert_close(out[..., :15], x[..., :15] + whole(x[..., :20])[..., :15])
+        torch.testing.assert_close(out[..., 15:25],
+                                   x[..., 15:25] + whole(x[..., 10:30])[..., 5:15])
+        short = x[..., :20]  # no longer than max_steps: a single pass
+        torch.testing.assert_close(framed(short), short + whole(short))
 
 
 def test_local_state_shape() -> None:
@@ -107,8 +124,7 @@ def test_hybrid_needs_enough_depth() -> None:
 
 def test_mixture_phase_fast_path_is_bitwise_the_wiener_path() -> None:
     """`wiener_iters=0` skips the time-major transpositions, not a single rounding."""
-    torch.manual_seed(0)
-    model = HDemucs(SOURCES, channels=4, cac=False).eval()
+    model = tiny_hdemucs(cac=False).eval()
     z = model._spec(torch.randn(1, 2, 30000))
     z[..., 3, 5] = 0  # an exact zero bin reads as 1 + 0j in the reference phase
     mag = torch.rand(1, 4, 2, *z.shape[-2:]) - 0.2

@@ -1,10 +1,9 @@
 """Tests of demucs.repitch: soundstretch tempo/pitch changes and the dataset wrapper."""
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import typing as tp
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,24 +13,19 @@ from demucs import repitch as repitch_module
 from demucs.errors import MissingProgramError
 from demucs.repitch import RepitchedWrapper, repitch, wrap_repitch
 
+from helpers import SOURCES, needs_soundstretch, tones
+
 SR = 16000
 
 
-def needs_soundstretch() -> None:
-    """Skip without soundstretch, except on CI (CI=true) where it must be installed."""
-    if shutil.which("soundstretch") is None and os.environ.get("CI") != "true":
-        pytest.skip("soundstretch is not installed")
-
-
 def tone(channels: int = 2, seconds: float = 1., amplitude: float = 3.) -> torch.Tensor:
-    t = torch.arange(int(seconds * SR)) / SR
-    wav = amplitude * torch.sin(2 * torch.pi * 220 * t)
-    return wav.expand(channels, -1).clone()  # (C, T)
+    """220 Hz on every channel, (C, T), louder than full scale by default."""
+    return tones([220] * channels, seconds, SR, amplitude)
 
 
 @pytest.mark.parametrize("tempo", [-12., 0., 10.])
+@needs_soundstretch
 def test_repitch_changes_length_by_tempo(tempo: float) -> None:
-    needs_soundstretch()
     wav = tone()
     out = repitch(wav, 0, tempo, samplerate=SR)
     expected = wav.shape[-1] / (1 + tempo / 100)
@@ -41,8 +35,8 @@ def test_repitch_changes_length_by_tempo(tempo: float) -> None:
     assert out.abs().max() == pytest.approx(3., rel=0.1)
 
 
+@needs_soundstretch
 def test_repitch_changes_pitch() -> None:
-    needs_soundstretch()
     wav = tone(channels=1)
     out = repitch(wav, 12, 0, samplerate=SR, quick=True, voice=True, anti_alias=False)
     spectrum = torch.fft.rfft(out[0, 2000:-2000]).abs()
@@ -50,7 +44,7 @@ def test_repitch_changes_pitch() -> None:
     assert peak_hz == pytest.approx(440, rel=0.03)
 
 
-def test_command_flags(tmp_path: tp.Any) -> None:
+def test_command_flags(tmp_path: Path) -> None:
     command = repitch_module._command("soundstretch", tmp_path / "a.wav", tmp_path / "b.wav",
                                       2, -3.5, voice=True, quick=True, anti_alias=False)
     assert command[3:] == ["-pitch=2", "-tempo=-3.500000", "-quick", "-naa", "-speech"]
@@ -67,8 +61,8 @@ class Constant(torch.utils.data.Dataset):
         return self.example
 
 
+@needs_soundstretch
 def test_wrapper_crops_and_repitches(monkeypatch: pytest.MonkeyPatch) -> None:
-    needs_soundstretch()
     calls: list[tuple[float, float, bool]] = []
     original = repitch_module.repitch
 
@@ -102,12 +96,11 @@ def test_missing_soundstretch_fails_at_construction(monkeypatch: pytest.MonkeyPa
 
 
 def test_wrap_repitch_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    sources = ["drums", "bass", "other", "vocals"]
     off = OmegaConf.create({"proba": 0, "max_tempo": 12})
     dataset = Constant()
-    assert wrap_repitch(dataset, off, sources) is dataset
+    assert wrap_repitch(dataset, off, SOURCES) is dataset
     monkeypatch.setattr(repitch_module, "find_soundstretch", lambda: "soundstretch")
     on = OmegaConf.create({"proba": 0.2, "max_tempo": 8})
-    wrapper = wrap_repitch(dataset, on, sources, samplerate=SR)
+    wrapper = wrap_repitch(dataset, on, SOURCES, samplerate=SR)
     assert isinstance(wrapper, RepitchedWrapper)
     assert wrapper.vocals == [3] and wrapper.max_tempo == 8 and wrapper.samplerate == SR

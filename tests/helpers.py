@@ -1,0 +1,185 @@
+"""Helpers shared by the tests: source names, signal and track generators, tiny models,
+markers for external programs and checks of one-line errors.
+
+Test files import it as `from helpers import ...`: pytest puts `tests/` on `sys.path`
+(rootdir conftest, default import mode), and mypy sees it under the same name.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+
+from demucs.demucs import Demucs
+from demucs.hdemucs import HDemucs
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+# ---------------------------------------------------------------------------------------
+# Missing resources: skipped on a developer's machine, a failure on CI
+
+
+def on_ci() -> bool:
+    """True on CI (`.ci/run` exports CI=true), where every resource must be installed."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(message: str) -> tp.NoReturn:
+    """Skip the current test because something is missing; on CI, fail it instead."""
+    if on_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_programs(*names: str) -> None:
+    """Skip (fail on CI) unless every program of `names` is on the PATH; for fixtures."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        skip_or_fail(f"{', '.join(missing)} not installed (`make install` installs it)")
+
+
+# `conftest.py` calls `require_programs(*args)` before each test carrying the marker.
+needs_ffmpeg = pytest.mark.needs_programs("ffmpeg", "ffprobe")
+needs_soundstretch = pytest.mark.needs_programs("soundstretch")
+
+# ---------------------------------------------------------------------------------------
+# Signals and track folders
+
+
+def sine(freq: float, seconds: float, samplerate: int, amplitude: float = 0.5) -> torch.Tensor:
+    """A sine of `freq` Hz, (T,) float32 (computed in float64)."""
+    time = torch.arange(int(seconds * samplerate), dtype=torch.float64) / samplerate
+    return (amplitude * torch.sin(2 * math.pi * freq * time)).float()
+
+
+def tones(freqs: tp.Sequence[float], seconds: float, samplerate: int,
+          amplitudes: float | tp.Sequence[float] = 0.5) -> torch.Tensor:
+    """One sine per channel, (C, T) with C = len(freqs)."""
+    if isinstance(amplitudes, (int, float)):
+        amplitudes = [float(amplitudes)] * len(freqs)
+    return torch.stack([sine(freq, seconds, samplerate, amp)
+                        for freq, amp in zip(freqs, amplitudes, strict=True)])
+
+
+def noise(channels: int, length: int, seed: int = 0, scale: float = 1.) -> torch.Tensor:
+    """Reproducible white gaussian noise, (C, T), from its own generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(channels, length, generator=generator)
+
+
+def write_wav(path: Path, wav: torch.Tensor, samplerate: int, subtype: str = "PCM_16") -> Path:
+    """Write `wav` (C, T) with soundfile; return `path`."""
+    sf.write(str(path), wav.t().numpy(), samplerate, subtype=subtype)
+    return path
+
+
+def read_wav(path: Path) -> torch.Tensor:
+    """Read a wav file as a float32 (C, T) tensor."""
+    data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy())
+
+
+def write_track(folder: Path, stems: dict[str, np.ndarray], samplerate: int = 1000,
+                subtype: str = "FLOAT") -> None:
+    """A MusDB-HQ track folder: the `stems` (T, C) arrays as SOURCE.wav files and, unless
+    given, their sum as mixture.wav."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if "mixture" not in stems:
+        stems = {**stems, "mixture": sum(stems.values())}  # type: ignore[dict-item]
+    for name, data in stems.items():
+        sf.write(str(folder / f"{name}.wav"), data, samplerate, subtype=subtype)
+
+
+def write_musdb(root: Path, names: tp.Sequence[str], length: int = 3000,
+                sources: tp.Sequence[str] = SOURCES, seed: int = 3) -> Path:
+    """A MusDB-HQ-shaped folder: `root/train/NAME` tracks of stereo noise at 1000 Hz."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        write_track(root / "train" / name,
+                    {source: rng.normal(0, 0.1, (length, 2)) for source in sources})
+    return root
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def tiny_hdemucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
+                 **kwargs: tp.Any) -> HDemucs:
+    """An HDemucs with 4 channels (unless `kwargs` say otherwise), seeded weights."""
+    torch.manual_seed(seed)
+    return HDemucs(list(sources), **{"channels": 4, **kwargs})
+
+
+def tiny_demucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
+                **kwargs: tp.Any) -> Demucs:
+    """A Demucs with 4 channels (unless `kwargs` say otherwise), seeded weights."""
+    torch.manual_seed(seed)
+    return Demucs(list(sources), **{"channels": 4, **kwargs})
+
+
+class Scaler(nn.Module):
+    """A stand-in model: source s is `weights[s] * mix`, so its outputs are computable."""
+
+    def __init__(self, sources: tp.Sequence[str], weights: tp.Sequence[float],
+                 samplerate: int = 44100, segment: float = 1.) -> None:
+        super().__init__()
+        self.sources = list(sources)
+        self.samplerate = samplerate
+        self.audio_channels = 2
+        self.segment = segment
+        self.weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32),
+                                    requires_grad=False)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)
+
+
+StateLike = tp.Union[nn.Module, tp.Mapping[str, torch.Tensor]]
+
+
+def same_state(first: StateLike, second: StateLike) -> bool:
+    """Same keys and bitwise equal tensors (modules are compared by their state_dict)."""
+    a = first.state_dict() if isinstance(first, nn.Module) else first
+    b = second.state_dict() if isinstance(second, nn.Module) else second
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------
+# Commands and processes
+
+
+def one_line(stderr: str) -> str:
+    """The only line of `stderr`; fails when it has none or several (a traceback)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    return lines[0]
+
+
+def main_error(main: tp.Callable[[list[str]], object], argv: list[str],
+               capsys: pytest.CaptureFixture[str], code: int = 1) -> str:
+    """Run a command's `main(argv)` in process, expecting it to exit with status `code`
+    after one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == code, f"exit status {info.value.code}, expected {code}"
+    return one_line(capsys.readouterr().err)
+
+
+def imported_modules(*modules: str) -> set[str]:
+    """The modules loaded by a fresh interpreter that imports `modules`."""
+    code = f"import sys, {', '.join(modules)}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return set(out.split())
