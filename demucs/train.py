@@ -214,15 +214,27 @@ def _verbose(argv: tp.Sequence[str]) -> bool:
     return any(arg.lower() in ("misc.verbose=true", "misc.verbose=1") for arg in argv)
 
 
+def dora_errors(argv: tp.Sequence[str] = ()) -> tp.ContextManager:
+    """In the `dora` command, report a `DemucsError` as one line and exit 1 (traceback
+    with `misc.verbose=true` in `argv`); elsewhere let it propagate to the caller."""
+    return report_errors(PROG, _verbose(argv)) if invoked_as_dora() else nullcontext()
+
+
 class DemucsMain(HydraMain):
     """Dora's Hydra main, turning bad overrides into a `ConfigError` naming the key.
 
-    Programs calling `get_xp` get the `ConfigError`; the `dora` command reports it as one
-    line and a non-zero exit (with the traceback when `misc.verbose=true`).
+    Programs calling `get_xp` get the `ConfigError`; the `dora` command and `python -m
+    demucs.train` report it as one line and a non-zero exit (with the traceback when
+    `misc.verbose=true`).
     """
 
+    def __call__(self) -> tp.Any:
+        # `python -m demucs.train ARGV` (and `dora run`, which calls it in process).
+        with report_errors(PROG, _verbose(sys.argv[1:])):
+            return super().__call__()
+
     def get_xp(self, argv: tp.Sequence[str]) -> XP:
-        with self._report_errors(argv):
+        with dora_errors(argv):
             check_overrides(argv, self.full_config_path)
             try:
                 xp = super().get_xp(argv)
@@ -232,17 +244,13 @@ class DemucsMain(HydraMain):
             return xp
 
     def get_argv_from_sig(self, sig: str) -> list[str]:
-        with self._report_errors([]):
+        with dora_errors():
             try:
                 return list(super().get_argv_from_sig(sig))
             except RuntimeError:
                 raise ConfigError(f"unknown XP signature {sig!r}: no {self.dora.dir}/xps/"
                                   f"{sig}/.argv.json; known XPs: {self._known_sigs()}. Run "
                                   "`tar xf outputs.tar.gz` for the MDX ones.") from None
-
-    @staticmethod
-    def _report_errors(argv: tp.Sequence[str]) -> tp.ContextManager:
-        return report_errors(PROG, _verbose(argv)) if invoked_as_dora() else nullcontext()
 
     def _known_sigs(self, limit: int = 8) -> str:
         folder = self.dora.dir / self.dora.xps

@@ -51,7 +51,9 @@ def test_tarball(mdx_xps: dict[str, list[str]], tmp_path: Path) -> None:
     assert files == sorted(f"outputs/xps/{sig}/.argv.json" for sig in mdx_xps)
     # The tool regenerates the same bytes.
     output = tmp_path / "outputs.tar.gz"
-    assert make_outputs.main(["--xps", str(REPO.parent / "x.json"), "-o", str(output)]) == 1
+    with pytest.raises(SystemExit) as info:
+        make_outputs.main(["--xps", str(REPO.parent / "x.json"), "-o", str(output)])
+    assert info.value.code == 1
     xps_file = tmp_path / "xps.json"
     xps_file.write_text(json.dumps(mdx_xps))
     assert make_outputs.main(["--xps", str(xps_file), "-o", str(output)]) == 0
@@ -135,6 +137,8 @@ def test_explorer_summary() -> None:
     assert row["valid"]["bnsdr"] == 6.0 and row["valid"]["bnsdr_bass"] == 5.0
     assert row["test"] == {"nsdr": 6.5}
     assert summarize(history, "nsdr")["valid"]["bnsdr"] == 7.0
+    assert summarize(history, "nsdr_bass")["valid"]["bnsdr"] == 7.0  # maximised
+    assert summarize(history, "reco")["valid"]["bnsdr"] == 6.0  # minimised
     assert best_epoch([], "loss") == {} and summarize([]) == {"train": {}, "valid": {},
                                                               "test": {}}
 
@@ -154,6 +158,8 @@ COMMANDS = {
     "bad_group": ["demucs.train", "dset=musdb"],
     "bad_optim": ["dora", "run", "optim.optim=sgd"],
     "bad_path": ["demucs.train", "dset.musdb=/no/such/folder"],
+    "bad_metric": ["dora", "run", "test.metric=sdr"],
+    "bad_optim_verbose": ["dora", "run", "optim.optim=sgd", "misc.verbose=true"],
     "show": ["dora", "run", "model=hdemucs", "hdemucs.channels=4", "misc.show=1"],
 }
 
@@ -233,9 +239,18 @@ def test_cli_refine_before_mdx(cli: dict[str, Future]) -> None:
     ("bad_group", "dset='musdb' is not valid; choose one of: aetl, auto_extra,"),
     ("bad_optim", "optim.optim='sgd' is not valid; choose one of: adam, adamw"),
     ("bad_path", "dset.musdb='/no/such/folder': no such folder"),
+    ("bad_metric", "test.metric='sdr' is not a valid metric; choose one of: loss, reco, ms"),
 ])
 def test_cli_bad_input(cli: dict[str, Future], name: str, message: str) -> None:
     assert message in one_line_error(cli, name)
+
+
+def test_cli_error_traceback_with_verbose(cli: dict[str, Future]) -> None:
+    result = cli["bad_optim_verbose"].result()
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "demucs.train: error: optim.optim='sgd' is not valid; choose one of: adam, adamw.")
 
 
 def test_cli_show(cli: dict[str, Future]) -> None:

@@ -146,17 +146,22 @@ def test_export_errors(dora_dir: Path, tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
-def test_export_command_error_traceback_only_when_verbose(tmp_path: Path,
-                                                          verbose: bool) -> None:
+@pytest.mark.parametrize("command, message", [
+    (["tools.export", "deadbeef"], "tools.export: error: unknown XP signature 'deadbeef'"),
+    (["tools.test_pretrained", "--repo", "no_repo", "-n", "x", "-d", "cpu"],
+     "tools.test_pretrained: error: Model repository no_repo is not a directory"),
+])
+def test_command_error_traceback_only_when_verbose(tmp_path: Path, verbose: bool,
+                                                   command: list[str], message: str) -> None:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(repo), os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "tools.export", "deadbeef", *(["-v"] if verbose else [])]
+    argv = [sys.executable, "-m", *command, *(["-v"] if verbose else [])]
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("tools.export: error: unknown XP signature 'deadbeef'")
+    assert lines[-1].startswith(message), proc.stderr
     if verbose:
         assert "Traceback" in proc.stderr
     else:

@@ -272,7 +272,7 @@ def test_export_original_xp(reference_dir: Path, outputs: Path, tmp_path: Path) 
                                            for k, v in best.items()})
     last = ref["history"][-1]
     assert package["metrics"] == (last["valid"], last["test"])
-    model = load_model(path)
+    model: tp.Any = load_model(path)
     assert list(model.sources) == ["drums", "bass", "other", "vocals"]
 
 

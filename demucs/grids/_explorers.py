@@ -6,9 +6,9 @@ set ran. The table shows:
 - train: epoch count and last reconstruction loss (`reco`);
 - valid: last SVD penalty (`penalty`), model size in MB (`ms`), last `reco`, best `reco`
   (`breco`), and the nSDR, overall and per source, of the best epoch (`bnsdr`,
-  `bnsdr_drums`, ...), the best epoch being chosen like the solver does (`test.metric`:
-  lowest valid loss, or highest valid nSDR);
-- test: the last test nSDR.
+  `bnsdr_drums`, ...), the best epoch being chosen like the solver does (`test.metric`,
+  any valid key: nSDR keys are maximised, the others minimised);
+- test: the last test nSDR and, when museval ran, SDR (mean and median over tracks).
 """
 from __future__ import annotations
 
@@ -18,20 +18,21 @@ import treetable as tt
 from dora import Explorer
 from dora.shep import Sheep
 
+from ..solver import is_maximized
+
 SOURCES = ("drums", "bass", "other", "vocals")
 Metrics = dict[str, tp.Any]
 
 
 def _selection_score(valid: Metrics, metric: str) -> float | None:
-    # Lower is better: the valid loss, or minus the valid nSDR.
-    if metric == "nsdr":
-        return -valid["nsdr"] if "nsdr" in valid else None
-    value = valid.get("loss", valid.get("reco"))
-    return None if value is None else float(value)
+    # Lower is better: minus the value of nSDR metrics.
+    if metric not in valid:
+        return None
+    return -float(valid[metric]) if is_maximized(metric) else float(valid[metric])
 
 
 def best_epoch(history: tp.Sequence[Metrics], metric: str = "loss") -> Metrics:
-    """The valid metrics of the best epoch according to `metric` ('loss' or 'nsdr')."""
+    """The valid metrics of the (first) best epoch according to `metric`."""
     best: Metrics = {}
     best_score = float("inf")
     for epoch in history:
@@ -70,7 +71,8 @@ class MyExplorer(Explorer):
             tt.group("valid", [tt.leaf("penalty", ".1f"), tt.leaf("ms", ".1f"),
                                tt.leaf("reco", ".3f"), tt.leaf("breco", ".3f"),
                                tt.leaf("bnsdr", ".2f")] + nsdrs, align=">"),
-            tt.group("test", [tt.leaf("nsdr", ".2f")], align=">"),
+            tt.group("test", [tt.leaf("nsdr", ".2f"), tt.leaf("sdr", ".2f"),
+                              tt.leaf("sdr_med", ".2f")], align=">"),
         ]
 
     def process_sheep(self, sheep: Sheep, history: list[Metrics]) -> dict[str, Metrics]:

@@ -11,7 +11,7 @@ import typing as tp
 from dora.xp import XP
 
 from ..errors import ConfigError, DemucsError
-from ..train import main
+from ..train import dora_errors, main
 
 # Track A (MusDB HQ only): fine-tuned on automix, from the XPs of the `mdx` grid.
 TRACK_A = ("0d19c1c6", "7ecf8ec1", "c511e2ab", "7d865c68")
@@ -74,6 +74,7 @@ def require_trained(xp: XP, what: str) -> None:
     xp.link.load()
     done, epochs = len(xp.link.history), xp.cfg.epochs
     if done < epochs:
-        raise DemucsError(f"{what} needs XP {xp.sig} to have finished training, but it has "
-                          f"trained {done} of {epochs} epochs: run `dora grid mdx` and wait "
-                          "for it to finish first.")
+        with dora_errors():
+            raise DemucsError(f"{what} needs XP {xp.sig} to have finished training, but it has "
+                          f"trained {done} of {epochs} epochs: run `dora grid mdx` and "
+                              "wait for it to finish first.")
