@@ -3,25 +3,22 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import shutil
-import subprocess
-import sys
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import stempeg
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from demucs import evaluate as ev
 from demucs.errors import ConfigError, DatasetError
 from demucs.hdemucs import HDemucs
+from helpers import SOURCES, Scaler, imported_modules, require_programs
 from tools.synth_dataset import generate_dataset
 
-SOURCES = ["drums", "bass", "other", "vocals"]
 SECONDS = 2.
 
 
@@ -76,11 +73,8 @@ def test_eval_track_nsdr_only() -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, demucs.evaluate; "
-            "print(any(m in sys.modules for m in ('museval', 'musdb', 'dora', 'hydra')))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
-    assert out.strip() == "False"
+    loaded = imported_modules("demucs.evaluate")
+    assert not loaded & {"museval", "musdb", "dora", "hydra"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,20 +85,6 @@ def test_import_is_light() -> None:
 def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=0, test_tracks=3,
                             seconds=SECONDS)
-
-
-class Mixer(nn.Module):
-    """Gives each source `weight[s] * mix`: a linear 'model' whose scores are computable."""
-
-    def __init__(self, sources: list[str], weights: list[float], samplerate: int = 44100,
-                 segment: float = 1.) -> None:
-        super().__init__()
-        self.sources, self.samplerate, self.audio_channels = sources, samplerate, 2
-        self.segment = segment
-        self.weights = nn.Parameter(torch.tensor(weights), requires_grad=False)
-
-    def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        return self.weights[None, :, None, None] * mix[:, None]  # (B, S, C, T)
 
 
 def run_eval(model: tp.Any, cfg: DictConfig, folder: Path,
@@ -136,7 +116,7 @@ def expected_nsdr(musdb: Path, weights: list[float]) -> dict[str, list[float]]:
 
 def test_evaluate_nsdr_values(musdb: Path, tmp_path: Path) -> None:
     weights = [0.3, 0.2, 0.25, 0.25]
-    model = Mixer(SOURCES, weights)
+    model = Scaler(SOURCES, weights)
     model.train()
     metrics = run_eval(model, make_cfg(musdb), tmp_path)
     # The original's keys and order: per source the mean and median over tracks, then both
@@ -193,7 +173,7 @@ def test_evaluate_sdr_aggregation(musdb: Path, tmp_path: Path, workers: int,
     if workers and multiprocessing.get_start_method() != "fork":
         pytest.skip("the fake museval reaches pool workers only through fork")
     monkeypatch.setattr(ev, "museval_scores", fake_museval)
-    model = Mixer(SOURCES, [0.25] * 4)
+    model = Scaler(SOURCES, [0.25] * 4)
     metrics = run_eval(model, make_cfg(musdb, workers=workers), tmp_path, compute_sdr=True)
     expected = _museval_expectation(musdb)  # (tracks, metrics, S)
     assert len(expected) == 3
@@ -225,14 +205,14 @@ def test_evaluate_distributed_share(musdb: Path, tmp_path: Path,
         parts[:] = [other, scores]
 
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
-    model = Mixer(SOURCES, [0.25] * 4)
+    model = Scaler(SOURCES, [0.25] * 4)
     metrics = run_eval(model, make_cfg(musdb), tmp_path)
     assert list(mine) == ["synth_test_001"]
     assert metrics["nsdr_drums"] == pytest.approx((1 + 3 + mine["synth_test_001"].nsdr[0]) / 3)
 
 
 def test_evaluate_errors(musdb: Path, tmp_path: Path) -> None:
-    model = Mixer(SOURCES, [0.25] * 4)
+    model = Scaler(SOURCES, [0.25] * 4)
     with pytest.raises(DatasetError, match="no test/ folder"):
         run_eval(model, make_cfg(tmp_path), tmp_path)
     cfg = make_cfg(musdb)
@@ -240,16 +220,14 @@ def test_evaluate_errors(musdb: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="dset.musdb"):
         run_eval(model, cfg, tmp_path)
     with pytest.raises(DatasetError, match="Missing test file .*guitar.wav"):
-        run_eval(Mixer(["guitar"], [1.]), make_cfg(musdb), tmp_path)
+        run_eval(Scaler(["guitar"], [1.]), make_cfg(musdb), tmp_path)
     with pytest.raises(DatasetError, match="no test/ folder of .stem.mp4"):
         run_eval(model, make_cfg(musdb, nonhq=str(tmp_path)), tmp_path)
 
 
 def test_evaluate_nonhq(musdb: Path, tmp_path: Path) -> None:
     """test.nonhq: the original MusDB (.stem.mp4 read by musdb), here one AAC track."""
-    stempeg = pytest.importorskip("stempeg")
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("writing .stem.mp4 files needs ffmpeg")
+    require_programs("ffmpeg", "ffprobe")
     track = musdb / "test" / "synth_test_000"
     names = ["mixture"] + SOURCES  # the stream order of the MusDB stems
     stems = np.stack([sf.read(str(track / f"{name}.wav"), dtype="float32")[0]
@@ -259,9 +237,9 @@ def test_evaluate_nonhq(musdb: Path, tmp_path: Path) -> None:
                         sample_rate=44100, writer=stempeg.StreamsWriter(codec="aac"))
     weights = [0.3, 0.2, 0.25, 0.25]
     cfg = make_cfg(musdb, nonhq=str(tmp_path / "nonhq"))
-    metrics = run_eval(Mixer(SOURCES, weights), cfg, tmp_path)
+    metrics = run_eval(Scaler(SOURCES, weights), cfg, tmp_path)
     expected = expected_nsdr(musdb, weights)
     for source in SOURCES:  # AAC is lossy: close to the HQ values
         assert metrics[f"nsdr_{source}"] == pytest.approx(expected[source][0], abs=0.5)
     with pytest.raises(DatasetError, match="no guitar stem"):
-        run_eval(Mixer(["guitar"], [1.]), cfg, tmp_path)
+        run_eval(Scaler(["guitar"], [1.]), cfg, tmp_path)

@@ -36,6 +36,7 @@ from demucs.errors import ModelLoadingError
 from demucs.solver import Solver, is_maximized
 from demucs.states import load_model, load_package
 from demucs.train import main
+from helpers import SOURCES, same_state
 from tools import export
 
 History = list[dict[str, tp.Any]]
@@ -205,12 +206,6 @@ def copy_original_xp(reference_dir: Path, folder: Path) -> None:
         shutil.copy(source / name, folder / name)
 
 
-def states_equal(first: tp.Mapping[str, torch.Tensor],
-                 second: tp.Mapping[str, torch.Tensor]) -> bool:
-    return first.keys() == second.keys() and all(
-        torch.equal(first[key].float(), second[key].float()) for key in first)
-
-
 def test_original_checkpoint_loads_safely(reference_dir: Path) -> None:
     checkpoint = load_checkpoint(reference_dir / "golden_train" / "orig_xp" / ORIGINAL_SIG
                                  / "checkpoint.th")
@@ -228,9 +223,9 @@ def test_original_xp_resumes_as_done(reference_dir: Path, outputs: Path) -> None
     solver = build_solver(xp)
     original = load_checkpoint(xp.folder / "checkpoint.th")
     assert solver.history == ref["history"]
-    assert states_equal(solver.model.state_dict(), original["state"])
+    assert same_state(solver.model.state_dict(), original["state"])
     assert solver.best_state is not None
-    assert states_equal(solver.best_state, original["best_state"])
+    assert same_state(solver.best_state, original["best_state"])
     assert solver.emas["batch"][0].count == original["ema_batch_0"]["count"]
     with xp.enter():
         solver.train()  # the XP is complete: nothing to do
@@ -257,7 +252,7 @@ def test_continue_from_original_xp(reference_dir: Path, outputs: Path) -> None:
     copy_original_xp(reference_dir, parent.folder)
     child = build_solver(new_xp(ref["argv"] + ["epochs=2", f"continue_from={ORIGINAL_SIG}"]))
     best = load_checkpoint(parent.folder / "checkpoint.th")["best_state"]
-    assert states_equal(child.model.state_dict(), best)
+    assert same_state(child.model.state_dict(), best)
     assert not child.history
 
 
@@ -268,12 +263,12 @@ def test_export_original_xp(reference_dir: Path, outputs: Path, tmp_path: Path) 
     path = export.export(ORIGINAL_SIG, tmp_path / "release")
     package = load_package(path)
     best = load_checkpoint(xp.folder / "checkpoint.th")["best_state"]
-    assert states_equal(package["state"], {k: v.half() if v.is_floating_point() else v
-                                           for k, v in best.items()})
+    assert same_state(package["state"], {k: v.half() if v.is_floating_point() else v
+                                         for k, v in best.items()})
     last = ref["history"][-1]
     assert package["metrics"] == (last["valid"], last["test"])
     model: tp.Any = load_model(path)
-    assert list(model.sources) == ["drums", "bass", "other", "vocals"]
+    assert list(model.sources) == SOURCES
 
 
 def test_checkpoint_with_foreign_class_is_refused(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ from demucs.checkpoints import load_checkpoint
 from demucs.solver import Solver
 from demucs.states import load_model
 from demucs.train import main
+from helpers import SOURCES, same_state
+from tools.synth_dataset import generate_dataset
 
-SOURCES = ("drums", "bass", "other", "vocals")
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
         "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
         "misc.num_workers=0", "misc.num_prints=1", "test.sdr=false",
@@ -32,9 +33,8 @@ TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=
 
 @pytest.fixture(scope="module")
 def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = pytest.importorskip("tools.synth_dataset")
     root = tmp_path_factory.mktemp("data")
-    synth.generate_dataset(root / "musdb", tracks=3, seconds=3, valid_tracks=1,
+    generate_dataset(root / "musdb", tracks=3, seconds=3, valid_tracks=1,
                            test_tracks=1)
     return root
 
@@ -60,12 +60,6 @@ def train_xp(*argv: str) -> tuple[Solver, XP]:
     with xp.enter():
         solver.train()
     return solver, xp
-
-
-def states_equal(first: tp.Mapping[str, torch.Tensor],
-                 second: tp.Mapping[str, torch.Tensor]) -> bool:
-    return first.keys() == second.keys() and all(torch.equal(first[k].cpu(), second[k].cpu())
-                                                 for k in first)
 
 
 def test_train_writes_history_and_checkpoints() -> None:
@@ -94,12 +88,12 @@ def test_train_writes_history_and_checkpoints() -> None:
     # best.th: a package of the best state, loadable by the separation code.
     package = torch.load(xp.folder / "best.th", weights_only=False)
     assert solver.best_state is not None
-    assert states_equal(package["state"], solver.best_state)
+    assert same_state(package["state"], solver.best_state)
     assert package["training_args"]["hdemucs"]["channels"] == 4
     model: tp.Any = load_model(xp.folder / "best.th")
     assert list(model.sources) == list(SOURCES)
     checkpoint = load_checkpoint(xp.folder / "checkpoint.th")
-    assert states_equal(checkpoint["state"], solver.model.state_dict())
+    assert same_state(checkpoint["state"], solver.model.state_dict())
     # The original's layout: one entry per EMA, plus our random generator states.
     assert {"ema_batch_0", "ema_epoch_0", "rng", "penalty_rng"} <= set(checkpoint)
     assert checkpoint["ema_batch_0"]["count"] > checkpoint["ema_epoch_0"]["count"] > 0
@@ -150,9 +144,9 @@ def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Solver, "_save", real_save)
     resumed, _ = train_xp()
     assert resumed.history == reference.history
-    assert states_equal(resumed.model.state_dict(), reference.model.state_dict())
+    assert same_state(resumed.model.state_dict(), reference.model.state_dict())
     assert resumed.best_state is not None and reference.best_state is not None
-    assert states_equal(resumed.best_state, reference.best_state)
+    assert same_state(resumed.best_state, reference.best_state)
 
 
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,11 +161,11 @@ def test_continue_from() -> None:
     checkpoint["best_state"] = perturbed(checkpoint["state"])  # tell the two apart
     torch.save(checkpoint, path)
     best, _ = make_solver("epochs=1", f"continue_from={parent_xp.sig}")
-    assert states_equal(best.model.state_dict(), checkpoint["best_state"])
+    assert same_state(best.model.state_dict(), checkpoint["best_state"])
     assert not best.optimizer.state_dict()["state"]  # a fresh optimizer
     last, xp = make_solver("epochs=1", f"continue_from={parent_xp.sig}",
                            "continue_best=false", "continue_opt=true")
-    assert states_equal(last.model.state_dict(), checkpoint["state"])
+    assert same_state(last.model.state_dict(), checkpoint["state"])
     for key, value in checkpoint["optimizer"]["state"][0].items():
         assert torch.equal(last.optimizer.state_dict()["state"][0][key], value)
     with xp.enter():
@@ -187,7 +181,7 @@ def test_continue_pretrained(tmp_path: Path) -> None:
     solver, _ = make_solver("epochs=1", "continue_pretrained=mymodel",
                             f"pretrained_repo={repo}")
     best = load_checkpoint(parent.folder / "checkpoint.th")["best_state"]
-    assert states_equal(solver.model.state_dict(), best)
+    assert same_state(solver.model.state_dict(), best)
     with pytest.raises(ModelLoadingError, match="Unknown model 'other'"):
         make_solver("continue_pretrained=other", f"pretrained_repo={repo}", model_only=True)
 
@@ -242,7 +236,6 @@ def test_model_only_solver_has_no_data() -> None:
 
 
 def test_diffq_and_nsdr_selection() -> None:
-    pytest.importorskip("diffq")
     solver, xp = train_xp("quant.diffq=1e-4", "quant.min_size=0.01", "test.metric=nsdr",
                           "optim.loss=mse", "optim.clip_grad=1e-3")
     history = solver.history
