@@ -99,7 +99,7 @@ def test_tensor_chunk_padding_reads_neighbours() -> None:
         TensorChunk(x, 10)
 
 
-def test_progress_and_threads(capsys: pytest.CaptureFixture) -> None:
+def test_progress_and_threads(capsys: pytest.CaptureFixture[str]) -> None:
     model = pointwise()
     mix = torch.randn(1, 2, 1000)
     out = apply_model(model, mix, shifts=0, split=True, progress=True, num_workers=2)

@@ -8,10 +8,12 @@ import pytest
 
 from tools import demo
 
+from helpers import main_error
+
 
 @pytest.mark.slow
 def test_demo_trains_exports_and_separates(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     demo.main(["--root", str(tmp_path), "--epochs", "1"])
     out = capsys.readouterr().out
     sig = demo.signature(demo.training_args(1), demo.environment(tmp_path))
@@ -25,11 +27,8 @@ def test_demo_trains_exports_and_separates(tmp_path: Path,
     assert [name for name, _ in scores] == ["drums", "bass", "other", "vocals", "mean"]
 
 
-def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "a_file"
     root.write_text("not a folder")
-    with pytest.raises(SystemExit) as info:
-        demo.main(["--root", str(root)])
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tools.demo: error: ") and "a_file" in err[0]
+    line = main_error(demo.main, ["--root", str(root)], capsys)
+    assert line.startswith("tools.demo: error: ") and "a_file" in line

@@ -8,6 +8,8 @@ import pytest
 
 from tools import make_outputs
 
+from helpers import main_error
+
 XPS = {"0123abcd": ["model=hdemucs"], "cafe0001": []}
 
 
@@ -33,10 +35,6 @@ def test_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     if content is not None:
         xps.write_text(content)
     output = tmp_path / "out.tar.gz"
-    with pytest.raises(SystemExit) as info:
-        make_outputs.main(["--xps", str(xps), "-o", str(output)])
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tools.make_outputs: error: "), err
-    assert fragment in err[0]
+    line = main_error(make_outputs.main, ["--xps", str(xps), "-o", str(output)], capsys)
+    assert line.startswith("tools.make_outputs: error: ") and fragment in line, line
     assert not output.exists()

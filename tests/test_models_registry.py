@@ -2,9 +2,6 @@
 allow-list of safe package loading all agree with it."""
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,8 @@ from omegaconf import DictConfig
 
 from demucs import models, states, train
 from demucs.errors import ConfigError
+
+from helpers import imported_modules, same_state
 
 # Small versions of each registered model; a name missing here builds at its config size.
 SMALL = {
@@ -72,16 +71,11 @@ def test_package_of_every_registered_model_loads_safely(name: str, tmp_path: Pat
     states.save_atomic(states.serialize_model(model, cfg, half=False), path)
     loaded = states.load_model(path)  # weights_only=True with the allow-list
     assert type(loaded) is type(model)
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    assert same_state(loaded, model)
 
 
 @pytest.mark.slow
 def test_registry_is_a_leaf_module() -> None:
-    code = ("import sys, demucs.models; "
-            "print(sorted(m for m in sys.modules if m.startswith('demucs.')))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
-    loaded = set(ast.literal_eval(out))
+    loaded = {m for m in imported_modules("demucs.models") if m.startswith("demucs.")}
     assert loaded <= {"demucs.models", "demucs.demucs", "demucs.hdemucs", "demucs.hlayers",
                       "demucs.spec", "demucs.wiener", "demucs.utils", "demucs.errors"}, loaded

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import typing as tp
 import zipfile
 from pathlib import Path
 
@@ -14,12 +15,11 @@ from demucs.hdemucs import HDemucs
 from demucs.states import (copy_state, get_state, load_model, save_with_checksum,
                            serialize_model, swap_state)
 
-SOURCES = ["drums", "bass", "other", "vocals"]
+from helpers import same_state, tiny_hdemucs
 
 
 def tiny() -> HDemucs:
-    torch.manual_seed(0)
-    return HDemucs(SOURCES, channels=4, depth=5).eval()
+    return tiny_hdemucs(depth=5).eval()
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def test_unknown_kwargs_are_dropped_with_warning() -> None:
 
 
 class Exploit:
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[tp.Callable[[str], int], tuple[str]]:
         return (os.system, ("touch pwned",))
 
 
@@ -131,7 +131,7 @@ def test_copy_and_swap_state() -> None:
     zeros = {k: torch.zeros_like(v) for k, v in saved.items()}
     with swap_state(model, zeros):
         assert all((p == 0).all() for p in model.parameters())
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert same_state(model, saved)
     assert get_state(model, None, half=True)["encoder.0.conv.weight"].dtype == torch.half
 
 

@@ -1,7 +1,6 @@
 """Tests of tools.synth_dataset: layout, exact mixtures, determinism and use by demucs.wav."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +8,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from demucs.wav import get_musdb_wav_datasets
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tools` is not an installed package
-    sys.path.insert(0, str(REPO))
-from tools.synth_dataset import (  # noqa: E402
-    SOURCES, VALID_NAMES, generate_dataset, main, synth_track)
+from tools.synth_dataset import SOURCES, VALID_NAMES, generate_dataset, main, synth_track
 
 SR = 22050
 

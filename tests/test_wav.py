@@ -22,22 +22,12 @@ from demucs import wav
 from demucs.errors import DatasetError
 from demucs.wav import Wavset, build_metadata, get_musdb_wav_datasets, get_wav_datasets
 
-SOURCES = ["drums", "bass", "other", "vocals"]
+from helpers import SOURCES, write_musdb, write_track
 # The `dset` values of the base config (reference config_defaults.txt), paths excepted.
 BASE_DSET = {"musdb": None, "musdb_samplerate": 44100, "wav": None, "segment": 11, "shift": 1,
              "train_valid": False, "full_cv": True, "samplerate": 44100, "channels": 2,
              "normalize": True, "metadata": "./metadata", "sources": SOURCES}
 VALID_TRACK = "Actions - One Minute Smile"  # an official MusDB validation track
-
-
-def write_track(folder: Path, stems: dict[str, np.ndarray], samplerate: int = 1000,
-                subtype: str = "FLOAT") -> None:
-    """Write `stems` (T, C) arrays as wav files in `folder`, with their sum as mixture."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if "mixture" not in stems:
-        stems = {**stems, "mixture": sum(stems.values())}  # type: ignore[dict-item]
-    for name, data in stems.items():
-        sf.write(str(folder / f"{name}.wav"), data, samplerate, subtype=subtype)
 
 
 def ramp_stems(length: int, channels: int = 1, sources: tp.Sequence[str] = SOURCES,
@@ -231,17 +221,8 @@ def count_scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return scanned
 
 
-def make_musdb(root: Path, names: tp.Sequence[str], length: int = 3000,
-               sources: tp.Sequence[str] = SOURCES) -> Path:
-    rng = np.random.default_rng(3)
-    for name in names:
-        write_track(root / "train" / name,
-                    {source: rng.normal(0, 0.1, (length, 2)) for source in sources})
-    return root
-
-
 def test_cache_reused_invalidated_rebuilt(tmp_path: Path, count_scans: list[str]) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1", "t2"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1", "t2"])
     dset = make_dset(tmp_path, musdb=str(musdb), segment=1, shift=1)
     get_musdb_wav_datasets(dset)
     assert sorted(count_scans) == sorted([VALID_TRACK, "t1", "t2"])
@@ -268,7 +249,7 @@ def test_cache_reused_invalidated_rebuilt(tmp_path: Path, count_scans: list[str]
 
 
 def test_cache_file_is_json_of_records(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     get_musdb_wav_datasets(make_dset(tmp_path, musdb=str(musdb)))
     cache_file, = (tmp_path / "metadata").glob("demucs_musdb_*.json")
     data = json.loads(cache_file.read_text())
@@ -283,7 +264,7 @@ def original_cache_name(prefix: str, path: str) -> str:
 
 
 def test_original_cache_files_are_left_alone(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     folder = tmp_path / "metadata"
     folder.mkdir()
     # What the original writes there: {track: {...}} (musdb) and {split: {track: {...}}} (wav).
@@ -309,7 +290,7 @@ def test_original_cache_files_are_left_alone(tmp_path: Path) -> None:
 ])
 def test_foreign_content_in_our_cache_is_rescanned(tmp_path: Path, count_scans: list[str],
                                                    content: str) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     dset = make_dset(tmp_path, musdb=str(musdb))
     cache = tmp_path / "metadata" / ("demucs_" + original_cache_name("musdb", str(musdb)))
     cache.parent.mkdir()
@@ -321,11 +302,11 @@ def test_foreign_content_in_our_cache_is_rescanned(tmp_path: Path, count_scans: 
 
 
 def test_new_and_removed_tracks(tmp_path: Path, count_scans: list[str]) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     dset = make_dset(tmp_path, musdb=str(musdb))
     get_musdb_wav_datasets(dset)
     count_scans.clear()
-    make_musdb(musdb, ["t2"])
+    write_musdb(musdb, ["t2"])
     train, _ = get_musdb_wav_datasets(dset)
     assert count_scans == ["t2"] and set(train.tracks) == {"t1", "t2"}
     for path in (musdb / "train" / "t1").iterdir():
@@ -348,7 +329,7 @@ def test_track_order_kept_from_previous_scan(tmp_path: Path, count_scans: list[s
 
 def test_cache_rescans_for_other_sources(tmp_path: Path, count_scans: list[str]) -> None:
     six = SOURCES + ["guitar", "piano"]
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"], sources=six)
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"], sources=six)
     get_musdb_wav_datasets(make_dset(tmp_path, musdb=str(musdb)))
     count_scans.clear()
     dset = make_dset(tmp_path, musdb=str(musdb), sources=six, segment=1, samplerate=1000)
@@ -362,7 +343,7 @@ def test_cache_rescans_for_other_sources(tmp_path: Path, count_scans: list[str])
 
 @pytest.mark.parametrize("sources", [["vocals", "accompaniment"], SOURCES])
 def test_musdb_split_and_sources(tmp_path: Path, sources: list[str]) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1", "t2"], sources=sources)
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1", "t2"], sources=sources)
     dset = make_dset(tmp_path, musdb=str(musdb), sources=sources, segment=1, shift=0.5,
                      samplerate=1000)
     train, valid = get_musdb_wav_datasets(dset)
@@ -378,7 +359,7 @@ def test_musdb_split_and_sources(tmp_path: Path, sources: list[str]) -> None:
 
 
 def test_musdb_train_valid_and_segmented_valid(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
+    musdb = write_musdb(tmp_path / "musdb", [VALID_TRACK, "t1"])
     dset = make_dset(tmp_path, musdb=str(musdb), segment=1, shift=1, samplerate=1000,
                      train_valid=True, full_cv=False)
     train, valid = get_musdb_wav_datasets(dset)
@@ -406,59 +387,49 @@ def test_wav_datasets(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Bad input
 
-def _musdb_error(tmp_path: Path, musdb: Path) -> str:
+def _write_broken_musdb(root: Path, broken: str) -> Path:
+    """A MusDB folder (one track 't1') with the defect `broken`; returns dset.musdb."""
+    if broken == "nowhere":
+        return root / "nowhere"
+    if broken == "no train folder":
+        root.mkdir()
+        return root
+    if broken == "no track":
+        (root / "train").mkdir(parents=True)
+        return root
+    track = write_musdb(root, ["t1"]) / "train" / "t1"
+    if broken == "missing stem":
+        (track / "bass.wav").unlink()
+    elif broken == "short stem":
+        sf.write(str(track / "vocals.wav"), np.zeros((10, 2)), 1000)
+    elif broken == "other samplerate":
+        sf.write(str(track / "drums.wav"), np.zeros((3000, 2)), 8000)
+    elif broken == "not a wav":
+        (track / "other.wav").write_bytes(b"this is not a wav file" * 10)
+    elif broken == "empty wav":
+        sf.write(str(track / "mixture.wav"), np.zeros((0, 2)), 1000)
+    else:
+        raise ValueError(f"unknown defect {broken!r}")
+    return root
+
+
+@pytest.mark.parametrize("broken, fragments", [
+    ("missing stem", ["'t1'", "bass.wav", "missing"]),
+    ("short stem", ["'t1'", "vocals.wav", "same length"]),
+    ("other samplerate", ["'t1'", "drums.wav", "sample rate"]),
+    ("not a wav", ["'t1'", "other.wav", "cannot read"]),
+    ("empty wav", ["'t1'", "mixture.wav", "empty"]),
+    ("no track", ["no track", "{musdb}/train"]),
+    ("nowhere", ["dset.musdb", "{musdb}"]),
+    ("no train folder", ["dset.musdb", "{musdb}/train"]),
+])
+def test_bad_musdb_folder_is_a_dataset_error_naming_the_culprit(
+        tmp_path: Path, broken: str, fragments: list[str]) -> None:
+    musdb = _write_broken_musdb(tmp_path / "musdb", broken)
     with pytest.raises(DatasetError) as error:
         get_musdb_wav_datasets(make_dset(tmp_path, musdb=str(musdb)))
-    return str(error.value)
-
-
-def test_missing_stem(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", ["t1"])
-    (musdb / "train" / "t1" / "bass.wav").unlink()
-    message = _musdb_error(tmp_path, musdb)
-    assert "'t1'" in message and "bass.wav" in message and "missing" in message
-
-
-def test_stems_of_different_lengths(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", ["t1"])
-    sf.write(str(musdb / "train" / "t1" / "vocals.wav"), np.zeros((10, 2)), 1000)
-    message = _musdb_error(tmp_path, musdb)
-    assert "'t1'" in message and "vocals.wav" in message and "same length" in message
-
-
-def test_stems_of_different_samplerates(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", ["t1"])
-    sf.write(str(musdb / "train" / "t1" / "drums.wav"), np.zeros((3000, 2)), 8000)
-    message = _musdb_error(tmp_path, musdb)
-    assert "'t1'" in message and "drums.wav" in message and "sample rate" in message
-
-
-def test_unreadable_wav(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", ["t1"])
-    (musdb / "train" / "t1" / "other.wav").write_bytes(b"this is not a wav file" * 10)
-    message = _musdb_error(tmp_path, musdb)
-    assert "'t1'" in message and "other.wav" in message and "cannot read" in message
-
-
-def test_empty_wav(tmp_path: Path) -> None:
-    musdb = make_musdb(tmp_path / "musdb", ["t1"])
-    sf.write(str(musdb / "train" / "t1" / "mixture.wav"), np.zeros((0, 2)), 1000)
-    message = _musdb_error(tmp_path, musdb)
-    assert "'t1'" in message and "mixture.wav" in message and "empty" in message
-
-
-def test_empty_dataset_folder(tmp_path: Path) -> None:
-    (tmp_path / "musdb" / "train").mkdir(parents=True)
-    message = _musdb_error(tmp_path, tmp_path / "musdb")
-    assert "no track" in message and str(tmp_path / "musdb" / "train") in message
-
-
-def test_wrong_musdb_path(tmp_path: Path) -> None:
-    message = _musdb_error(tmp_path, tmp_path / "nowhere")
-    assert "dset.musdb" in message and "nowhere" in message
-    (tmp_path / "no_train").mkdir()
-    message = _musdb_error(tmp_path, tmp_path / "no_train")
-    assert "train" in message and "dset.musdb" in message
+    for fragment in fragments:
+        assert fragment.format(musdb=musdb) in str(error.value), str(error.value)
 
 
 def test_wav_dataset_without_valid(tmp_path: Path) -> None:
