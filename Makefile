@@ -1,7 +1,7 @@
 # Hybrid Demucs (v3): install, test, demo, benchmarks.
 #   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
 #                  requirements, the package (editable), ffmpeg and soundstretch
-#   make test      install, then ruff, mypy and the test suite
+#   make test      install, then ruff, mypy and the test suite (with a coverage summary)
 #   make demo      the README's main command: synthetic data, `dora run` trains a tiny
 #                  model, `tools.export` exports it, `demucs` separates a test track
 #   make bench     every benchmark under bench/
@@ -48,8 +48,11 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy demucs tools tests
 
+# The coverage summary covers the package and tools/ as run by pytest itself (commands
+# run in subprocesses are not counted); its data file stays in the venv.
 pytest: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	COVERAGE_FILE=$(VENV)/.coverage $(PY) -m pytest --cov=demucs --cov=tools --cov-report=term \
+		$(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
