@@ -42,20 +42,23 @@ def golden(reference_dir: Path) -> Path:
     return reference_dir / "golden"
 
 
+Models = tp.Dict[str, torch.nn.Module]
+
+
 @pytest.fixture(scope="module")
-def models(golden: Path) -> tp.Dict[str, torch.nn.Module]:
+def models(golden: Path) -> Models:
     return {name: load_model(golden / f"{name}.th").eval() for name in CASES}
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_state_keys(name: str, golden: Path, models: dict) -> None:
+def test_state_keys(name: str, golden: Path, models: Models) -> None:
     expected = json.loads((golden / f"{name}.state_keys.json").read_text())
     ours = {key: list(value.shape) for key, value in models[name].state_dict().items()}
     assert ours == expected
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_forward(name: str, golden: Path, models: dict) -> None:
+def test_forward(name: str, golden: Path, models: Models) -> None:
     io = torch.load(golden / f"{name}.io.pt")
     with torch.no_grad():
         out = models[name](io["mix"][None])[0]
@@ -63,7 +66,7 @@ def test_forward(name: str, golden: Path, models: dict) -> None:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_apply_split(name: str, golden: Path, models: dict) -> None:
+def test_apply_split(name: str, golden: Path, models: Models) -> None:
     io = torch.load(golden / f"{name}.io.pt")
     out = apply_model(models[name], normalized(io["mix"])[None], shifts=0, split=True,
                       overlap=0.25)[0]
@@ -72,7 +75,7 @@ def test_apply_split(name: str, golden: Path, models: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["pub_81de367c", "pub_e51eebcc", "pub_9357e12e"])
-def test_apply_shifts(name: str, golden: Path, models: dict) -> None:
+def test_apply_shifts(name: str, golden: Path, models: Models) -> None:
     io = torch.load(golden / f"{name}.io.pt")
     random.seed(1234)
     out = apply_model(models[name], normalized(io["mix"])[None], shifts=2, split=True,
@@ -80,7 +83,7 @@ def test_apply_shifts(name: str, golden: Path, models: dict) -> None:
     assert_close(out, io["apply_shifts2_seed1234"])
 
 
-def test_trace_locates_layers(golden: Path, models: dict) -> None:
+def test_trace_locates_layers(golden: Path, models: Models) -> None:
     """Top-level activations agree with the float16 trace of the original."""
     trace = torch.load(golden / "pub_9357e12e.trace.pt")
     model = models["pub_9357e12e"]
@@ -100,23 +103,20 @@ def test_trace_locates_layers(golden: Path, models: dict) -> None:
         assert_close(acts[key].half().float(), value.float(), factor=20)
 
 
-def test_half_package(golden: Path) -> None:
-    model = load_model(golden / "pub_81de367c_half.th").eval()
-    io = torch.load(golden / "pub_81de367c.io.pt")
+@pytest.mark.parametrize("package, io_name, factor", [
+    ("pub_81de367c_half", "pub_81de367c", 5.),  # float16 weights: the float32 golden, 5x tol
+    ("pub_81de367c_diffq", "pub_81de367c_diffq", 1.),
+])
+def test_half_and_diffq_packages(golden: Path, package: str, io_name: str,
+                                 factor: float) -> None:
+    model = load_model(golden / f"{package}.th").eval()
+    io = torch.load(golden / f"{io_name}.io.pt")
     with torch.no_grad():
         out = model(io["mix"][None])[0]
-    assert_close(out, io["forward"], factor=5)
+    assert_close(out, io["forward"], factor)
 
 
-def test_diffq_package(golden: Path) -> None:
-    model = load_model(golden / "pub_81de367c_diffq.th").eval()
-    io = torch.load(golden / "pub_81de367c_diffq.io.pt")
-    with torch.no_grad():
-        out = model(io["mix"][None])[0]
-    assert_close(out, io["forward"])
-
-
-def test_bag_is_weighted_average_of_members(golden: Path, models: dict) -> None:
+def test_bag_is_weighted_average_of_members(golden: Path, models: Models) -> None:
     """A bag averages its members per source with the yaml's weights.
 
     Note: `bag_pair.io.pt` holds the output of the first member alone for every source
