@@ -174,7 +174,6 @@ def quant_cfg(diffq: float | None = None, qat: int | None = None) -> types.Simpl
 
 
 def test_quantizers() -> None:
-    pytest.importorskip("diffq")
     model = nn.Sequential(nn.Conv1d(16, 32, 8), nn.Conv1d(32, 4, 1))
     assert get_quantizer(model, quant_cfg()) is None
     assert model_size(model) == pytest.approx(sum(p.numel() for p in model.parameters())
