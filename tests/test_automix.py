@@ -6,7 +6,6 @@ TRACKS - VALID others, so that both splits of the remixes can be checked.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 
 from demucs.errors import DatasetError
 from demucs.wav import get_wav_datasets
+from helpers import REPO, require_programs
 from tools import automix, automix_analysis
 from tools.automix_analysis import RemixPlan, Settings, StemPlan, TrackAnalysis
 from tools.synth_dataset import Song, generate_dataset, track_names
@@ -30,15 +30,8 @@ TRACKS = 8
 VALID = 4  # tracks named after MusDB validation tracks (the first ones)
 SOURCES = list(automix.SOURCES)
 STEM_FIELDS = {"track", "offset_seconds", "tempo_factor", "pitch_semitones"}
-REPO = Path(__file__).resolve().parents[1]
 # Wide tolerances: random synthetic tracks (90 to 140 BPM, any key) must all be compatible.
 LOOSE = ["--max-tempo", "60", "--max-pitch", "6", "--workers", "1"]
-
-
-def needs_soundstretch() -> None:
-    """Skip without soundstretch, except on CI (CI=true) where it must be installed."""
-    if shutil.which("soundstretch") is None and os.environ.get("CI") != "true":
-        pytest.skip("soundstretch is not installed")
 
 
 def _manifest(out: Path) -> dict[str, tp.Any]:
@@ -65,7 +58,7 @@ def analyses(musdb: Path) -> list[TrackAnalysis]:
 
 @pytest.fixture(scope="module")
 def remixed(musdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    needs_soundstretch()
+    require_programs("soundstretch")
     out = tmp_path_factory.mktemp("automix") / "out"
     automix.main(["--musdb", str(musdb), "--out", str(out), "--mixes-per-track", "2", *LOOSE])
     return out
@@ -267,7 +260,7 @@ def test_loud_stems_are_written_without_wraparound(tmp_path: Path, int16: bool,
 
 def test_refuses_a_non_empty_output(musdb: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    needs_soundstretch()
+    require_programs("soundstretch")
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(SystemExit) as error:
         automix.main(["--musdb", str(musdb), "--out", str(tmp_path), *LOOSE])
@@ -342,7 +335,7 @@ def test_user_error_is_one_line_and_verbose_adds_the_traceback(tmp_path: Path) -
 def test_env_variables_are_the_defaults(musdb: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    needs_soundstretch()
+    require_programs("soundstretch")
     monkeypatch.setenv("MUSDB_PATH", str(musdb))
     monkeypatch.setenv("AUTOMIX_MUSDB_PATH", str(tmp_path))
     (tmp_path / "x").write_text("")
@@ -371,7 +364,7 @@ def test_missing_stem(musdb: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_other_sources_in_a_process_pool(tmp_path: Path) -> None:
-    needs_soundstretch()
+    require_programs("soundstretch")
     sources = ["drums", "bass", "guitar"]
     musdb = generate_dataset(tmp_path / "musdb", tracks=6, seconds=4., samplerate=SR, seed=3,
                              sources=sources, test_tracks=0, valid_tracks=3)

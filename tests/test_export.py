@@ -18,9 +18,9 @@ from demucs.repo import check_checksum, split_package_name
 from demucs.states import save_atomic
 from demucs.states import copy_state, load_model, load_package
 from tools import export, test_pretrained
+from helpers import SOURCES, main_error
 from tools.synth_dataset import generate_dataset
 
-SOURCES = ["drums", "bass", "other", "vocals"]
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=5", "model_segment=1",
         "epochs=2"]
 
@@ -118,7 +118,6 @@ def test_export_unfinished_warns(dora_dir: Path, tmp_path: Path,
 
 
 def test_export_diffq(dora_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("diffq")
     sig, solver = fake_xp(TINY + ["quant.diffq=1e-4", "quant.min_size=0.0001"], epochs_done=2)
     export.main([sig, "-o", str(tmp_path)])
     package = load_package(tmp_path / f"{sig}.th")
@@ -127,12 +126,9 @@ def test_export_diffq(dora_dir: Path, tmp_path: Path) -> None:
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        export.main(argv)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tools.export: error: ")
-    return err
+    line = main_error(export.main, argv, capsys)
+    assert line.startswith("tools.export: error: ")
+    return line
 
 
 def test_export_errors(dora_dir: Path, tmp_path: Path,
@@ -221,12 +217,9 @@ def test_pretrained_env_and_overrides(repo: Path, musdb: Path,
 
 
 def pretrained_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        test_pretrained.main(argv)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tools.test_pretrained: error: ")
-    return err
+    line = main_error(test_pretrained.main, argv, capsys)
+    assert line.startswith("tools.test_pretrained: error: ")
+    return line
 
 
 def test_pretrained_errors(repo: Path, musdb: Path, tmp_path: Path,
