@@ -19,7 +19,7 @@ from demucs.train import main
 from tools.synth_dataset import generate_dataset
 
 # Keys whose values are ours to choose (dataset locations).
-PATH_KEYS = {"dset.musdb", "dset.wav", "dset.metadata"}
+PATH_KEYS = {"dset.musdb", "dset.wav", "dset.wav2", "dset.metadata"}
 SMALL_HDEMUCS = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4",
                  "hdemucs.nfft=512", "model_segment=1"]
 
@@ -56,6 +56,18 @@ def parse_groups(text: str) -> dict[str, dict[str, str]]:
     return {name: parse_facts(lines) for name, lines in groups.items()}
 
 
+def parse_v4_delta(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """config_defaults_v4_delta.txt: ({added key: repr}, {changed key: v4 repr})."""
+    added, changed = {}, {}
+    for line in text.splitlines():
+        kind, _, fact = line.partition(" ")
+        if kind == "+":
+            added.update(parse_facts([fact]))
+        elif kind == "~":
+            changed.update(parse_facts([fact.partition("   (v3: ")[0]]))
+    return added, changed
+
+
 def as_facts(data: tp.Mapping[str, tp.Any]) -> dict[str, str]:
     return {key: repr(value) for key, value in flatten(data).items()}
 
@@ -68,16 +80,41 @@ def base_config() -> dict[str, tp.Any]:
     return tp.cast(dict, OmegaConf.to_container(main._base_cfg, resolve=True))
 
 
-def test_defaults_match_reference(reference_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def v4_delta(reference_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    return parse_v4_delta((reference_dir / "v4" / "config_defaults_v4_delta.txt").read_text())
+
+
+def test_defaults_match_reference(reference_dir: Path,
+                                  v4_delta: tuple[dict[str, str], dict[str, str]]) -> None:
+    """The v3 base config (same keys in the same order) plus the keys and changes of v4."""
     lines = (reference_dir / "config_defaults.txt").read_text().splitlines()
-    expected = parse_facts(lines)
+    v3 = parse_facts(lines)
+    added, changed = v4_delta
+    assert added and len(changed) == 2 and set(changed) <= set(v3)
+    assert not set(added) & set(v3)
     ours = as_facts(base_config())
-    assert list(ours) == list(expected)  # same keys, same order
+    assert [key for key in ours if key in v3] == list(v3)
+    assert [key for key in ours if key in added] == list(added)
+    assert set(ours) == set(v3) | set(added)
+    expected = {**v3, **changed, **added}
     assert without_paths(ours) == without_paths(expected)
 
 
-def test_groups_match_reference(reference_dir: Path) -> None:
-    expected = parse_groups((reference_dir / "config_groups.txt").read_text())
+def test_changed_v4_defaults_stay_out_of_signatures(
+        v4_delta: tuple[dict[str, str], dict[str, str]]) -> None:
+    """The two defaults v4 changes are Dora settings and Slurm settings, never hashed."""
+    _, changed = v4_delta
+    assert set(changed) == {"dora.exclude", "slurm.setup"}
+    for key in ["dset.backend", "slurm.setup", "dora.exclude"]:
+        assert main.dora.is_excluded(key), key
+    assert main.get_xp(["dset.backend=soundfile"]).sig == main.get_xp([]).sig
+
+
+@pytest.mark.parametrize("facts_file", ["config_groups.txt", "v4/config_groups_v4.txt"])
+def test_groups_match_reference(reference_dir: Path, facts_file: str) -> None:
+    expected = parse_groups((reference_dir / facts_file).read_text())
+    assert expected
     for name, facts in expected.items():
         content = OmegaConf.load(train.CONFIG_DIR / f"{name}.yaml")
         ours = as_facts(tp.cast(dict, OmegaConf.to_container(content) or {}))
@@ -87,7 +124,8 @@ def test_groups_match_reference(reference_dir: Path) -> None:
 
 def test_group_files() -> None:
     assert train.group_choices("dset") == [
-        "aetl", "auto_extra", "auto_extra_test", "auto_mus", "extra44", "extra_test", "musdb44"]
+        "aetl", "auto_extra", "auto_extra_test", "auto_mus", "extra44", "extra_mmi_goodclean",
+        "extra_test", "musdb44", "sdx23_bleeding", "sdx23_labelnoise"]
     assert train.group_choices("svd") == ["base", "base2", "default"]
     assert train.group_choices("variant") == ["default", "example", "finetune"]
     auto_extra = OmegaConf.load(train.CONFIG_DIR / "dset" / "auto_extra.yaml")
