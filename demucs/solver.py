@@ -273,8 +273,6 @@ class Solver:
             try:
                 part.load(package[name])
             except (ValueError, KeyError, RuntimeError, TypeError) as error:
-                if isinstance(error, ModelLoadingError):
-                    raise
                 raise ModelLoadingError(f"{self.checkpoint_file}: its {name!r} does not fit "
                                         f"({one_line(error)[:200]}); "
                                         f"{self._resume_hint()}.") from None

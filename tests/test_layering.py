@@ -1,0 +1,63 @@
+"""The package has no import cycle, lazy imports (inside functions) included."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path, modules: set[str]) -> set[str]:
+    """The modules of `modules` that `path` imports anywhere in its code."""
+    name = module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return {module for module in found if module in modules and module != name}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (module -> imported modules), or [] when none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for other in sorted(graph[module]):
+            if cycle := visit(other, path + [module]):
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if cycle := visit(module, []):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle() -> None:
+    files = sorted((REPO / "demucs").rglob("*.py"))
+    modules = {module_name(path) for path in files}
+    # A package imports its modules on demand: `demucs` itself is not a dependency.
+    graph = {module_name(path): imported(path, modules) - {"demucs"} for path in files}
+    assert len(graph) > 20 and graph["demucs.solver"] >= {"demucs.evaluate"}
+    assert find_cycle(graph) == []
