@@ -16,11 +16,13 @@ from torch import nn
 from .demucs import Demucs
 from .errors import ConfigError
 from .hdemucs import HDemucs
+from .htdemucs import HTDemucs
 
 # config name (`model=NAME`, and the config section `NAME:`) -> model class
 MODELS: tp.Mapping[str, type[nn.Module]] = {
     "demucs": Demucs,
     "hdemucs": HDemucs,
+    "htdemucs": HTDemucs,
 }
 
 

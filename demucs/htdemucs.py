@@ -1,0 +1,476 @@
+"""Hybrid Transformer Demucs (HTDemucs, Demucs v4).
+
+The two U-Nets of Hybrid Demucs (spectrogram and waveform branches, see `hdemucs`), with
+a cross-domain transformer (`transformer.CrossTransformerEncoder`) between their
+innermost layers: the branches stay separate down to the bottleneck, exchange
+information through cross-attention there, and each decodes its own output. The
+spectrogram output (complex-as-channels, or a magnitude filtered by Wiener) is added to
+the waveform output, as in HDemucs.
+
+A model trained with `use_train_segment` runs on exactly its training length: a training
+forward records that length in `segment` (a `Fraction` of seconds); in evaluation,
+shorter inputs are zero padded on the right up to it and longer ones are refused
+(`apply_model` cuts long inputs into chunks of `segment` seconds).
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+from fractions import Fraction
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .demucs import rescale_module
+from .hdemucs import pad1d
+from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
+from .spec import ispectro, spectro
+from .transformer import CrossTransformerEncoder, check_dense_attention
+from .utils import capture_init
+from .wiener import mixture_phase_filter, wiener
+
+Segment = tp.Union[float, Fraction]
+
+
+class HTDemucs(nn.Module):
+    """Hybrid Transformer Demucs: spectrogram and waveform U-Nets joined by a transformer.
+
+    Args:
+        sources: names of the sources to separate.
+        audio_channels: input/output audio channels.
+        channels: channels of the first layer (freq branch); `channels_time` for the
+            time branch if different.
+        growth: channel multiplier from one layer to the next.
+        nfft: STFT size (hop nfft // 4).
+        wiener_iters: Wiener EM iterations at evaluation when masking (`cac=False`);
+            a negative value keeps the mixture phase without filtering.
+        end_iters: the same during training (must equal `wiener_iters`).
+        wiener_residual: add a residual source to the Wiener filter.
+        cac: complex-as-channels: the freq branch predicts the complex spectrogram.
+        depth: number of layers of each U-Net.
+        rewrite: add rewrite convolutions (1x1 or with context) followed by GLU.
+        multi_freqs: split the frequency axis into bands with these ratios for the first
+            `multi_freqs_depth` layers, each band with its own weights.
+        freq_emb: weight of the frequency embedding added after the first layer (0: none).
+        emb_scale, emb_smooth: learning rate scale and smooth init of that embedding.
+        kernel_size, stride: of the freq layers and of the time layers.
+        time_stride: stride of the time-only layers (when the frequencies are exhausted).
+        context: decoder rewrite context; context_enc: encoder rewrite context.
+        norm_starts, norm_groups: layer from which group norm is used, and its groups.
+        dconv_mode: 1 = DConv in the encoder, 2 = in the decoder, 3 = both.
+        dconv_depth, dconv_comp, dconv_init: DConv depth, compression, LayerScale init.
+        bottom_channels: if not 0, 1x1 convolutions to this many channels around the
+            transformer.
+        t_layers: transformer layers in each branch (0: no transformer).
+        t_hidden_scale, t_heads, t_dropout: feed-forward scale, heads, dropout.
+        t_layer_scale, t_gelu: LayerScale on residual branches; GELU (else ReLU).
+        t_emb: positional embedding of the time branch: 'sin', 'cape' or 'scaled'.
+        t_max_positions: size of the 'scaled' embedding.
+        t_max_period, t_weight_pos_embed: longest period, weight of the embeddings.
+        t_cape_mean_normalize, t_cape_augment, t_cape_glob_loc_scale: CAPE options
+            (augmentation in training only: global shift, local shift, scale).
+        t_sin_random_shift: random shift of the 'sin' positions.
+        t_norm_in, t_norm_in_group: LayerNorm (else GroupNorm) of the transformer inputs.
+        t_group_norm: GroupNorm instead of LayerNorm inside the transformer layers.
+        t_norm_first, t_norm_out: pre-norm layers, with a final one-group norm.
+        t_weight_decay, t_lr: weight decay and learning rate of the transformer's
+            optimizer group.
+        t_sparse_self_attn, t_sparse_cross_attn, t_mask_type, t_mask_random_seed,
+        t_sparse_attn_window, t_global_window, t_sparsity, t_auto_sparsity: sparse
+            attention (needs xformers kernels, not available: asking raises ConfigError).
+        t_cross_first: the first transformer layer is a cross-attention layer.
+        rescale: rescale the initial weights of the convolutions (0 to disable).
+        samplerate: sample rate of the audio.
+        segment: training length in seconds (a float or a `Fraction`).
+        use_train_segment: run on exactly `segment` seconds in evaluation (see module doc).
+    """
+
+    @capture_init
+    def __init__(self,
+                 sources: tp.List[str],
+                 # Channels
+                 audio_channels: int = 2,
+                 channels: int = 48,
+                 channels_time: tp.Optional[int] = None,
+                 growth: float = 2,
+                 # STFT
+                 nfft: int = 4096,
+                 wiener_iters: int = 0,
+                 end_iters: int = 0,
+                 wiener_residual: bool = False,
+                 cac: bool = True,
+                 # Main structure
+                 depth: int = 4,
+                 rewrite: bool = True,
+                 # Frequency branch
+                 multi_freqs: tp.Optional[tp.Sequence[float]] = None,
+                 multi_freqs_depth: int = 3,
+                 freq_emb: float = 0.2,
+                 emb_scale: float = 10,
+                 emb_smooth: bool = True,
+                 # Convolutions
+                 kernel_size: int = 8,
+                 time_stride: int = 2,
+                 stride: int = 4,
+                 context: int = 1,
+                 context_enc: int = 0,
+                 # Normalization
+                 norm_starts: int = 4,
+                 norm_groups: int = 4,
+                 # DConv residual branch
+                 dconv_mode: int = 1,
+                 dconv_depth: int = 2,
+                 dconv_comp: int = 8,
+                 dconv_init: float = 1e-3,
+                 # Before the transformer
+                 bottom_channels: int = 0,
+                 # Transformer
+                 t_layers: int = 5,
+                 t_emb: str = "sin",
+                 t_hidden_scale: float = 4.0,
+                 t_heads: int = 8,
+                 t_dropout: float = 0.0,
+                 t_max_positions: int = 10000,
+                 t_norm_in: bool = True,
+                 t_norm_in_group: bool = False,
+                 t_group_norm: bool = False,
+                 t_norm_first: bool = True,
+                 t_norm_out: bool = True,
+                 t_max_period: float = 10000.0,
+                 t_weight_decay: float = 0.0,
+                 t_lr: tp.Optional[float] = None,
+                 t_layer_scale: bool = True,
+                 t_gelu: bool = True,
+                 t_weight_pos_embed: float = 1.0,
+                 t_sin_random_shift: int = 0,
+                 t_cape_mean_normalize: bool = True,
+                 t_cape_augment: bool = True,
+                 t_cape_glob_loc_scale: tp.Sequence[float] = (5000.0, 1.0, 1.4),
+                 # Sparse attention (not available: see `transformer.check_dense_attention`)
+                 t_sparse_self_attn: bool = False,
+                 t_sparse_cross_attn: bool = False,
+                 t_mask_type: str = "diag",
+                 t_mask_random_seed: int = 42,
+                 t_sparse_attn_window: int = 500,
+                 t_global_window: int = 100,
+                 t_sparsity: float = 0.95,
+                 t_auto_sparsity: bool = False,
+                 # Transformer layer order
+                 t_cross_first: bool = False,
+                 # Weight init
+                 rescale: float = 0.1,
+                 # Metadata
+                 samplerate: int = 44100,
+                 segment: Segment = 10,
+                 use_train_segment: bool = True):
+        super().__init__()
+        if wiener_iters != end_iters:
+            raise ValueError(f"HTDemucs needs wiener_iters == end_iters, got {wiener_iters} "
+                             f"and {end_iters}.")
+        if t_layers > 0:
+            check_dense_attention(t_sparse_self_attn, t_sparse_cross_attn)
+        self.cac = cac
+        self.wiener_residual = wiener_residual
+        self.audio_channels = audio_channels
+        self.sources = sources
+        self.kernel_size = kernel_size
+        self.context = context
+        self.stride = stride
+        self.depth = depth
+        self.bottom_channels = bottom_channels
+        self.channels = channels
+        self.samplerate = samplerate
+        self.segment: Segment = segment
+        self.use_train_segment = use_train_segment
+        self.nfft = nfft
+        self.hop_length = nfft // 4
+        self.wiener_iters = wiener_iters
+        self.end_iters = end_iters
+        self.freq_emb: tp.Optional[ScaledEmbedding] = None
+        self.freq_emb_scale = freq_emb
+
+        self.encoder = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        self.tencoder = nn.ModuleList()
+        self.tdecoder = nn.ModuleList()
+        chin = audio_channels
+        chin_z = chin * 2 if cac else chin  # channels of the freq branch
+        chout = channels_time or channels
+        chout_z = channels
+        freqs = nfft // 2
+        for index in range(depth):
+            freq = freqs > 1
+            stri, ker = stride, kernel_size
+            if not freq:
+                ker, stri = time_stride * 2, time_stride
+            pad = True
+            last_freq = False
+            if freq and freqs <= kernel_size:
+                ker = freqs
+                pad = False
+                last_freq = True
+            kw: tp.Dict[str, tp.Any] = {
+                "kernel_size": ker, "stride": stri, "freq": freq, "pad": pad,
+                "norm": index >= norm_starts, "rewrite": rewrite, "norm_groups": norm_groups,
+                "dconv_kw": {"depth": dconv_depth, "compress": dconv_comp,
+                             "init": dconv_init, "gelu": True},
+            }
+            kwt = dict(kw, freq=0, kernel_size=kernel_size, stride=stride, pad=True)
+            kw_dec = dict(kw)
+            multi = bool(multi_freqs) and index < multi_freqs_depth
+            if multi:
+                kw_dec["context_freq"] = False
+            if last_freq:
+                chout_z = max(chout, chout_z)
+                chout = chout_z
+
+            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=bool(dconv_mode & 1),
+                                       context=context_enc, **kw)
+            if freq:
+                self.tencoder.append(HEncLayer(chin, chout, dconv=bool(dconv_mode & 1),
+                                               context=context_enc, empty=last_freq, **kwt))
+            if multi:
+                assert multi_freqs is not None
+                enc = MultiWrap(enc, multi_freqs)
+            self.encoder.append(enc)
+
+            if index == 0:
+                chin = self.audio_channels * len(self.sources)
+                chin_z = chin * 2 if cac else chin
+            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=bool(dconv_mode & 2),
+                                       last=index == 0, context=context, **kw_dec)
+            if multi:
+                assert multi_freqs is not None
+                dec = MultiWrap(dec, multi_freqs)
+            if freq:
+                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=bool(dconv_mode & 2),
+                                                  empty=last_freq, last=index == 0,
+                                                  context=context, **kwt))
+            self.decoder.insert(0, dec)
+
+            chin, chin_z = chout, chout_z
+            chout, chout_z = int(growth * chout), int(growth * chout_z)
+            if freq:
+                freqs = 1 if freqs <= kernel_size else freqs // stride
+            if index == 0 and freq_emb:
+                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
+                                                scale=emb_scale)
+        if rescale:
+            rescale_module(self, reference=rescale)
+
+        # Bottleneck: optional 1x1 convolutions to `bottom_channels`, then the transformer.
+        transformer_channels = int(channels * growth ** (depth - 1))
+        if bottom_channels:
+            self.channel_upsampler = nn.Conv1d(transformer_channels, bottom_channels, 1)
+            self.channel_downsampler = nn.Conv1d(bottom_channels, transformer_channels, 1)
+            self.channel_upsampler_t = nn.Conv1d(transformer_channels, bottom_channels, 1)
+            self.channel_downsampler_t = nn.Conv1d(bottom_channels, transformer_channels, 1)
+            transformer_channels = bottom_channels
+        self.crosstransformer: tp.Optional[CrossTransformerEncoder] = None
+        if t_layers > 0:
+            self.crosstransformer = CrossTransformerEncoder(
+                dim=transformer_channels, emb=t_emb, hidden_scale=t_hidden_scale,
+                num_heads=t_heads, num_layers=t_layers, cross_first=t_cross_first,
+                dropout=t_dropout, max_positions=t_max_positions, norm_in=t_norm_in,
+                norm_in_group=t_norm_in_group, group_norm=t_group_norm,
+                norm_first=t_norm_first, norm_out=t_norm_out, max_period=t_max_period,
+                weight_decay=t_weight_decay, lr=t_lr, layer_scale=t_layer_scale, gelu=t_gelu,
+                sin_random_shift=t_sin_random_shift, weight_pos_embed=t_weight_pos_embed,
+                cape_mean_normalize=t_cape_mean_normalize, cape_augment=t_cape_augment,
+                cape_glob_loc_scale=t_cape_glob_loc_scale,
+                sparse_self_attn=t_sparse_self_attn, sparse_cross_attn=t_sparse_cross_attn,
+                mask_type=t_mask_type, mask_random_seed=t_mask_random_seed,
+                sparse_attn_window=t_sparse_attn_window, global_window=t_global_window,
+                sparsity=t_sparsity, auto_sparsity=t_auto_sparsity)
+
+    # -----------------------------------------------------------------------------------
+    # Lengths
+
+    @property
+    def training_length(self) -> int:
+        """The training length in samples, `segment` seconds."""
+        return int(self.segment * self.samplerate)
+
+    @property
+    def max_allowed_segment(self) -> float:
+        """Longest input, in seconds, an evaluation forward accepts (inf without
+        `use_train_segment`); `apply_model` never gives longer chunks."""
+        return float(self.segment) if self.use_train_segment else math.inf
+
+    def valid_length(self, length: int) -> int:
+        """The input length to give to `forward` for `length` samples of audio: the
+        training length (ValueError when `length` exceeds it) with `use_train_segment`."""
+        if not self.use_train_segment:
+            return length
+        if length > self.training_length:
+            raise ValueError(f"Given length {length} is longer than the training length "
+                             f"{self.training_length} of this HTDemucs ({self.segment} s); "
+                             "cut the input into chunks (apply_model does).")
+        return self.training_length
+
+    # -----------------------------------------------------------------------------------
+    # Spectrograms (the conventions of a hybrid HDemucs)
+
+    def _spec(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)), frames aligned with the
+        time branch: padded so that frame k is centred on sample k * hop + hop / 2."""
+        hl = self.hop_length
+        le = int(math.ceil(x.shape[-1] / hl))
+        pad = hl // 2 * 3
+        x = pad1d(x, (pad, pad + le * hl - x.shape[-1]), mode="reflect")
+        z = spectro(x, self.nfft, hl)[..., :-1, :]  # drop the Nyquist bin
+        return z[..., 2:2 + le]
+
+    def _ispec(self, z: torch.Tensor, length: int) -> torch.Tensor:
+        """Inverse of `_spec`: complex (..., Fr, frames) -> (..., length)."""
+        hl = self.hop_length
+        z = F.pad(z, (2, 2, 0, 1))  # two frames on each side, the Nyquist bin
+        pad = hl // 2 * 3
+        x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
+        return x[..., pad:pad + length]
+
+    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
+        """Input of the freq branch: the magnitude (B, C, Fr, T), or with `cac` real and
+        imaginary parts as channels (B, 2C, Fr, T)."""
+        if not self.cac:
+            return z.abs()
+        B, C, Fr, T = z.shape
+        m = torch.view_as_real(z).permute(0, 1, 4, 2, 3)  # (B, C, 2, Fr, T)
+        return m.reshape(B, C * 2, Fr, T)
+
+    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`:
+        with `cac` `m` holds them, else `m` is a magnitude given the mixture phase
+        (`niters < 0`) or Wiener filtered against the mixture `z` (B, C, Fr, T)."""
+        if self.cac:
+            B, S, C, Fr, T = m.shape
+            out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)
+            return torch.view_as_complex(out.contiguous())
+        niters = self.end_iters if self.training else self.wiener_iters
+        if niters < 0:
+            z = z[:, None]
+            return z / (1e-8 + z.abs()) * m
+        if niters == 0 and not self.wiener_residual:
+            return mixture_phase_filter(z, m).to(z.dtype)
+        return self._wiener(m, z, niters)
+
+    def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int
+                ) -> torch.Tensor:
+        """Wiener filtering (B, S, C, Fr, T) per batch item, in windows of 300 frames."""
+        window = 300
+        B, S, C, Fr, T = mag_out.shape
+        mags = mag_out.permute(0, 4, 3, 2, 1)  # (B, T, Fr, C, S)
+        mix = torch.view_as_real(mix_stft.permute(0, 3, 2, 1))  # (B, T, Fr, C, 2)
+        outs = []
+        for sample in range(B):
+            frames = [wiener(mags[sample, pos:pos + window], mix[sample, pos:pos + window],
+                             niters, residual=self.wiener_residual).transpose(-1, -2)
+                      for pos in range(0, T, window)]  # each (t, Fr, C, S', 2)
+            outs.append(torch.cat(frames, dim=0))
+        out = torch.view_as_complex(torch.stack(outs, 0)).permute(0, 4, 3, 2, 1)
+        out = out.contiguous()  # (B, S', C, Fr, T)
+        if self.wiener_residual:
+            out = out[:, :-1]
+        return out.to(mix_stft.dtype)
+
+    # -----------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
+        length = mix.shape[-1]
+        mix = self._fit_training_length(mix)
+        z = self._spec(mix)
+        x, mean, std = _normalize(self._magnitude(z).to(mix.device), dims=(1, 2, 3))
+        xt, meant, stdt = _normalize(mix, dims=(1, 2))
+
+        x, xt = self._encode_decode(x, xt)
+
+        B, S = x.shape[0], len(self.sources)
+        x = x.view(B, S, -1, *x.shape[-2:]) * std[:, None] + mean[:, None]  # (B, S, C, Fr, T)
+        x = self._ispec(self._mask(z, x), mix.shape[-1])
+        xt = xt.view(B, S, -1, mix.shape[-1]) * stdt[:, None] + meant[:, None]
+        return (xt + x)[..., :length]
+
+    def _fit_training_length(self, mix: torch.Tensor) -> torch.Tensor:
+        """With `use_train_segment`: record the training length in training, pad to it in
+        evaluation (inputs longer than it are refused)."""
+        if not self.use_train_segment:
+            return mix
+        if self.training:
+            self.segment = Fraction(mix.shape[-1], self.samplerate)
+            return mix
+        target = self.valid_length(mix.shape[-1])
+        return F.pad(mix, (0, target - mix.shape[-1]))
+
+    def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
+                       ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Both U-Nets and the transformer on normalised inputs: the freq branch
+        (B, C, Fr, T) and the time branch (B, C, T) -> (B, S * C', Fr, T), (B, S * C, T)."""
+        saved: tp.List[torch.Tensor] = []  # skip connections, freq branch
+        saved_t: tp.List[torch.Tensor] = []  # skip connections, time branch
+        lengths: tp.List[int] = []  # lengths before each freq layer, to remove the padding
+        lengths_t: tp.List[int] = []  # same for the time branch
+        for idx, encode in enumerate(self.encoder):
+            lengths.append(x.shape[-1])
+            inject = None
+            if idx < len(self.tencoder):
+                lengths_t.append(xt.shape[-1])
+                tenc = self.tencoder[idx]
+                xt = tenc(xt)
+                if tenc.empty:  # the branches merge here: xt now has the shape of x
+                    inject = xt
+                else:
+                    saved_t.append(xt)
+            x = encode(x, inject)
+            if idx == 0 and self.freq_emb is not None:
+                # Frequency embedding, so that convolutions along frequency need not be
+                # equivariant.
+                frs = torch.arange(x.shape[-2], device=x.device)
+                emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
+                x = x + self.freq_emb_scale * emb
+            saved.append(x)
+
+        x, xt = self._bottleneck(x, xt)
+        # Unlike HDemucs, the decoders start from the transformer output.
+        offset = self.depth - len(self.tdecoder)
+        for idx, decode in enumerate(self.decoder):
+            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
+            # `pre` is the input of the last transposed conv, where the branches split.
+            if idx >= offset:
+                tdec = self.tdecoder[idx - offset]
+                length_t = lengths_t.pop(-1)
+                if tdec.empty:
+                    xt, _ = tdec(pre[:, :, 0], None, length_t)
+                else:
+                    xt, _ = tdec(xt, saved_t.pop(-1), length_t)
+        assert not saved and not saved_t and not lengths_t
+        return x, xt
+
+    def _bottleneck(self, x: torch.Tensor, xt: torch.Tensor
+                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """The transformer between the innermost layers, (B, C, Fr, T1) and (B, C, T2)."""
+        if self.crosstransformer is None:
+            return x, xt
+        if self.bottom_channels:
+            B, C, Fr, T1 = x.shape
+            x = self.channel_upsampler(x.view(B, C, Fr * T1)).view(B, -1, Fr, T1)
+            xt = self.channel_upsampler_t(xt)
+        x, xt = self.crosstransformer(x, xt)
+        if self.bottom_channels:
+            B, C, Fr, T1 = x.shape
+            x = self.channel_downsampler(x.reshape(B, C, Fr * T1)).view(B, -1, Fr, T1)
+            xt = self.channel_downsampler_t(xt)
+        return x, xt
+
+
+def _normalize(x: torch.Tensor, dims: tp.Tuple[int, ...]
+               ) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - mean) / (1e-5 + std) over `dims`, with the mean and std (kept dims)."""
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return (x - mean) / (1e-5 + std), mean, std
+
+
+__all__ = ["HTDemucs"]
