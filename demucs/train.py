@@ -11,6 +11,7 @@ one line and a non-zero exit status.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import sys
@@ -40,6 +41,11 @@ HYDRA_VERSION_BASE = "1.3"
 OPTIMIZERS = ("adam", "adamw")
 LOSSES = ("l1", "mse")
 CONFIG_GROUPS = ("dset", "svd", "variant")
+# `dset.backend` (upstream v4 picks a torchaudio backend with it): we always read wav
+# datasets with soundfile, so only these values mean what they say.
+BACKENDS = ("soundfile",)
+# The submodule of an HTDemucs trained in its own optimizer group (`htdemucs.t_lr`, ...).
+TRANSFORMER = "crosstransformer"
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,20 +73,47 @@ def check_overrides(argv: tp.Sequence[str], config_dir: Path = CONFIG_DIR) -> No
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Check the values that select a class or a function (model, optimizer, loss)."""
+    """Check the values that select a class or a function (model, optimizer, loss), and
+    the dataset settings that go together."""
     model_class(cfg.model)  # ConfigError naming the registered models
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     _check_choice("optim.loss", cfg.optim.loss, LOSSES)
     check_metric(cfg.test.metric, list(cfg.dset.sources))
+    check_dset(cfg.dset)
+
+
+def dset_option(dset: DictConfig, key: str, default: tp.Any = None) -> tp.Any:
+    """`dset.KEY`, or `default` for the keys only some dset groups define (`wav2_weight`,
+    `wav2_valid`: give them on the command line as `+dset.wav2_weight=...`)."""
+    return dset[key] if key in dset else default
+
+
+def check_dset(dset: DictConfig) -> None:
+    """The v4 dataset settings: a training set besides MusDB, valid_samples, wav2_weight."""
+    if dset.backend is not None:
+        _check_choice("dset.backend", dset.backend, BACKENDS)
+    if not dset.use_musdb and dset.wav is None:
+        raise ConfigError("dset.use_musdb=false leaves no training data: set dset.wav to a "
+                          "folder with train/ and valid/ track folders.")
+    samples = dset.valid_samples
+    if samples is not None and (not isinstance(samples, int) or samples <= 0):
+        raise ConfigError(f"dset.valid_samples={samples!r} must be a positive number of "
+                          "examples, or null to validate on the whole valid set.")
+    weight = dset_option(dset, "wav2_weight")
+    if weight is not None and not 0 < weight < 1:
+        raise ConfigError(f"dset.wav2_weight={weight!r} must be strictly between 0 and 1 "
+                          "(the share of training examples from dset.wav2), or null.")
 
 
 def check_dataset_paths(dset: DictConfig) -> None:
-    """Check that the dataset folders exist: `dset.musdb` always, `dset.wav` when set."""
+    """Check that the dataset folders exist: `dset.musdb` always (the test set),
+    `dset.wav` and `dset.wav2` when set."""
     hints = {"musdb": "the MusDB HQ folder (or set MUSDB_PATH)",
-             "wav": "a folder with train/ and valid/ track folders, or null"}
+             "wav": "a folder with train/ and valid/ track folders, or null",
+             "wav2": "a folder with train/ and valid/ track folders, or null"}
     for key, hint in hints.items():
         value = dset[key]
-        if key == "wav" and value is None:
+        if key != "musdb" and value is None:
             continue
         if value is None or not Path(str(value)).expanduser().is_dir():
             raise ConfigError(f"dset.{key}={value!r}: no such folder; set dset.{key} to {hint}.")
@@ -91,12 +124,19 @@ def check_dataset_paths(dset: DictConfig) -> None:
 
 
 def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
-    """Constructor arguments of the model: data settings, then its config section."""
-    model_class(cfg.model)  # an unknown name fails here, before its section is read
+    """Constructor arguments of the model: data settings, then its config section.
+
+    `use_train_segment=false` is passed on to the models that take it (HTDemucs), and only
+    then: their default is true, so that the arguments stay those of upstream v4.
+    """
+    klass = model_class(cfg.model)  # an unknown name fails here, before its section is read
     section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
-    return {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
-            "samplerate": cfg.dset.samplerate,
-            "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
+    kwargs = {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
+              "samplerate": cfg.dset.samplerate,
+              "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
+    if not cfg.use_train_segment and "use_train_segment" in inspect.signature(klass).parameters:
+        kwargs["use_train_segment"] = False
+    return kwargs
 
 
 def get_model(cfg: DictConfig) -> torch.nn.Module:
@@ -104,30 +144,79 @@ def get_model(cfg: DictConfig) -> torch.nn.Module:
     return model_class(cfg.model)(**get_model_kwargs(cfg))
 
 
+def param_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict[str, tp.Any]]:
+    """The optimizer groups: every parameter in one, except those of the transformer of an
+    HTDemucs (its `crosstransformer`), which come second, in their own group, with the
+    model's `t_lr` and `t_weight_decay` where they are not null (`optim.*` otherwise)."""
+    transformer = getattr(model, TRANSFORMER, None)
+    if not isinstance(transformer, torch.nn.Module):
+        return [{"params": list(model.parameters())}]
+    own = {id(param) for param in transformer.parameters()}
+    group: dict[str, tp.Any] = {"params": list(transformer.parameters())}
+    section = cfg[cfg.model] if cfg.model in cfg else {}
+    for key, option in [("lr", "t_lr"), ("weight_decay", "t_weight_decay")]:
+        if section.get(option) is not None:
+            group[key] = section[option]
+    others = [param for param in model.parameters() if id(param) not in own]
+    return [{"params": others}, group]
+
+
 def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over the model parameters, from `cfg.optim`."""
+    """Adam or AdamW over the model parameters (see `param_groups`), from `cfg.optim`."""
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     klass = torch.optim.Adam if cfg.optim.optim == "adam" else torch.optim.AdamW
-    return klass(model.parameters(), lr=cfg.optim.lr,
+    return klass(param_groups(model, cfg), lr=cfg.optim.lr,
                  betas=(cfg.optim.momentum, cfg.optim.beta2),
                  weight_decay=cfg.optim.weight_decay)
 
 
-def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
-    """Train and valid sets: MusDB HQ, plus the wav dataset `dset.wav` when set.
+def _concat(datasets: list[Dataset]) -> Dataset:
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
-    The train set is wrapped for pitch and tempo changes (`augment.repitch`), which crops
-    its examples to `(1 - max_tempo / 100)` of `dset.segment`.
+
+def _add_wav2(train_set: tp.Any, valid_set: tp.Any, dset: DictConfig,
+              ) -> tuple[tp.Any, tp.Any]:
+    """Add the second wav dataset `dset.wav2`: a share `dset.wav2_weight` of the training
+    examples (repeating one of the sets, see `wav.weighted_repeats`; null: as is), and,
+    with `dset.wav2_valid`, of the valid examples (a random subset of its valid set)."""
+    from . import wav
+    extra_train, extra_valid = wav.get_wav_datasets(dset, "wav2")
+    weight = dset_option(dset, "wav2_weight")
+    repeats = (1, 1)
+    if weight is not None:
+        repeats = wav.weighted_repeats(len(train_set), len(extra_train), weight)
+    train_set = ConcatDataset([train_set] * repeats[0] + [extra_train] * repeats[1])
+    if dset_option(dset, "wav2_valid", False):
+        if weight is not None:
+            count = round(weight * len(valid_set) / (1 - weight))
+            extra_valid = wav.random_subset(extra_valid, count)
+        valid_set = ConcatDataset([valid_set, extra_valid])
+    return train_set, valid_set
+
+
+def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
+    """Train and valid sets: MusDB HQ (unless `dset.use_musdb=false`), the wav dataset
+    `dset.wav` and the second one `dset.wav2` when set.
+
+    With `dset.valid_samples`, validation uses that many examples drawn at random (always
+    the same) from the valid set. The train set is wrapped for pitch and tempo changes
+    (`augment.repitch`), which crops its examples to `(1 - max_tempo / 100)` of
+    `dset.segment`.
     """
     from . import wav  # datasets are only needed to train
     from .repitch import wrap_repitch
-    train_set: Dataset
-    valid_set: Dataset
-    train_set, valid_set = wav.get_musdb_wav_datasets(cfg.dset)
+    check_dset(cfg.dset)
+    parts = []
+    if cfg.dset.use_musdb:
+        parts.append(wav.get_musdb_wav_datasets(cfg.dset))
     if cfg.dset.wav:
-        extra_train, extra_valid = wav.get_wav_datasets(cfg.dset)
-        train_set = ConcatDataset([train_set, extra_train])
-        valid_set = ConcatDataset([valid_set, extra_valid])
+        parts.append(wav.get_wav_datasets(cfg.dset))
+    train_set = _concat([train for train, _ in parts])
+    valid_set = _concat([valid for _, valid in parts])
+    if cfg.dset.wav2:
+        train_set, valid_set = _add_wav2(train_set, valid_set, cfg.dset)
+    if cfg.dset.valid_samples is not None:
+        valid_set = wav.random_subset(valid_set, cfg.dset.valid_samples)
     train_set = wrap_repitch(train_set, cfg.augment.repitch, list(cfg.dset.sources),
                              cfg.dset.samplerate)
     return train_set, valid_set
@@ -269,7 +358,7 @@ class DemucsMain(HydraMain):
 
 def _absolute_paths(dset: DictConfig) -> None:
     # Relative dataset paths are from the launch folder, whatever the solver does later.
-    for key in ("musdb", "wav", "metadata"):
+    for key in ("musdb", "wav", "wav2", "metadata"):
         if dset[key] is not None:
             dset[key] = str(Path(str(dset[key])).expanduser().resolve())
 

@@ -104,7 +104,8 @@ def _track_folders(path: Path) -> list[str]:
     """
     if not path.is_dir():
         raise DatasetError(f"Dataset folder {path} does not exist or is not a folder; "
-                           "check the dataset path in the config (dset.musdb or dset.wav).")
+                           "check the dataset path in the config (dset.musdb, dset.wav or "
+                           "dset.wav2).")
     tracks = []
     for root, folders, _ in os.walk(path, followlinks=True):
         folders[:] = [name for name in folders if not name.startswith(".")]
@@ -450,15 +451,17 @@ def get_musdb_wav_datasets(dset: tp.Any) -> tuple[Wavset, Wavset]:
     return _make_sets(root, root, train, valid, dset)
 
 
-def get_wav_datasets(dset: tp.Any) -> tuple[Wavset, Wavset]:
-    """Train and valid sets from a custom dataset `dset.wav` with train/ and valid/."""
-    wav_path = _dataset_path(dset, "wav")
+def get_wav_datasets(dset: tp.Any, key: str = "wav") -> tuple[Wavset, Wavset]:
+    """Train and valid sets from a custom dataset with train/ and valid/: `dset.wav`, or the
+    dataset of another key such as `dset.wav2`, read with the same settings."""
+    wav_path = _dataset_path(dset, key)
+    value = getattr(dset, key)
     roots = [wav_path / "train", wav_path / "valid"]
     for root in roots:
         if not root.is_dir():
-            raise DatasetError(f"dset.wav={dset.wav}: {root} does not exist; a wav dataset "
+            raise DatasetError(f"dset.{key}={value}: {root} does not exist; a wav dataset "
                                "needs train/ and valid/ folders of tracks.")
-    cache = _cache_file(dset, "wav", dset.wav)
+    cache = _cache_file(dset, "wav", value)
     train, valid = cached_metadata(cache, roots, list(dset.sources), dset.normalize)
     if dset.train_valid:
         # One root for both folders: track names become `train/NAME` and `valid/NAME`.
@@ -466,3 +469,33 @@ def get_wav_datasets(dset: tp.Any) -> tuple[Wavset, Wavset]:
                 for root, metadata in zip(roots, [train, valid]) for name, meta in metadata.items()}
         return _make_sets(wav_path, roots[1], both, valid, dset)
     return _make_sets(roots[0], roots[1], train, valid, dset)
+
+
+# ---------------------------------------------------------------------------------------
+# Combining datasets
+
+def random_subset(dataset: tp.Any, count: int, seed: int = 42) -> tp.Any:
+    """`count` examples of `dataset` drawn at random (the same ones on every run and every
+    worker, from `seed`), in random order; the whole dataset when it has no more."""
+    if count >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.Subset(dataset, order[:count].tolist())
+
+
+def weighted_repeats(base: int, extra: int, weight: float) -> tuple[int, int]:
+    """How many times to repeat a set of `base` examples and one of `extra` examples so
+    that the latter gives a share `weight` (0 < weight < 1) of their concatenation.
+
+    As upstream v4, the first set is repeated `round(extra / base * (1 / weight - 1))`
+    times, at least once; when even once is too many (a share above what `extra` gives
+    alone), the second set is repeated instead.
+    """
+    if not 0 < weight < 1:
+        raise ConfigError(f"dset.wav2_weight={weight} must be strictly between 0 and 1.")
+    if base == 0 or extra == 0:
+        return 1, 1
+    base_repeats = round(extra / base * (1 / weight - 1))
+    if base_repeats >= 1:
+        return base_repeats, 1
+    return 1, max(1, round(base * weight / ((1 - weight) * extra)))

@@ -154,6 +154,8 @@ COMMANDS = {
     "grid_mdx": ["dora", "grid", "mdx", "--dry_run", "--init"],
     "grid_mdx_extra": ["dora", "grid", "mdx_extra", "--dry_run", "--init"],
     "grid_mdx_refine": ["dora", "grid", "mdx_refine", "--dry_run", "--init"],
+    "grid_mmi": ["dora", "grid", "mmi", "--dry_run", "--init"],
+    "grid_repro": ["dora", "grid", "repro", "--dry_run", "--init"],
     # The other bad values are checked in process by test_config.py, same messages.
     "bad_group": ["demucs.train", "dset=musdb"],
     "bad_optim": ["dora", "run", "optim.optim=sgd"],
@@ -223,6 +225,17 @@ def test_cli_grid(cli: dict[str, Future], tree: Path, grids: dict[str, tp.Any],
     expected = grid_sigs(grids[name])
     assert listed_sigs(output(cli, f"grid_{name}")) == expected
     for sig in expected:  # --init: each XP can now be referred to by its signature
+        assert (tree / "outputs" / "xps" / sig / ".argv.json").exists()
+
+
+@pytest.mark.parametrize("name", ["mmi", "repro"])
+def test_cli_grid_v4(cli: dict[str, Future], tree: Path, reference_dir: Path,
+                     name: str) -> None:
+    """The Demucs v4 grids list upstream's XPs, in order (tests/test_grids_v4.py: in process)."""
+    grids_v4 = json.loads((reference_dir / "v4" / "grids_v4.json").read_text())
+    expected = [row["sig"] for row in grids_v4[name]["xps"]]
+    assert listed_sigs(output(cli, f"grid_{name}")) == expected
+    for sig in expected:
         assert (tree / "outputs" / "xps" / sig / ".argv.json").exists()
 
 

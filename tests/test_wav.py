@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from demucs import wav
-from demucs.errors import DatasetError
+from demucs.errors import ConfigError, DatasetError
 from demucs.wav import Wavset, build_metadata, get_musdb_wav_datasets, get_wav_datasets
 
 from helpers import SOURCES, write_musdb, write_track
@@ -382,6 +382,45 @@ def test_wav_datasets(tmp_path: Path) -> None:
     dset.train_valid = True
     train, _ = get_wav_datasets(dset)
     assert len(train) == 6 and train[5].shape == (4, 2, 1000)
+
+
+def test_second_wav_dataset(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    for split in ["train", "valid"]:
+        write_track(tmp_path / "second" / split / "w",
+                    {source: rng.normal(0, 0.1, (2000, 2)) for source in SOURCES})
+    dset = make_dset(tmp_path, wav2=str(tmp_path / "second"), segment=1, shift=1,
+                     samplerate=1000)
+    train, valid = get_wav_datasets(dset, "wav2")
+    assert train.root == tmp_path / "second" / "train" and len(train) == 2 and len(valid) == 1
+    (tmp_path / "third").mkdir()
+    dset.wav2 = str(tmp_path / "third")
+    with pytest.raises(DatasetError, match="dset.wav2=.*third/train does not exist"):
+        get_wav_datasets(dset, "wav2")
+
+
+def test_random_subset() -> None:
+    data = list(range(10))
+    subset = wav.random_subset(data, 4)
+    assert len(subset) == 4 and len(set(subset)) == 4 and list(subset) != [0, 1, 2, 3]
+    assert list(wav.random_subset(data, 4)) == list(subset)  # always the same examples
+    assert list(wav.random_subset(data, 4, seed=1)) != list(subset)
+    assert wav.random_subset(data, 10) is data and wav.random_subset(data, 11) is data
+
+
+@pytest.mark.parametrize("base, extra, weight, repeats", [
+    (2, 6, 0.5, (3, 1)), (10, 10, 0.5, (1, 1)), (100, 10, 0.2, (1, 2)), (10, 100, 0.2, (40, 1)),
+    (6, 2, 0.9, (1, 27)), (0, 5, 0.3, (1, 1)),
+])
+def test_weighted_repeats(base: int, extra: int, weight: float,
+                          repeats: tuple[int, int]) -> None:
+    assert wav.weighted_repeats(base, extra, weight) == repeats
+
+
+@pytest.mark.parametrize("weight", [0, 1, 1.5, -0.1])
+def test_weighted_repeats_bad_weight(weight: float) -> None:
+    with pytest.raises(ConfigError, match="dset.wav2_weight"):
+        wav.weighted_repeats(2, 2, weight)
 
 
 # ---------------------------------------------------------------------------------------
