@@ -80,6 +80,24 @@ def check_config(cfg: DictConfig) -> None:
     _check_choice("optim.loss", cfg.optim.loss, LOSSES)
     check_metric(cfg.test.metric, list(cfg.dset.sources))
     check_dset(cfg.dset)
+    check_train_segment(cfg)
+
+
+def _takes(klass: type, argument: str) -> bool:
+    return argument in inspect.signature(klass).parameters
+
+
+def check_train_segment(cfg: DictConfig) -> None:
+    """A model kept at its training length (HTDemucs with `use_train_segment`) takes no
+    whole track: validation and test must cut tracks into chunks (`apply_model`)."""
+    if not (cfg.use_train_segment and _takes(model_class(cfg.model), "use_train_segment")):
+        return
+    for key in ("valid_apply", "test.split"):
+        if not OmegaConf.select(cfg, key):
+            raise ConfigError(f"{key}=false: model={cfg.model} runs on at most its training "
+                              "length (use_train_segment=true), so validation and test must "
+                              f"cut tracks into chunks: keep {key}=true, or set "
+                              "use_train_segment=false.")
 
 
 def dset_option(dset: DictConfig, key: str, default: tp.Any = None) -> tp.Any:
@@ -134,7 +152,7 @@ def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
     kwargs = {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
               "samplerate": cfg.dset.samplerate,
               "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
-    if not cfg.use_train_segment and "use_train_segment" in inspect.signature(klass).parameters:
+    if not cfg.use_train_segment and _takes(klass, "use_train_segment"):
         kwargs["use_train_segment"] = False
     return kwargs
 

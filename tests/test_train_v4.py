@@ -66,9 +66,18 @@ def test_use_train_segment_false(manifest_v4: list[dict[str, tp.Any]]) -> None:
     assert "use_train_segment" not in train.get_model_kwargs(hdemucs)
 
 
+@pytest.mark.parametrize("key", ["valid_apply", "test.split"])
+def test_train_segment_needs_chunks(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}=false: model=htdemucs runs on at most"):
+        main.get_xp(["model=htdemucs", f"{key}=false"])
+    main.get_xp(["model=htdemucs", f"{key}=false", "use_train_segment=false"])
+    main.get_xp(["model=hdemucs", f"{key}=false"])
+
+
 def test_htdemucs_transformer_group(manifest_v4: list[dict[str, tp.Any]]) -> None:
     cfg = cfg_of(*manifest_v4[0]["xp_argv"], "htdemucs.t_lr=1e-4", "optim.weight_decay=0.1")
     model = train.get_model(cfg)
+    assert isinstance(model, HTDemucs) and model.crosstransformer is not None
     rest, transformer = train.get_optimizer(model, cfg).param_groups
     assert ids(transformer["params"]) == ids(model.crosstransformer.parameters())
     assert transformer["lr"] == 1e-4 and transformer["weight_decay"] == 0.0
