@@ -63,3 +63,7 @@ def report_errors(prog: str, verbose: bool = False,
         if verbose:
             traceback.print_exc()
         exit_with_error(prog, one_line(error))
+
+
+class TrainingError(DemucsError):
+    """Training cannot go on (e.g. the loss became NaN); the last checkpoint is kept."""

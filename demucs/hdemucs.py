@@ -273,8 +273,11 @@ class HDemucs(nn.Module):
         """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`.
 
         With `cac`, `m` holds them already; otherwise `m` is a magnitude that takes the
-        mixture phase (`niters < 0`) or goes through Wiener filtering.
+        mixture phase (`niters < 0`) or goes through Wiener filtering. Always float32
+        (complex64), under mixed precision too.
         """
+        if m.dtype in (torch.float16, torch.bfloat16):
+            m = m.float()
         if self.cac:
             B, S, C, Fr, T = m.shape
             out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)

@@ -9,6 +9,7 @@
 - `checkpoint_<epoch>.th`: copies kept every `save_every` epochs;
 - `best.th`: a model package (see `demucs.states`) of the best state so far, the one that
   the test set evaluates (`test.best`) and `tools.export` exports;
+- `curves.png`: the training curves (see `demucs.curves`), redrawn after each epoch;
 - `history.json` (through Dora's link): one entry per epoch,
   `{"train": {...}, "valid": {...}, "test": {...}}` (`test` only when the test set ran),
   with the original's keys (see docs/training.md).
@@ -27,8 +28,11 @@ far (always with `dset.train_valid`).
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 import typing as tp
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -45,8 +49,9 @@ from . import distrib
 from .apply import BagOfModels, apply_model
 from .augment import get_augmentations
 from .checkpoints import VERSION, ema_key, get_rng_state, load_checkpoint, set_rng_state
+from .curves import is_maximized, plot_history
 from .ema import ModelEMA
-from .errors import ConfigError, ModelLoadingError, one_line
+from .errors import ConfigError, ModelLoadingError, TrainingError, one_line
 from .evaluate import evaluate, get_test_set, new_sdr
 from .quantize import get_quantizer
 from .states import copy_state, save_atomic, serialize_model, swap_state
@@ -58,6 +63,7 @@ Metrics = dict[str, float]
 State = dict[str, tp.Any]
 QUANTIZER_SUFFIX = "_diffq"  # parameters DiffQ adds to a model
 EMA_KINDS = ("batch", "epoch")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # optim.amp
 # Divergence stop (l1 loss): (first epoch index checked, largest valid reco allowed).
 DIVERGENCE_LIMITS = ((100, 0.25), (180, 0.18))
 
@@ -67,19 +73,22 @@ DIVERGENCE_LIMITS = ((100, 0.25), (180, 0.18))
 
 
 class Averager:
-    """Mean of metrics over the batches of a stage (each batch counts once)."""
+    """Mean of metrics over the batches of a stage (each batch counts once; a metric only
+    some batches have, like `grad` with gradient accumulation, over those batches)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
 
     def update(self, metrics: tp.Mapping[str, float]) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.count += 1
 
     def mean(self) -> Metrics:
-        return {key: self.sums[key] / max(self.count, 1) for key in sorted(self.sums)}
+        return {key: self.sums[key] / self.counts[key] for key in sorted(self.sums)}
 
     def reduce(self) -> Metrics:
         """The mean over every distributed worker, weighted by their number of batches."""
@@ -104,14 +113,31 @@ def check_metric(metric: str, sources: tp.Sequence[str]) -> None:
                           f"{', '.join(keys)}.")
 
 
-def is_maximized(metric: str) -> bool:
-    """nSDR metrics are maximised, losses minimised."""
-    return metric.startswith("nsdr")
+def check_optim(optim: tp.Any, cuda: bool) -> None:
+    """Fail at start-up on a bad `optim.amp` or `optim.accumulate`."""
+    if optim.amp not in (None, *AMP_DTYPES):
+        raise ConfigError(f"optim.amp={optim.amp!r} is not valid; choose one of: null "
+                          f"(float32), {', '.join(AMP_DTYPES)}.")
+    if optim.amp == "fp16" and not cuda:
+        raise ConfigError("optim.amp=fp16 needs a CUDA GPU; on a CPU use optim.amp=bf16 "
+                          "or null.")
+    if not isinstance(optim.accumulate, int) or optim.accumulate < 1:
+        raise ConfigError(f"optim.accumulate={optim.accumulate!r}: give a whole number of "
+                          "batches per optimizer step, at least 1.")
 
 
 def is_better(value: float, reference: float, metric: str) -> bool:
     """Whether `value` is strictly better than `reference` for `metric`."""
     return value > reference if is_maximized(metric) else value < reference
+
+
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `3m05s` or `12.3s`."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{seconds:.1f}s"
 
 
 def format_metrics(metrics: tp.Mapping[str, tp.Any]) -> str:
@@ -168,6 +194,9 @@ class Solver:
         self.emas = {kind: [ModelEMA(model, decay, device=self.device)
                             for decay in args.ema[kind]] for kind in EMA_KINDS}
         self.penalty_rng = random.Random(args.seed)  # draws of svd.proba
+        check_optim(args.optim, torch.cuda.is_available())
+        self.accumulate = int(args.optim.accumulate)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.optim.amp == "fp16")
         xp = get_xp()
         self.folder = xp.folder
         self.xp_argv = list(xp.argv)
@@ -191,6 +220,7 @@ class Solver:
             "rng": Part(get_rng_state, set_rng_state, required=False),
             "penalty_rng": Part(self.penalty_rng.getstate, self._load_penalty_rng,
                                 required=False),
+            "scaler": Part(self.scaler.state_dict, self.scaler.load_state_dict, required=False),
         }
         for kind, emas in self.emas.items():
             for index, ema in enumerate(emas):
@@ -327,12 +357,19 @@ class Solver:
             return
         if len(self.history) >= self.args.epochs:
             logger.info("Training already done (%d epochs).", len(self.history))
-        for epoch in range(len(self.history), self.args.epochs):
+        first = len(self.history)
+        begin = time.monotonic()
+        for epoch in range(first, self.args.epochs):
             metrics, stop = self._run_epoch(epoch)
             self.link.push_metrics(metrics)
             self._save(epoch)
             if stop:
                 break
+            per_epoch = (time.monotonic() - begin) / (epoch + 1 - first)
+            left = self.args.epochs - epoch - 1
+            logger.info("Epoch %d done | %s per epoch | XP ETA %s (%d epochs left)",
+                        epoch + 1, format_duration(per_epoch),
+                        format_duration(per_epoch * left), left)
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, tp.Any], bool]:
         """The metrics of one epoch, and whether training stops after it."""
@@ -428,31 +465,73 @@ class Solver:
                               "dset.segment, or add tracks.")
         self.dmodel.train()
         self.augment.train()
+        self.optimizer.zero_grad()
         averager = Averager()
         progress = self._batches(loader, f"Train | Epoch {epoch + 1}")
-        for sources in progress:
-            averager.update(self._train_step(sources))
-            progress.update(**{key: f"{value:.4f}" for key, value in averager.mean().items()})
+        begin, total = time.monotonic(), progress.total
+        for index, sources in enumerate(progress):
+            step = (index + 1) % self.accumulate == 0 or index + 1 == total
+            averager.update(self._train_step(sources, step, (epoch, index)))
+            eta = (time.monotonic() - begin) / (index + 1) * (total - index - 1)
+            progress.update(**{key: f"{value:.4f}" for key, value in averager.mean().items()},
+                            eta=format_duration(eta))
         for ema in self.emas["epoch"]:
             ema.update()
         return averager.reduce()
 
-    def _train_step(self, sources: torch.Tensor) -> Metrics:
+    def _autocast(self) -> tp.ContextManager:
+        """Mixed precision (`optim.amp`) for the forward and the loss."""
+        if not self.args.optim.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.args.optim.amp])
+
+    def _train_step(self, sources: torch.Tensor, step: bool,
+                    where: tuple[int, int]) -> Metrics:
+        """Forward and backward of one batch; with `step`, the optimizer step too."""
         sources = self.augment(sources.to(self.device))  # (B, S, C, T)
         mix = sources.sum(dim=1)  # (B, C, T)
-        loss, metrics = self._batch_metrics(self.dmodel(mix), sources)
-        svd = self.args.svd
-        if svd.penalty > 0:
-            penalty = self._svd_penalty(exact=False)
-            metrics["penalty"] = _scalar(penalty)
-            loss = loss + svd.penalty * penalty
+        with self._autocast():
+            estimate = self.dmodel(mix).float()
+            loss, metrics = self._batch_metrics(estimate, sources)
+            svd = self.args.svd
+            if svd.penalty > 0:
+                penalty = self._svd_penalty(exact=False)
+                metrics["penalty"] = _scalar(penalty)
+                loss = loss + svd.penalty * penalty
+        metrics["loss"] = loss.item()
+        self._check_finite(metrics["loss"], where)
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        self.scaler.scale(loss).backward()
+        if step:
+            metrics.update(self._optimizer_step())
+        return metrics
+
+    def _check_finite(self, loss: float, where: tuple[int, int]) -> None:
+        """Stop on a NaN or infinite loss (fp16 leaves those steps to its scaler)."""
+        if math.isfinite(loss) or self.scaler.is_enabled():
+            return
+        epoch, batch = where
+        kept = (f"the checkpoint of epoch {len(self.history)} is kept in "
+                f"{self.checkpoint_file}" if self.history else "no epoch was checkpointed")
+        raise TrainingError(
+            f"the training loss became {loss} at epoch {epoch + 1}, batch {batch + 1}: "
+            f"training stopped, {kept}; lower optim.lr, set optim.clip_grad, or train in "
+            "float32 (optim.amp=null).")
+
+    def _optimizer_step(self) -> Metrics:
+        """One optimizer step from the accumulated gradients, then the batch EMAs."""
+        self.scaler.unscale_(self.optimizer)
+        metrics = {"grad": self._clip_gradients()}
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: a step with inf/NaN gradients is skipped
+            metrics["skipped"] = float(self.scaler.get_scale() < scale)
         self.optimizer.zero_grad()
-        loss.backward()
-        metrics["grad"] = self._clip_gradients()
-        self.optimizer.step()
         for ema in self.emas["batch"]:
             ema.update()
-        return {"loss": loss.item(), **metrics}
+        return metrics
 
     def _svd_penalty(self, exact: bool) -> tp.Any:
         svd = self.args.svd
@@ -560,3 +639,12 @@ class Solver:
             save_atomic(checkpoint, self.folder / f"checkpoint_{epoch + 1}.th")
         self.save_best(self.best_file)
         logger.debug("Checkpoint saved to %s", self.checkpoint_file.resolve())
+        self._plot_curves()
+
+    def _plot_curves(self) -> None:
+        """`curves.png` in the XP folder; a failure to draw never stops the training."""
+        try:
+            plot_history(self.history, self.folder / "curves.png", self.args.test.metric,
+                         title=f"XP {self.folder.name}")
+        except Exception as error:  # matplotlib missing or failing: only the plot is lost
+            logger.warning("Could not draw curves.png: %s", one_line(error))

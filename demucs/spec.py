@@ -1,13 +1,16 @@
 """STFT helpers with the conventions of Hybrid Demucs.
 
 `spectro` is a normalized, centered STFT with a Hann window and reflect padding;
-`ispectro` inverts it. Both accept any number of leading dimensions.
+`ispectro` inverts it. Both accept any number of leading dimensions, and always compute
+in at least float32 / complex64, mixed precision (autocast) or not.
 """
 from __future__ import annotations
 
 import typing as tp
 
 import torch
+
+HALF_TYPES = (torch.float16, torch.bfloat16)  # computed in float32
 
 
 def spectro(x: torch.Tensor, n_fft: int = 512, hop_length: tp.Optional[int] = None,
@@ -18,9 +21,12 @@ def spectro(x: torch.Tensor, n_fft: int = 512, hop_length: tp.Optional[int] = No
     """
     *other, length = x.shape
     x = x.reshape(-1, length)
-    z = torch.stft(x, n_fft * (1 + pad), hop_length or n_fft // 4,
-                   window=torch.hann_window(n_fft).to(x), win_length=n_fft,
-                   normalized=True, center=True, return_complex=True, pad_mode="reflect")
+    if x.dtype in HALF_TYPES:
+        x = x.float()
+    with torch.autocast(x.device.type, enabled=False):
+        z = torch.stft(x, n_fft * (1 + pad), hop_length or n_fft // 4,
+                       window=torch.hann_window(n_fft).to(x), win_length=n_fft,
+                       normalized=True, center=True, return_complex=True, pad_mode="reflect")
     _, freqs, frames = z.shape
     return z.view(*other, freqs, frames)
 
@@ -31,8 +37,11 @@ def ispectro(z: torch.Tensor, hop_length: tp.Optional[int] = None,
     *other, freqs, frames = z.shape
     n_fft = 2 * freqs - 2
     z = z.reshape(-1, freqs, frames)
+    if z.dtype == torch.complex32:
+        z = z.to(torch.complex64)
     win_length = n_fft // (1 + pad)
-    x = torch.istft(z, n_fft, hop_length, window=torch.hann_window(win_length).to(z.real),
-                    win_length=win_length, normalized=True, length=length, center=True)
+    with torch.autocast(z.device.type, enabled=False):
+        x = torch.istft(z, n_fft, hop_length, window=torch.hann_window(win_length).to(z.real),
+                        win_length=win_length, normalized=True, length=length, center=True)
     _, length = x.shape
     return x.view(*other, length)

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import distrib
 from .errors import ConfigError, report_errors
-from .solver import Solver, check_metric
+from .solver import Solver, check_metric, check_optim
 from .models import model_class
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
     _check_choice("optim.loss", cfg.optim.loss, LOSSES)
     check_metric(cfg.test.metric, list(cfg.dset.sources))
+    check_optim(cfg.optim, torch.cuda.is_available())
     check_dset(cfg.dset)
     check_train_segment(cfg)
 

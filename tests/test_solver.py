@@ -10,13 +10,14 @@ import shutil
 import typing as tp
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dora.xp import XP
 from omegaconf import OmegaConf
 
 from demucs import train
-from demucs.errors import ConfigError, ModelLoadingError
+from demucs.errors import ConfigError, ModelLoadingError, TrainingError
 from demucs.grids._explorers import summarize
 from demucs.checkpoints import load_checkpoint
 from demucs.solver import Solver
@@ -66,7 +67,7 @@ def test_train_writes_history_and_checkpoints() -> None:
     solver, xp = train_xp("ema.batch=[0.9]", "ema.epoch=[0.5]", "save_every=1",
                           "svd.penalty=1e-3", "svd.min_size=0", "test.every=1")
     for name in ["checkpoint.th", "checkpoint_1.th", "checkpoint_2.th", "best.th",
-                 "history.json"]:
+                 "history.json", "curves.png"]:
         assert (xp.folder / name).is_file(), name
     assert not list(xp.folder.glob(".*.tmp"))
     history = main.get_xp_history(xp)  # what `dora grid` reads
@@ -363,3 +364,100 @@ def test_divergence_stop(monkeypatch: pytest.MonkeyPatch, epochs_done: int, reco
         assert trained == 1 and tests == [True]  # tested as the last epoch, then stopped
     else:
         assert trained == 2 and tests == [True]  # only the real last epoch is tested
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision, gradient accumulation, a loss that becomes NaN
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["optim.amp=fp32"], "optim.amp='fp32' is not valid; choose one of: null"),
+    (["optim.accumulate=0"], "optim.accumulate=0: give a whole number"),
+    (["optim.accumulate=1.5"], "optim.accumulate=1.5: give a whole number"),
+])
+def test_optim_errors_at_start_up(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        main.get_xp(TINY + argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused without CUDA only")
+def test_fp16_needs_cuda() -> None:
+    with pytest.raises(ConfigError, match="optim.amp=fp16 needs a CUDA GPU"):
+        main.get_xp(TINY + ["optim.amp=fp16"])
+
+
+def test_bf16_training_keeps_float32_state() -> None:
+    solver, xp = train_xp("epochs=1", "optim.amp=bf16", "ema.batch=[0.9]")
+    train = solver.history[0]["train"]
+    assert all(np.isfinite(value) for value in train.values())
+    assert solver.best_state is not None
+    for state in (solver.model.state_dict(), solver.best_state, solver.emas["batch"][0].state):
+        assert {value.dtype for value in state.values() if value.is_floating_point()} == {
+            torch.float32}
+    assert "skipped" not in train  # only fp16 skips steps
+    assert load_checkpoint(xp.folder / "checkpoint.th")["scaler"] == {}
+
+
+class ToDouble(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def gradients_of_first_step(monkeypatch: pytest.MonkeyPatch, *argv: str,
+                            ) -> tuple[list[torch.Tensor], Solver]:
+    """The gradients the optimizer sees at its first step, in float64 (so that float
+    rounding is negligible), augmentations off, valid and test stages skipped."""
+    grads: list[list[torch.Tensor]] = []
+    real_step = torch.optim.Adam.step
+
+    def step(self: torch.optim.Optimizer, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]
+                      if p.grad is not None])
+        return real_step(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    monkeypatch.setattr(Solver, "_valid_stage", lambda self, epoch: {"loss": 0.})
+    monkeypatch.setattr(Solver, "_test_stage", lambda self, compute_sdr: {})
+    solver, xp = make_solver("epochs=1", "max_batches=1", *argv)
+    solver.model.double()
+    solver.augment = torch.nn.Sequential(ToDouble())  # no augmentation
+    with xp.enter():
+        solver.train()
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    return grads[0], solver
+
+
+def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """batch_size=4 and batch_size=2 optim.accumulate=2 see the same 4 examples (same
+    shuffle) and give the same gradients, up to float rounding."""
+    dora_dir = main.dora.dir
+    full, big = gradients_of_first_step(monkeypatch, "batch_size=4",
+                                        "augment.remix.group_size=4")
+    monkeypatch.setattr(main.dora, "dir", dora_dir.parent / "other")
+    accumulated, small = gradients_of_first_step(monkeypatch, "batch_size=2",
+                                                 "optim.accumulate=2")
+    assert len(full) == len(accumulated) > 10
+    for first, second in zip(full, accumulated):
+        assert torch.allclose(first, second, rtol=1e-9, atol=1e-12)
+    steps = {float(state["step"]) for state in small.optimizer.state.values()}
+    assert steps == {1.}  # 2 batches (max_batches=1), 1 optimizer step
+    train_big, train_small = big.history[0]["train"], small.history[0]["train"]
+    assert train_small["grad"] == pytest.approx(train_big["grad"], rel=1e-9)
+    assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Solver._batch_metrics
+
+    def nan_after_first_epoch(self: Solver, estimate: torch.Tensor,
+                              sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real(self, estimate, sources)
+        return (loss * float("nan") if self.history else loss), metrics
+
+    monkeypatch.setattr(Solver, "_batch_metrics", nan_after_first_epoch)
+    solver, xp = make_solver("epochs=2")
+    with xp.enter(), pytest.raises(TrainingError, match="loss became nan at epoch 2, batch 1: "
+                                                        "training stopped, the checkpoint of "
+                                                        "epoch 1 is kept"):
+        solver.train()
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1

@@ -18,29 +18,16 @@ import treetable as tt
 from dora import Explorer
 from dora.shep import Sheep
 
-from ..solver import is_maximized
+from .. import curves
 
 SOURCES = ("drums", "bass", "other", "vocals")
 Metrics = dict[str, tp.Any]
 
 
-def _selection_score(valid: Metrics, metric: str) -> float | None:
-    # Lower is better: minus the value of nSDR metrics.
-    if metric not in valid:
-        return None
-    return -float(valid[metric]) if is_maximized(metric) else float(valid[metric])
-
-
 def best_epoch(history: tp.Sequence[Metrics], metric: str = "loss") -> Metrics:
     """The valid metrics of the (first) best epoch according to `metric`."""
-    best: Metrics = {}
-    best_score = float("inf")
-    for epoch in history:
-        valid = epoch.get("valid", {})
-        score = _selection_score(valid, metric)
-        if score is not None and score < best_score:
-            best, best_score = valid, score
-    return best
+    best = curves.best_epoch(history, metric)
+    return dict(history[best - 1]["valid"]) if best is not None else {}
 
 
 def summarize(history: tp.Sequence[Metrics], metric: str = "loss") -> dict[str, Metrics]:
