@@ -5,9 +5,18 @@
 averages over random time shifts of the input (the "shift trick"), as the original
 Demucs v3 does. Chunks read real context from the neighbouring audio (`TensorChunk`)
 when a model needs more samples than the chunk holds.
+
+Some models only run on inputs up to a length: an HTDemucs trained with
+`use_train_segment` takes at most its training length (`max_allowed_segment`, seconds;
+a bag's limit is the smallest of its members', infinite without any). Such a model is
+never given a longer chunk: the input is split into chunks of at most that length even
+with `split=False`, and random shifts are drawn on the whole input before splitting (as
+Demucs v4 does), while models without a limit keep the v3 order (split, then shifts
+within each chunk).
 """
 from __future__ import annotations
 
+import math
 import random
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +29,19 @@ from torch.nn import functional as F
 from .utils import DummyPoolExecutor, center_trim
 
 
+def max_allowed_segment(model: tp.Any) -> float:
+    """Longest chunk, in seconds, `model` (or a bag) accepts: inf for most models."""
+    return float(getattr(model, "max_allowed_segment", math.inf))
+
+
 class BagOfModels(nn.Module):
     """Several models whose estimates are averaged, with per-source weights.
 
     Args:
         models: models with the same sources, sample rate and audio channels.
         weights: one list per model with one weight per source (default: all 1).
-        segment: if given, overrides the `segment` (seconds) of every model.
+        segment: if given, overrides the `segment` (seconds) of every model, except of
+            the models it would give chunks longer than they accept (`max_allowed_segment`).
     """
 
     def __init__(self, models: tp.List[tp.Any],
@@ -41,7 +56,7 @@ class BagOfModels(nn.Module):
                 if getattr(other, attr) != getattr(first, attr):
                     raise ValueError(f"Models of a bag must share {attr}: "
                                      f"{getattr(other, attr)} != {getattr(first, attr)}.")
-            if segment is not None:
+            if segment is not None and segment <= max_allowed_segment(other):
                 other.segment = segment
         self.audio_channels: int = first.audio_channels
         self.samplerate: int = first.samplerate
@@ -57,6 +72,11 @@ class BagOfModels(nn.Module):
                 raise ValueError(f"Each weight list needs one weight per source "
                                  f"({len(first.sources)}), got {len(weight)}.")
         self.weights: tp.List[tp.List[float]] = weights
+
+    @property
+    def max_allowed_segment(self) -> float:
+        """Longest chunk in seconds every member accepts (inf when none has a limit)."""
+        return min((max_allowed_segment(model) for model in self.models), default=math.inf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("A bag of models is applied with `apply_model`.")
@@ -121,7 +141,7 @@ MixLike = tp.Union[torch.Tensor, TensorChunk]
 def apply_model(model: tp.Any, mix: MixLike, shifts: int = 1, split: bool = True,
                 overlap: float = 0.25, transition_power: float = 1.,
                 progress: bool = False, device: tp.Any = None, num_workers: int = 0,
-                pool: tp.Any = None) -> torch.Tensor:
+                pool: tp.Any = None, segment: tp.Optional[float] = None) -> torch.Tensor:
     """Apply `model` (or a `BagOfModels`) to `mix` (B, C, T) and return (B, S, C, T).
 
     Args:
@@ -134,6 +154,8 @@ def apply_model(model: tp.Any, mix: MixLike, shifts: int = 1, split: bool = True
         device: where to run the model (default: the device of `mix`); the output
             stays on the device of `mix`.
         num_workers: threads used for segments on CPU.
+        segment: length of the chunks in seconds (default: each model's `segment`); a
+            ValueError when a model accepts only shorter chunks (`max_allowed_segment`).
     """
     device = mix.device if device is None else torch.device(device)
     if pool is None:
@@ -144,18 +166,24 @@ def apply_model(model: tp.Any, mix: MixLike, shifts: int = 1, split: bool = True
     kwargs: tp.Dict[str, tp.Any] = {
         "shifts": shifts, "split": split, "overlap": overlap,
         "transition_power": transition_power, "progress": progress,
-        "device": device, "pool": pool,
+        "device": device, "pool": pool, "segment": segment,
     }
     if isinstance(model, BagOfModels):
         return _apply_bag(model, mix, kwargs)
     if transition_power < 1:
         raise ValueError("transition_power < 1 leads to weird behaviour, use a value >= 1.")
+    limit = max_allowed_segment(model)
+    if segment is not None and segment > limit:
+        raise ValueError(f"segment={segment} is longer than the {limit} seconds this model "
+                         "accepts (it was trained on that length).")
     model.to(device)
-    if split:
+    if shifts and limit < math.inf:
+        return _apply_shifts(model, mix, kwargs)  # the shifted input is split next
+    if split or mix.shape[-1] > limit * model.samplerate:
         return _apply_split(model, mix, kwargs)
     if shifts:
         return _apply_shifts(model, mix, kwargs)
-    return _apply_once(model, mix, device)
+    return _apply_once(model, mix, device, segment)
 
 
 def _apply_bag(bag: BagOfModels, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> torch.Tensor:
@@ -205,7 +233,7 @@ def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> t
     kwargs = dict(kwargs, split=False)
     pool = kwargs["pool"]
     batch, channels, length = mix.shape
-    segment = int(model.samplerate * model.segment)
+    segment = int(model.samplerate * (kwargs["segment"] or model.segment))
     stride = int((1 - kwargs["overlap"]) * segment)
     if stride <= 0:
         raise ValueError(f"overlap={kwargs['overlap']} leaves no stride between segments.")
@@ -227,10 +255,20 @@ def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> t
     return out / sum_weight
 
 
-def _apply_once(model: tp.Any, mix: MixLike, device: torch.device) -> torch.Tensor:
-    """One forward pass, padding the input to the model's valid length if it has one."""
+def _apply_once(model: tp.Any, mix: MixLike, device: torch.device,
+                segment: tp.Optional[float] = None) -> torch.Tensor:
+    """One forward pass, padding the input to the model's valid length if it has one.
+
+    A model with a length limit given a `segment` gets chunks padded to `segment`
+    seconds (it pads them further itself), as Demucs v4 does.
+    """
     length = mix.shape[-1]
-    valid_length = model.valid_length(length) if hasattr(model, "valid_length") else length
+    if segment is not None and max_allowed_segment(model) < math.inf:
+        valid_length = int(segment * model.samplerate)
+    elif hasattr(model, "valid_length"):
+        valid_length = model.valid_length(length)
+    else:
+        valid_length = length
     padded_mix = tensor_chunk(mix).padded(valid_length).to(device)
     with torch.no_grad():
         out = model(padded_mix)

@@ -342,7 +342,10 @@ class HTDemucs(nn.Module):
     def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`:
         with `cac` `m` holds them, else `m` is a magnitude given the mixture phase
-        (`niters < 0`) or Wiener filtered against the mixture `z` (B, C, Fr, T)."""
+        (`niters < 0`) or Wiener filtered against the mixture `z` (B, C, Fr, T).
+        Always complex64, under mixed precision too."""
+        if m.dtype in (torch.float16, torch.bfloat16):
+            m = m.float()
         if self.cac:
             B, S, C, Fr, T = m.shape
             out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)

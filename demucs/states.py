@@ -7,12 +7,14 @@ come from `capture_init`, so a package describes itself and can be rebuilt witho
 the config that trained it.
 
 Loading uses `torch.load(weights_only=True)` with an allow-list made of the model
-classes of the registry (`demucs.models`) and the DiffQ quantizer classes that quantized
-packages reference. Anything else is refused with a `ModelLoadingError` unless the caller passes
-`trusted=True` for a file it trusts.
+classes of the registry (`demucs.models`), the DiffQ quantizer classes that quantized
+packages reference, and `fractions.Fraction` (v4 packages store the training length of
+an HTDemucs, `kwargs['segment']`, as a Fraction). Anything else is refused with a
+`ModelLoadingError` unless the caller passes `trusted=True` for a file it trusts.
 """
 from __future__ import annotations
 
+import fractions
 import hashlib
 import inspect
 import io
@@ -47,7 +49,7 @@ def quantizer_classes() -> tp.List[type]:
 
 def safe_globals() -> tp.List[tp.Any]:
     """Everything a safe load lets the unpickler resolve besides tensors and containers."""
-    return model_classes() + quantizer_classes()
+    return model_classes() + quantizer_classes() + [fractions.Fraction]
 
 
 def _describe_unsafe(path: Path) -> str:

@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .hlayers import ScaledEmbedding
 
 Activation = tp.Callable[[torch.Tensor], torch.Tensor]
+SCALED_EMB_WEIGHT = 0.2  # weight of the learnt ('scaled') positional embedding
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,7 +317,9 @@ class CrossTransformerEncoder(nn.Module):
         self.cape_augment = cape_augment
         self.cape_glob_loc_scale = list(cape_glob_loc_scale)
         if emb == "scaled":
-            self.position_embeddings = ScaledEmbedding(max_positions, dim, scale=0.2)
+            # Stored weights start as N(0, 1/15^2) and count 15 times; the embedding
+            # enters at 0.2 of that (measured on the reference packages).
+            self.position_embeddings = ScaledEmbedding(max_positions, dim, scale=15.)
         self.lr = lr
         self.norm_in, self.norm_in_t = self._input_norms(dim, norm_in, norm_in_group)
 
@@ -383,7 +386,7 @@ class CrossTransformerEncoder(nn.Module):
                 max_local_shift=local_shift, max_scale=scale, device=device,
                 max_period=self.max_period)
         positions = torch.arange(length, device=device)
-        return self.position_embeddings(positions)[:, None]
+        return SCALED_EMB_WEIGHT * self.position_embeddings(positions)[:, None]
 
     def make_optim_group(self) -> tp.Dict[str, tp.Any]:
         """The optimizer parameter group of the transformer (own weight decay and lr)."""
