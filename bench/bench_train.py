@@ -1,0 +1,106 @@
+"""Training step throughput and peak memory, float32 against mixed precision.
+
+For the full-size HDemucs (81de367c config) and Demucs (9357e12e config) with random
+weights, one Adam step on a batch of `--batch` examples of `--seconds` s (default 4 x 7.8
+s): examples per second (best of `--steps` steps after a warm-up) and peak memory above
+the start of the measurement, in float32 and bf16 autocast (the solver's `optim.amp`,
+the STFT and masks staying float32) on the CPU, and on CUDA when present (bf16 and fp16).
+Each measurement runs in its own process, so that peaks do not mix.
+
+    python bench/bench_train.py [--batch 4] [--seconds 7.8] [--steps 2] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import typing as tp
+from contextlib import nullcontext
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_separation import build  # noqa: E402  (the same two configurations)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(name: str, amp: str, device: str, batch: int, seconds: float,
+            steps: int) -> dict[str, float]:
+    """Seconds per step (best), examples/s and peak memory (MB) above the start."""
+    model = build(name).to(device).train()
+    optim = torch.optim.Adam(model.parameters(), lr=3e-4)
+    scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
+    sources = torch.randn(batch, 4, 2, int(seconds * 44100), device=device)
+    cast = (torch.autocast(device, dtype=DTYPES[amp]) if amp != "float32" else nullcontext())
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else peak_rss_mb()
+    durations = []
+    for _ in range(steps + 1):  # the first step warms up
+        begin = time.perf_counter()
+        with cast:
+            estimate = model(sources.sum(dim=1)).float()
+            loss = torch.nn.functional.l1_loss(estimate, sources)
+        optim.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optim)
+        scaler.update()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - begin)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
+            else peak_rss_mb())
+    step = min(durations[1:])
+    return {"step": step, "examples": batch / step, "memory": peak - start}
+
+
+def run_one(args: argparse.Namespace, name: str, amp: str, device: str) -> dict[str, float]:
+    """`measure` in a fresh process (clean peak memory)."""
+    command = [sys.executable, __file__, "--one", name, amp, device,
+               "--batch", str(args.batch), "--seconds", str(args.seconds),
+               "--steps", str(args.steps), "--threads", str(args.threads)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: tp.Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=7.8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=["hdemucs", "demucs"])
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "AMP", "DEVICE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure(*args.one, args.batch, args.seconds, args.steps)))
+        return
+    runs = [("cpu", "float32"), ("cpu", "bf16")]
+    if torch.cuda.is_available():
+        runs += [("cuda", "float32"), ("cuda", "bf16"), ("cuda", "fp16")]
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x "
+          f"{args.seconds} s")
+    for name in args.models:
+        base: dict[str, dict[str, float]] = {}
+        for device, amp in runs:
+            result = run_one(args, name, amp, device)
+            base.setdefault(device, result)
+            speed = result["examples"] / base[device]["examples"]
+            memory = result["memory"] / max(base[device]["memory"], 1.)
+            print(f"{name:8s} {device:4s} {amp:7s} step {result['step']:6.2f} s | "
+                  f"{result['examples']:6.2f} examples/s (x{speed:.2f}) | "
+                  f"peak +{result['memory']:7.0f} MB (x{memory:.2f})")
+
+
+if __name__ == "__main__":
+    main()
