@@ -83,7 +83,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(*args.one, args.batch, args.seconds, args.steps)))
+        name, amp, device = args.one
+        print(json.dumps(measure(name, amp, device, args.batch, args.seconds, args.steps)))
         return
     runs = [("cpu", "float32"), ("cpu", "bf16")]
     if torch.cuda.is_available():
