@@ -6,9 +6,10 @@ and resamples with its own `-ar` resampler; channels are converted afterwards in
 `.wav` and `.flac` files that need no resampling are read directly with soundfile, which
 gives the same samples as ffmpeg's float32 decoding.
 
-Writing: `.wav` through soundfile (16 or 24 bit integer, or float32), `.mp3` through
-lameenc. Every file is written to a temporary file next to its destination and then
-moved into place, so that an interrupted run never leaves a truncated file behind.
+Writing: `.wav` (16 or 24 bit integer, or float32) and `.flac` (16 or 24 bit) through
+soundfile, `.mp3` through lameenc. Every file is written to a temporary file next to its
+destination and then moved into place, so that an interrupted run never leaves a truncated
+file behind.
 """
 from __future__ import annotations
 
@@ -253,48 +254,86 @@ def prevent_clip(wav: torch.Tensor, mode: str = "rescale") -> torch.Tensor:
     raise AudioError(f"Unknown clip mode {mode!r}, use rescale, clamp or none.")
 
 
-def _encode_mp3(wav: torch.Tensor, samplerate: int, bitrate: int) -> bytes:
+MP3_BITRATES = (8, 320)  # kbps, the range LAME encodes (it rounds to a standard rate)
+MP3_PRESETS = (2, 7)  # LAME's quality presets: 2 is the best, 7 the fastest
+SAVE_SUFFIXES = (".wav", ".flac", ".mp3")
+MP3_SAMPLERATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def check_mp3_options(bitrate: int, preset: int) -> None:
+    """Raise `AudioError` unless `bitrate` (kbps) and `preset` are in LAME's ranges."""
+    low, high = MP3_BITRATES
+    if not low <= bitrate <= high:
+        raise AudioError(f"mp3 bitrate {bitrate} kbps is out of range, use {low} to {high}.")
+    low, high = MP3_PRESETS
+    if not low <= preset <= high:
+        raise AudioError(f"mp3 preset {preset} is out of range, use {low} (best quality) "
+                         f"to {high} (fastest).")
+
+
+def _encode_mp3(wav: torch.Tensor, samplerate: int, bitrate: int, preset: int) -> bytes:
     import lameenc
 
     channels = wav.shape[0]
     if channels not in (1, 2):
         raise AudioError(f"mp3 supports 1 or 2 channels, got {channels}.")
+    check_mp3_options(bitrate, preset)
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate)
     encoder.set_in_sample_rate(samplerate)
+    if samplerate in MP3_SAMPLERATES:  # else LAME picks one; it resamples at low bitrates
+        encoder.set_out_sample_rate(samplerate)
     encoder.set_channels(channels)
-    encoder.set_quality(2)  # 2 is the best, 7 the fastest.
+    encoder.set_quality(preset)
     pcm = (wav.clamp(-1, 1) * (2 ** 15 - 1)).round().to(torch.int16)
     interleaved = pcm.t().contiguous().numpy().tobytes()
     return bytes(encoder.encode(interleaved)) + bytes(encoder.flush())
 
 
-def _write_wav(wav: torch.Tensor, path: Path, samplerate: int, bits_per_sample: int,
-               as_float: bool) -> None:
+def pcm_subtype(suffix: str, bits_per_sample: int = 16, as_float: bool = False) -> str:
+    """The soundfile subtype of a `.wav` or `.flac` file: `PCM_16`, `PCM_24` or `FLOAT`
+    (wav only: flac stores integers)."""
     if as_float:
-        subtype = "FLOAT"
-    elif bits_per_sample in (16, 24):
-        subtype = f"PCM_{bits_per_sample}"
-    else:
+        if suffix == ".flac":
+            raise AudioError("flac cannot store float32 samples, use 16 or 24 bits "
+                             "(or a .wav file for float32).")
+        return "FLOAT"
+    if bits_per_sample not in (16, 24):
         raise AudioError(f"Unsupported bits_per_sample {bits_per_sample}, use 16 or 24.")
-    soundfile.write(str(path), wav.t().numpy(), samplerate, subtype=subtype, format="WAV")
+    return f"PCM_{bits_per_sample}"
+
+
+def _write_soundfile(wav: torch.Tensor, path: Path, samplerate: int, suffix: str,
+                     subtype: str) -> None:
+    audio_format = "FLAC" if suffix == ".flac" else "WAV"
+    soundfile.write(str(path), wav.t().numpy(), samplerate, subtype=subtype, format=audio_format)
 
 
 def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int = 320,
                clip: str = "rescale", bits_per_sample: int = 16,
-               as_float: bool = False) -> None:
-    """Save `wav` of shape `(C, T)` to `path`: `.wav` (soundfile) or `.mp3` (lameenc).
+               as_float: bool = False, preset: int = 2) -> None:
+    """Save `wav` of shape `(C, T)` to `path`; the suffix picks the format.
 
-    The file appears atomically: it is written next to `path` and then moved into place.
+    `.wav` (16 or 24 bit integer, or float32 with `as_float`), `.flac` (16 or 24 bit),
+    through soundfile; `.mp3` through lameenc at `bitrate` kbps with the LAME quality
+    `preset` (2 best .. 7 fastest). `clip` is `rescale`, `clamp` or `none` (see
+    `prevent_clip`). The file appears atomically: it is written next to `path` and then
+    moved into place. Every failure, writing included, raises `AudioError` naming `path`.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".wav", ".mp3"):
+    if suffix not in SAVE_SUFFIXES:
         raise AudioError(f"Cannot save {path}: unsupported extension {suffix!r}, "
-                         "use .wav or .mp3.")
+                         f"use {', '.join(SAVE_SUFFIXES)}.")
+    subtype = "" if suffix == ".mp3" else pcm_subtype(suffix, bits_per_sample, as_float)
     wav = prevent_clip(wav.detach().cpu().float(), mode=clip)
-    with atomic_path(path) as tmp:
-        if suffix == ".mp3":
-            tmp.write_bytes(_encode_mp3(wav, samplerate, bitrate))
-        else:
-            _write_wav(wav, tmp, samplerate, bits_per_sample, as_float)
+    try:
+        with atomic_path(path) as tmp:
+            if suffix == ".mp3":
+                tmp.write_bytes(_encode_mp3(wav, samplerate, bitrate, preset))
+            else:
+                _write_soundfile(wav, tmp, samplerate, suffix, subtype)
+    except OSError as error:
+        raise AudioError(f"Cannot write {path}: {error.strerror or error}.") from None
+    except soundfile.SoundFileRuntimeError as error:
+        raise AudioError(f"Cannot write {path}: {error}.") from None

@@ -9,7 +9,8 @@
   (`models: [...]`, optional per-model, per-source `weights: [[...], ...]` and `segment:`).
 
 `AnyModelRepo` combines a model repository and a bag repository: a name is looked up as a
-single model first, then as a bag. Every failure raises `ModelLoadingError`.
+single model first, then as a bag; `ChainRepo` searches several model repositories in
+order. Every failure raises `ModelLoadingError`.
 """
 from __future__ import annotations
 
@@ -204,6 +205,42 @@ def read_bag(path: PathLike) -> BagSpec:
     return BagSpec([str(m) for m in models], weights, segment)
 
 
+def load_bag(path: PathLike, model_repo: ModelOnlyRepo) -> nn.Module:
+    """The `BagOfModels` described by the yaml file `path`, its models from `model_repo`."""
+    path = Path(path)
+    spec = read_bag(path)
+    missing = [sig for sig in spec.models if not model_repo.has_model(sig)]
+    if missing:
+        _fail(path, f"model(s) {', '.join(missing)} not found; export them first")
+    models = [model_repo.get_model(sig) for sig in spec.models]
+    try:
+        return BagOfModels(models, spec.weights, spec.segment)
+    except (ValueError, AssertionError) as error:
+        _fail(path, str(error) or "the models do not fit together")
+
+
+class ChainRepo(ModelOnlyRepo):
+    """Several model repositories searched in order (e.g. a local folder, then remote)."""
+
+    def __init__(self, repos: tp.Sequence[ModelOnlyRepo]) -> None:
+        self.repos = list(repos)
+
+    def has_model(self, sig: str) -> bool:
+        return any(repo.has_model(sig) for repo in self.repos)
+
+    def get_model(self, sig: str) -> nn.Module:
+        for repo in self.repos:
+            if repo.has_model(sig):
+                return repo.get_model(sig)
+        raise ModelLoadingError(f"Could not find model {sig}.")
+
+    def list_model(self) -> tp.Dict[str, str]:
+        models: tp.Dict[str, str] = {}
+        for repo in reversed(self.repos):
+            models.update(repo.list_model())
+        return models
+
+
 class BagOnlyRepo:
     """Bags of models `NAME.yaml` in a folder, their models taken from `model_repo`."""
 
@@ -218,16 +255,7 @@ class BagOnlyRepo:
     def get_model(self, name: str) -> nn.Module:
         if name not in self._bags:
             raise ModelLoadingError(f"Could not find bag of models {name} in {self.root}.")
-        path = self._bags[name]
-        spec = read_bag(path)
-        missing = [sig for sig in spec.models if not self.model_repo.has_model(sig)]
-        if missing:
-            _fail(path, f"model(s) {', '.join(missing)} not found; export them first")
-        models = [self.model_repo.get_model(sig) for sig in spec.models]
-        try:
-            return BagOfModels(models, spec.weights, spec.segment)
-        except (ValueError, AssertionError) as error:
-            _fail(path, str(error) or "the models do not fit together")
+        return load_bag(self._bags[name], self.model_repo)
 
     def list_model(self) -> tp.Dict[str, str]:
         return {name: str(path) for name, path in self._bags.items()}

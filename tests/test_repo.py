@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import shutil
 import threading
 import typing as tp
@@ -16,8 +17,8 @@ from demucs import pretrained
 from demucs.apply import BagOfModels
 from demucs.errors import ModelLoadingError
 from demucs.hdemucs import HDemucs
-from demucs.repo import (AnyModelRepo, BagOnlyRepo, LocalRepo, RemoteRepo, check_checksum,
-                         file_sha256, read_bag, split_package_name)
+from demucs.repo import (AnyModelRepo, BagOnlyRepo, ChainRepo, LocalRepo, RemoteRepo,
+                         check_checksum, file_sha256, read_bag, split_package_name)
 from demucs.states import save_with_checksum, serialize_model
 
 from helpers import SOURCES, imported_modules, same_state, tiny_hdemucs
@@ -256,22 +257,43 @@ def test_remote_bags(server: Server, hub: Path, models: list[HDemucs],
     assert sorted(p.name for p in hub.iterdir()) == sorted(names)
 
 
-def test_default_remote_repo_matches_reference() -> None:
+MDX_ROOT = "https://dl.fbaipublicfiles.com/demucs/mdx_final/"
+V4_ROOT = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
+V4_FILES = {  # upstream Demucs 4.1 remote/files.txt
+    "955717e8-8726e21a.th", "f7e0c4bc-ba3fe64a.th", "d12395a8-e57c48e6.th",
+    "92cfc3b6-ef3bcb9c.th", "04573f0d-f3cf25b2.th", "75fc33f5-1941ce65.th",
+    "5c90dfd2-34c22ccb.th"}
+
+
+def test_default_remote_repo_matches_reference(reference_dir: Path) -> None:
+    """The MDX part is the original's remote.json exactly; the v4 models are added."""
+    reference = json.loads((reference_dir / "remote.json").read_text())
     repo = pretrained.get_remote_repo()
     urls = repo.model_repo.list_model()
-    assert len(urls) == 16
-    assert urls["e51eebcc"] == "https://dl.fbaipublicfiles.com/demucs/mdx_final/e51eebcc-c1b80bdd.th"
+    expected = {name.split("-")[0]: reference["root_url"] + name for name in reference["files"]}
+    expected.update({name.split("-")[0]: V4_ROOT + name for name in V4_FILES})
+    assert urls == expected
+    assert reference["root_url"] == MDX_ROOT
+    assert pretrained.DEFAULT_MODEL == reference["default_model"] == "mdx_extra_q"
     bags = repo.bag_repo.list_model()
-    assert sorted(bags) == ["mdx", "mdx_extra", "mdx_extra_q", "mdx_q"]
-    assert pretrained.DEFAULT_MODEL == "mdx_extra_q"
-    for path in bags.values():
-        spec = read_bag(path)
-        assert spec.segment == 44
-        assert len(spec.models) == 4 and all(sig in urls for sig in spec.models)
-        if spec.weights is not None:
-            assert len(spec.weights) == 4 and all(len(w) == 4 for w in spec.weights)
-    weights = read_bag(bags["mdx"]).weights
-    assert weights is not None and weights[0] == [1.0, 1.0, 0.0, 0.0]
+    v4_bags = ["hdemucs_mmi", "htdemucs", "htdemucs_6s", "htdemucs_ft"]
+    assert sorted(bags) == sorted([*reference["bags"], *v4_bags])
+    for name, content in reference["bags"].items():
+        spec = read_bag(bags[name])
+        assert spec.models == content["models"] and spec.segment == content["segment"]
+        assert spec.weights == content.get("weights")
+
+
+def test_remote_v4_bags() -> None:
+    bags = pretrained.get_remote_repo().bag_repo.list_model()
+    assert read_bag(bags["htdemucs"]).models == ["955717e8"]
+    assert read_bag(bags["htdemucs_6s"]).models == ["5c90dfd2"]
+    mmi = read_bag(bags["hdemucs_mmi"])
+    assert mmi.models == ["75fc33f5"] and mmi.segment == 44
+    ft = read_bag(bags["htdemucs_ft"])
+    assert ft.models == ["f7e0c4bc", "d12395a8", "92cfc3b6", "04573f0d"]
+    assert ft.segment is None
+    assert ft.weights == [[float(i == j) for j in range(4)] for i in range(4)]  # one-hot
 
 
 def test_remote_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,9 +314,72 @@ def test_files_list_needs_a_root() -> None:
 
 @pytest.mark.slow
 def test_separation_path_imports_no_training_stack() -> None:
-    loaded = imported_modules("demucs.separate", "demucs.pretrained", "demucs.repo",
-                              "demucs.audio")
+    loaded = imported_modules("demucs.separate", "demucs.api", "demucs.pretrained",
+                              "demucs.repo", "demucs.audio")
     training = {"hydra", "dora", "omegaconf", "museval", "musdb", "submitit", "treetable"}
     ours = {"demucs.train", "demucs.solver", "demucs.wav", "demucs.evaluate", "demucs.augment",
             "demucs.repitch"}
     assert not {m for m in loaded if m.split(".")[0] in training or m in ours}
+
+
+def test_model_file_paths(tmp_path: Path, local_repo: Path, models: list[HDemucs]) -> None:
+    package = next(local_repo.glob("bbbb2222-*.th"))
+    assert same_state(pretrained.get_model(str(package)), models[1])
+    assert same_state(pretrained.get_model(str(local_repo / "plain.th")), models[2])
+    assert pretrained.model_label(package) == "bbbb2222"
+    assert pretrained.model_label("mdx_extra_q") == "mdx_extra_q"
+    # A bag file: models from its own folder, or from `repo`.
+    write_bag(local_repo, "pair", {"models": ["aaaa1111", "plain"]})
+    bag = pretrained.get_model(str(local_repo / "pair.yaml"))
+    assert isinstance(bag, BagOfModels) and same_state(bag.models[1], models[2])
+    elsewhere = write_bag(tmp_path, "pair2", {"models": ["bbbb2222"]})
+    bag = pretrained.get_model(str(elsewhere), repo=local_repo)
+    assert isinstance(bag, BagOfModels) and same_state(bag.models[0], models[1])
+    assert pretrained.model_label(elsewhere) == "pair2"
+    with pytest.raises(ModelLoadingError, match="pair2.yaml.*bbbb2222 not found"):
+        pretrained.get_model(str(elsewhere))
+
+
+def test_model_file_errors(tmp_path: Path, local_repo: Path) -> None:
+    with pytest.raises(ModelLoadingError, match="nothere.th is not found"):
+        pretrained.get_model(str(tmp_path / "nothere.th"))
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ModelLoadingError, match="folder.yaml is not a file"):
+        pretrained.get_model(str(tmp_path / "folder.yaml"))
+    package = next(local_repo.glob("aaaa1111-*.th"))
+    data = bytearray(package.read_bytes())
+    data[-100] ^= 0xFF
+    package.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadingError, match="Checksum mismatch"):
+        pretrained.get_model(str(package))
+
+
+def test_chain_repo_searches_in_order(server: Server, hub: Path, local_repo: Path,
+                                      models: list[HDemucs]) -> None:
+    url, root, requests = server
+    remote_file = export(models[2], root / "models", "aaaa1111")  # shadowed by the local one
+    other = export(models[2], root / "models", "cafe0001")
+    chain = ChainRepo([LocalRepo(local_repo),
+                       RemoteRepo.from_files(url, [remote_file.name, other.name])])
+    assert chain.has_model("cafe0001") and not chain.has_model("nope")
+    assert same_state(chain.get_model("aaaa1111"), models[0])
+    assert requests == []
+    assert same_state(chain.get_model("cafe0001"), models[2])
+    assert chain.list_model()["aaaa1111"].endswith(".th") and \
+        not chain.list_model()["aaaa1111"].startswith("http")
+    with pytest.raises(ModelLoadingError, match="nope"):
+        chain.get_model("nope")
+
+
+def test_list_models_describes_each_name(local_repo: Path) -> None:
+    write_bag(local_repo, "pair", {"models": ["aaaa1111", "bbbb2222"]})
+    write_bag(local_repo, "broken", "models: [\n")
+    infos = pretrained.list_models(local_repo)
+    described = [(info.name, info.describe()) for info in infos]
+    assert described[0][0] == "broken" and described[0][1].startswith("invalid bag (")
+    assert described[1:] == [("pair", "bag of 2 models"), ("aaaa1111", "single model"),
+                             ("bbbb2222", "single model"), ("plain", "single model")]
+    assert infos[1].bag and infos[1].size == 2 and infos[1].source.endswith("pair.yaml")
+    remote = {info.name: info for info in pretrained.list_models()}
+    assert remote["htdemucs_ft"].describe() == "bag of 4 models"
+    assert remote["955717e8"].source == V4_ROOT + "955717e8-8726e21a.th"

@@ -1,6 +1,9 @@
-"""The `demucs` command end to end, on tiny random-weights models exported to a temp repo."""
+"""The `demucs` command end to end, on tiny random-weights models exported to a temp repo:
+outputs, every option, batch robustness (bad tracks reported, the others separated) and
+the checks made before the model loads."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import typing as tp
@@ -12,7 +15,7 @@ import torch
 import yaml
 
 from demucs import separate
-from demucs.apply import apply_model
+from demucs.apply import BagOfModels, apply_model
 from demucs.audio import AudioFile, save_audio
 from demucs.states import load_model, save_with_checksum, serialize_model
 
@@ -27,6 +30,7 @@ class Setup(tp.NamedTuple):
     repo: Path
     mix: Path
     mix_wav: torch.Tensor
+    short: Path  # a 1 s track, for the tests of options and errors
 
 
 def make_mix(seconds: float = SECONDS, samplerate: int = SR, channels: int = 2) -> torch.Tensor:
@@ -47,7 +51,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
         "models": ["tinyhd", "tinyd"], "weights": [[1, 1, 0, 1], [1, 0, 1, 1]], "segment": 1.5}))
     mix_wav = make_mix()
     save_audio(mix_wav, root / "mix.wav", SR, as_float=True)
-    return Setup(repo, root / "mix.wav", mix_wav)
+    save_audio(make_mix(1), root / "short.wav", SR, as_float=True)
+    return Setup(repo, root / "mix.wav", mix_wav, root / "short.wav")
 
 
 def run_main(argv: tp.List[str]) -> None:
@@ -159,8 +164,337 @@ def test_mp3_output(setup: Setup, tmp_path: Path) -> None:
     assert file.duration() == pytest.approx(SECONDS, abs=0.1)
 
 
-# Errors: one line on stderr naming the culprit, exit status 1, nothing written. In process
-# (fast); the subprocess test checks what a shell sees: no traceback unless -v.
+# ---------------------------------------------------------------------------------------
+# Options of upstream 4.1 on the short track
+
+
+class Run(tp.NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run_capture(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
+    """Run `demucs ARGV` in process; its exit status, stdout and stderr."""
+    code = 0
+    try:
+        separate.main(list(argv))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    captured = capsys.readouterr()
+    return Run(code, captured.out, captured.err)
+
+
+def error_lines(err: str) -> list[str]:
+    """The `demucs: error:` lines of stderr (progress bars aside)."""
+    return [line for line in err.splitlines() if line.startswith("demucs: error: ")]
+
+
+def vocals_only(setup: Setup, out: Path, *options: str) -> Path:
+    """Separate the short track writing only the vocals; the path of that file."""
+    run_main(["--repo", str(setup.repo), "-n", "tinyhd", str(setup.short), "-o", str(out),
+              "--shifts", "0", "--two-stems", "vocals", "--other-method", "none", *options])
+    folder = out / "tinyhd" / "short"
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].stem == "vocals", files
+    return files[0]
+
+
+@pytest.mark.parametrize("options,fmt,subtype", [
+    ([], "WAV", "PCM_16"),
+    (["--int24"], "WAV", "PCM_24"),
+    (["--float32"], "WAV", "FLOAT"),
+    (["--flac"], "FLAC", "PCM_16"),
+    (["--flac", "--int24"], "FLAC", "PCM_24"),
+    (["--mp3", "--mp3-bitrate", "96", "--mp3-preset", "7"], "MP3", "MPEG_LAYER_III"),
+])
+def test_output_formats(setup: Setup, tmp_path: Path, options: list[str], fmt: str,
+                        subtype: str) -> None:
+    path = vocals_only(setup, tmp_path, *options)
+    assert path.suffix == "." + fmt.lower()
+    info = soundfile.info(str(path))
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (fmt, subtype, SR, 2)
+    if fmt != "MP3":  # mp3 adds encoder delay and padding
+        assert info.frames == SR
+
+
+def test_mp3_presets_trade_quality(setup: Setup, tmp_path: Path) -> None:
+    best = vocals_only(setup, tmp_path / "best", "--mp3", "--mp3-preset", "2")
+    fast = vocals_only(setup, tmp_path / "fast", "--mp3", "--mp3-preset", "7")
+    assert best.read_bytes() != fast.read_bytes()
+
+
+def mix_and_stems(folder: Path, *names: str) -> dict[str, torch.Tensor]:
+    return {name: read_wav(folder / f"{name}.wav") for name in names}
+
+
+@pytest.mark.parametrize("method,files", [("add", ["no_vocals", "vocals"]),
+                                          ("minus", ["minus_vocals", "vocals"]),
+                                          ("none", ["vocals"])])
+def test_other_method(setup: Setup, tmp_path: Path, method: str, files: list[str]) -> None:
+    loud = tmp_path / "loud.wav"  # peaks above 1: --clip-mode none keeps them (float32)
+    mix = 20 * make_mix(1)
+    save_audio(mix, loud, SR, as_float=True, clip="none")
+    out = tmp_path / "out"
+    run_main(["--repo", str(setup.repo), "-n", "tinyhd", str(loud), "-o", str(out), "--shifts",
+              "0", "--float32", "--clip-mode", "none", "--two-stems", "vocals",
+              "--other-method", method])
+    folder = out / "tinyhd" / "loud"
+    assert sorted(p.stem for p in folder.iterdir()) == files
+    got = mix_and_stems(folder, *files)
+    assert got["vocals"].abs().max() > 1  # not rescaled, not clamped
+    if method == "minus":
+        assert torch.allclose(got["minus_vocals"], mix - got["vocals"], atol=1e-5)
+    if method == "add":
+        model = load_model(next(setup.repo.glob("tinyhd-*.th"))).eval()
+        ref = mix.mean(0)
+        norm = (mix - ref.mean()) / ref.std()
+        stems = apply_model(model, norm[None], shifts=0)[0] * ref.std() + ref.mean()
+        assert torch.allclose(got["vocals"], stems[3], atol=1e-5)
+        assert torch.allclose(got["no_vocals"], stems[:3].sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["rescale", "clamp", "none"])
+def test_clip_modes(setup: Setup, tmp_path: Path, mode: str) -> None:
+    loud = tmp_path / "loud.wav"
+    save_audio(4 * make_mix(1), loud, SR, as_float=True, clip="none")
+    out = tmp_path / "out"
+    run_main(["--repo", str(setup.repo), "-n", "tinyd", str(loud), "-o", str(out), "--shifts",
+              "0", "--float32", "--clip-mode", mode, "--two-stems", "drums",
+              "--other-method", "minus"])
+    peak = read_wav(out / "tinyd" / "loud" / "minus_drums.wav").abs().max().item()
+    expected = {"rescale": pytest.approx(1 / 1.01, abs=1e-6), "clamp": pytest.approx(0.99)}
+    assert peak == expected[mode] if mode in expected else peak > 1
+
+
+def test_segment_jobs_and_bag_notice(setup: Setup, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--repo", str(setup.repo), "-n", "duo", str(setup.short), "--shifts", "0",
+              "--float32", "--segment", "0.75"]
+    first = run_capture(capsys, *common, "-o", str(tmp_path / "a"))
+    assert first.code == 0, first.err
+    assert "Selected model is a bag of 2 models" in first.out
+    assert "separated 1 of 1 tracks" in first.out
+    threads = run_capture(capsys, *common, "-o", str(tmp_path / "b"), "-j", "2")
+    assert threads.code == 0, threads.err
+    for source in SOURCES:
+        a = read_wav(tmp_path / "a" / "duo" / "short" / f"{source}.wav")
+        assert torch.equal(a, read_wav(tmp_path / "b" / "duo" / "short" / f"{source}.wav"))
+    # A float segment is the chunk size: other than the bag's 1.5 s, other outputs.
+    run_main([*common[:-1], "1.5", "-o", str(tmp_path / "c")])
+    c = read_wav(tmp_path / "c" / "duo" / "short" / "drums.wav")
+    assert not torch.equal(c, read_wav(tmp_path / "a" / "duo" / "short" / "drums.wav"))
+
+
+def test_single_model_has_no_bag_notice(setup: Setup, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_capture(capsys, "--repo", str(setup.repo), "-n", "tinyd", str(setup.short),
+                      "-o", str(tmp_path), "--two-stems", "bass", "--other-method", "none")
+    assert run.code == 0 and "bag of" not in run.out
+
+
+def test_segment_longer_than_allowed(setup: Setup, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A Transformer model (here: a bag claiming a 1 s limit) refuses longer segments."""
+    monkeypatch.setattr(BagOfModels, "max_allowed_segment", 1.0, raising=False)
+    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "duo", str(setup.short),
+                        "-o", str(tmp_path), "--segment", "1.5")
+    assert_mentions(line, "--segment", "1.5", "maximum segment is 1 s")
+    assert not (tmp_path / "duo").exists()
+    run_main(["--repo", str(setup.repo), "-n", "duo", str(setup.short), "-o", str(tmp_path),
+              "--segment", "1", "--two-stems", "bass", "--other-method", "none"])
+
+
+def test_name_is_a_package_or_bag_path(setup: Setup, tmp_path: Path) -> None:
+    package = next(setup.repo.glob("tinyhd-*.th"))
+    by_name = vocals_only(setup, tmp_path / "name", "--float32")
+    run_main(["-n", str(package), str(setup.short), "-o", str(tmp_path / "path"), "--shifts",
+              "0", "--two-stems", "vocals", "--other-method", "none", "--float32"])
+    by_path = tmp_path / "path" / "tinyhd" / "short" / "vocals.wav"
+    assert torch.equal(read_wav(by_name), read_wav(by_path))
+    # A bag file elsewhere: its models come from --repo.
+    bag = tmp_path / "bags" / "my_duo.yaml"
+    bag.parent.mkdir()
+    shutil.copy(setup.repo / "duo.yaml", bag)
+    out = tmp_path / "bag"
+    run_main(["-n", str(bag), "--repo", str(setup.repo), str(setup.short), "-o", str(out),
+              "--two-stems", "drums", "--other-method", "none"])
+    assert (out / "my_duo" / "short" / "drums.wav").is_file()
+
+
+def test_list_models(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(setup.repo, repo)
+    (repo / "solo.yaml").write_text("models: [tinyd]\n")
+    (repo / "broken.yaml").write_text("models: [tinyd\n")
+    run = run_capture(capsys, "--list-models", "--repo", str(repo))
+    assert run.code == 0, run.err
+    lines = [" ".join(line.split()) for line in run.out.splitlines()]
+    assert lines[0] == "Bags of models:"
+    assert lines[1].startswith("broken invalid bag (") and "broken.yaml" in lines[1]
+    assert lines[2:] == ["duo bag of 2 models", "solo bag of 1 model", "Single models:",
+                         "tinyd single model", "tinyhd single model"]
+
+
+def test_list_remote_models(capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_capture(capsys, "--list-models")
+    assert run.code == 0, run.err
+    lines = {" ".join(line.split()) for line in run.out.splitlines()}
+    for line in ["htdemucs bag of 1 model", "htdemucs_ft bag of 4 models",
+                 "htdemucs_6s bag of 1 model", "hdemucs_mmi bag of 1 model",
+                 "mdx_extra_q bag of 4 models", "955717e8 single model"]:
+        assert line in lines
+    assert "demucs: error: " in run_capture(capsys, "--list-models", "--repo",
+                                            "/nonexistent").err
+
+
+# ---------------------------------------------------------------------------------------
+# Batch robustness: each bad track in one call with a good one
+
+
+def bad_tracks(root: Path, out: Path) -> dict[str, Path]:
+    """One track per way of failing, keyed by what the error line must say."""
+    root.mkdir(parents=True, exist_ok=True)
+    notes = root / "notes.mp3"
+    notes.write_text("not audio\n" * 100)
+    (root / "empty.wav").touch()
+    no_frames = write_wav_frames(root / "no_frames.wav", 0)
+    tiny = write_wav_frames(root / "tiny.wav", 5)
+    (root / "folder.wav").mkdir()
+    blocked = write_wav_frames(root / "blocked.wav", SR // 2)
+    (out / "tinyd" / "blocked" / "drums.wav").mkdir(parents=True)  # a folder in the way
+    return {"does not exist": root / "missing.wav", "notes.mp3": notes,
+            "empty (0 bytes)": root / "empty.wav", "0 samples": no_frames,
+            "5 samples": tiny, "is a directory": root / "folder.wav",
+            "Cannot write": blocked}
+
+
+def write_wav_frames(path: Path, frames: int) -> Path:
+    soundfile.write(str(path), 0.1 * torch.ones(frames, 2).numpy(), SR, subtype="FLOAT")
+    return path
+
+
+def test_bad_tracks_do_not_stop_the_batch(setup: Setup, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    bad = bad_tracks(tmp_path / "in", out)
+    tracks = [str(bad["does not exist"]), str(setup.short), *map(str, list(bad.values())[1:])]
+    run = run_capture(capsys, "--repo", str(setup.repo), "-n", "tinyd", *tracks, "-o",
+                      str(out), "--shifts", "0")
+    assert run.code == 1
+    assert "Traceback" not in run.err
+    folder = out / "tinyd" / "short"
+    assert sorted(p.stem for p in folder.iterdir()) == sorted(SOURCES)
+    lines = error_lines(run.err)
+    assert len(lines) == len(bad) + 1
+    for cause, path in bad.items():  # missing, folder, empty: reported before the model loads
+        assert len([line for line in lines[:-1] if path.name in line and cause in line]) == 1
+    failed = ", ".join(str(path) for path in bad.values())
+    assert lines[-1] == f"demucs: error: separated 1 of {len(bad) + 1} tracks; failed: {failed}"
+
+
+def test_bad_track_traceback_with_verbose(setup: Setup, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.wav"
+    notes.write_text("not audio\n" * 100)
+    run = run_capture(capsys, "-v", "--repo", str(setup.repo), "-n", "tinyd", str(notes),
+                      str(setup.short), "-o", str(tmp_path / "out"), "--two-stems", "bass")
+    assert run.code == 1
+    assert "Traceback" in run.err and "AudioError" in run.err
+    assert (tmp_path / "out" / "tinyd" / "short" / "bass.wav").is_file()
+
+
+def test_only_missing_tracks_load_no_model(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_capture(capsys, "-n", "nope", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"),
+                      "-o", str(tmp_path / "out"))
+    assert run.code == 1
+    lines = error_lines(run.err)
+    assert len(lines) == 3 and "'nope'" not in run.err
+    assert lines[-1].startswith("demucs: error: separated 0 of 2 tracks; failed: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_output_twice_is_refused(setup: Setup, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other" / "short.wav"
+    other.parent.mkdir()
+    shutil.copy(setup.short, other)
+    # The model is never loaded: the unknown name is not what is reported.
+    line = demucs_error(capsys, "-n", "nope", str(setup.short), str(other), "-o",
+                        str(tmp_path / "out"))
+    assert_mentions(line, str(setup.short), str(other), "short")
+    line = demucs_error(capsys, "-n", "nope", str(setup.short), str(setup.mix),
+                        "--filename", "{stem}.{ext}", "-o", str(tmp_path / "out"))
+    assert_mentions(line, str(setup.short), str(setup.mix))
+    assert not (tmp_path / "out").exists()
+    # Different extensions tell them apart with {trackext}.
+    flac = tmp_path / "short.flac"
+    save_audio(make_mix(0.5), flac, SR)
+    run_main(["--repo", str(setup.repo), "-n", "tinyd", str(setup.short), str(flac), "-o",
+              str(tmp_path / "out"), "--filename", "{track}.{trackext}/{stem}.{ext}",
+              "--two-stems", "bass", "--other-method", "none"])
+    assert sorted(p.name for p in (tmp_path / "out" / "tinyd").iterdir()) == \
+        ["short.flac", "short.wav"]
+
+
+def test_output_over_an_input_is_refused(setup: Setup, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    track = tmp_path / "tinyd" / "bass.wav"
+    track.parent.mkdir()
+    shutil.copy(setup.short, track)
+    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyd", str(track), "-o",
+                        str(tmp_path), "--filename", "{stem}.{ext}")
+    assert_mentions(line, "overwrite", str(track))
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--filename", "{track}/{bad}.{ext}"], "--filename"),
+    (["--filename", "{track}.{ext}"], "same file"),
+    (["--filename", "{track}/{stem}.ogg"], "'.ogg'"),
+    (["--filename", "/abs/{stem}.{ext}"], "relative"),
+    (["--mp3", "--filename", "{track}/{stem}.wav"], "--mp3"),
+    (["--flac", "--float32"], "--float32"),
+    (["--mp3", "--mp3-bitrate", "500"], "--mp3-bitrate"),
+    (["--mp3", "--mp3-preset", "9"], "--mp3-preset"),
+    (["--segment", "0"], "--segment"),
+    (["--overlap", "1.5"], "--overlap"),
+    (["--shifts", "-1"], "--shifts"),
+    (["-j", "-1"], "--jobs"),
+    (["-d", "gpu"], "gpu"),
+])
+def test_checked_before_the_model_loads(setup: Setup, tmp_path: Path, option: list[str],
+                                        message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    line = demucs_error(capsys, "-n", "nope", str(setup.short), "-o", str(tmp_path / "out"),
+                        *option)
+    assert_mentions(line, "demucs: error: ", message)
+    assert "'nope'" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_is_a_file(setup: Setup, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = demucs_error(capsys, "-n", "nope", str(setup.short), "-o", str(blocker / "out"))
+    assert_mentions(line, str(blocker), "not a directory")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    line = demucs_error(capsys, "-n", "nope", str(setup.mix), "-d", "cuda")
+    assert_mentions(line, "CUDA is not available")
+
+
+def test_no_tracks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_mentions(demucs_error(capsys), "tracks", "--list-models")
+
+
+# ---------------------------------------------------------------------------------------
+# Errors of the whole command: one line on stderr, exit status 1. In process (fast); the
+# subprocess test checks what a shell sees: no traceback unless -v.
 def assert_mentions(line: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in line, line
@@ -176,13 +510,6 @@ def test_user_error_has_no_traceback_unless_verbose(setup: Setup, tmp_path: Path
     assert verbose.returncode == 1
     assert "Traceback" in verbose.stderr and "ModelLoadingError" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
-
-
-def test_missing_track(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyhd",
-                        str(tmp_path / "nope.wav"), "-o", str(tmp_path / "out"))
-    assert_mentions(line, "demucs: error: ", "nope.wav", "does not exist")
-    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,25 +532,14 @@ def test_corrupt_package(setup: Setup, tmp_path: Path,
     line = demucs_error(capsys, "--repo", str(repo), "-n", "bad", str(setup.mix),
                         "-o", str(tmp_path))
     assert_mentions(line, "bad-", "Checksum mismatch")
+    line = demucs_error(capsys, "-n", str(repo / "nothere.th"), str(setup.mix))
+    assert_mentions(line, "nothere.th", "not found")
 
 
-def test_unreadable_track_and_bad_stem(setup: Setup, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    notes = tmp_path / "notes.mp3"
-    notes.write_text("not audio\n" * 100)
-    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyhd", str(notes),
-                        "-o", str(tmp_path / "out"))
-    assert_mentions(line, "notes.mp3")
+def test_bad_stem(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyhd", "--two-stems",
                         "guitar", str(setup.mix), "-o", str(tmp_path / "out"))
     assert_mentions(line, "guitar", "drums, bass, other, vocals")
-
-
-@pytest.mark.parametrize("option", [["--segment", "0"], ["--overlap", "1.5"], ["--shifts", "-1"]])
-def test_bad_options(setup: Setup, option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyhd", str(setup.mix),
-                        *option)
-    assert_mentions(line, option[0])
 
 
 @pytest.mark.parametrize("name", ["tinyhd", "tinyd"])
@@ -238,10 +554,3 @@ def test_silent_track_gives_silent_stems(setup: Setup, tmp_path: Path, name: str
     assert sorted(p.stem for p in folder.iterdir()) == sorted(SOURCES)
     for source in SOURCES:
         assert torch.equal(read_wav(folder / f"{source}.wav"), torch.zeros(2, SR)), source
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
-    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "tinyhd", str(setup.mix),
-                        "-d", "cuda")
-    assert_mentions(line, "CUDA is not available")

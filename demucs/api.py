@@ -1,0 +1,371 @@
+"""Python API: separate audio with a pre-trained model loaded once, as upstream Demucs 4.1.
+
+    from demucs.api import Separator, save_audio
+
+    separator = Separator(model="mdx_extra_q", device="cpu", shifts=1)
+    origin, stems = separator.separate_audio_file("song.mp3")
+    for name, wav in stems.items():
+        save_audio(wav, f"{name}.wav", separator.samplerate)
+
+`separate_tensor(wav, sr)` does the same on a `(C, T)` tensor; `update_parameter(...)`
+changes any option but the model; `list_models(repo)` lists a repository. A `callback`
+is called before and after each segment with a dict (`segment_offset`, `segment_length`,
+`audio_length`, `model_idx_in_bag`, `models`, `shift_idx`, `state` = "start" / "end",
+plus the `callback_arg` entries). Errors are `DemucsError`s: `LoadModelError` (an alias of
+`ModelLoadingError`), `LoadAudioError` (of `AudioError`) and `ConfigError` for options.
+`python -m demucs.api` runs the `demucs` command.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import typing as tp
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .apply import BagOfModels, TensorChunk, apply_model
+from .audio import convert_audio, convert_audio_channels, read_audio
+from .audio import save_audio as save_audio  # re-exported, as upstream's api does
+from .errors import AudioError, ConfigError, ModelLoadingError
+from .pretrained import DEFAULT_MODEL, get_local_repo, get_remote_repo
+from .utils import DummyPoolExecutor
+
+LoadAudioError = AudioError
+LoadModelError = ModelLoadingError
+PathLike = tp.Union[str, Path]
+Callback = tp.Callable[[tp.Dict[str, tp.Any]], None]
+MIN_SECONDS = 0.01  # shorter tracks are refused: nothing to separate
+# Whether `apply_model` takes the chunk size itself (v4); otherwise it is set on the models.
+APPLY_TAKES_SEGMENT = "segment" in inspect.signature(apply_model).parameters
+
+
+class _NotProvided:
+    """Marks the arguments of `update_parameter` that were not given."""
+
+    def __repr__(self) -> str:
+        return "NotProvided"
+
+
+NotProvided: tp.Any = _NotProvided()
+
+
+def default_device() -> str:
+    """cuda if available, else mps if available, else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_device(device: tp.Union[str, torch.device]) -> torch.device:
+    """`device` as a `torch.device`; `ConfigError` when it is unknown or not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"Unknown device {str(device)!r}, use cpu, cuda, cuda:N or mps.") \
+            from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {device} asked for, but CUDA is not available; "
+                              "use -d cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"Device {device} asked for, but there are only "
+                              f"{torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"Device {device} asked for, but MPS is not available; "
+                              "use -d cpu.")
+    elif dev.type != "cpu":
+        raise ConfigError(f"Unsupported device {device}, use cpu, cuda, cuda:N or mps.")
+    return dev
+
+
+def max_allowed_segment(model: tp.Any) -> float:
+    """The longest segment (seconds) `model` may be applied to (v4 Transformers: their
+    training length); infinite for models without such a limit."""
+    return float(getattr(model, "max_allowed_segment", math.inf))
+
+
+def sub_models(model: tp.Any) -> tp.List[tp.Any]:
+    """The models of a bag, or `[model]`."""
+    return list(model.models) if isinstance(model, BagOfModels) else [model]
+
+
+class _Job:
+    """A segment submitted by `apply_model`: reports start and end around its result."""
+
+    def __init__(self, pool: "_CallbackPool", job: tp.Any, info: tp.Optional[tp.Dict]) -> None:
+        self.pool = pool
+        self.job = job
+        self.info = info
+
+    def result(self) -> tp.Any:
+        if self.info is not None:
+            self.pool.report(self.info, "start")
+        out = self.job.result()
+        if self.info is not None:
+            self.pool.report(self.info, "end")
+        return out
+
+
+class _CallbackPool:
+    """The pool `apply_model` submits the segments of a split to.
+
+    Runs them in `executor` threads (or when their result is asked, without one) and calls
+    `callback` before and after each, from the calling thread, in segment order. A new
+    pass (a model of a bag, a random shift) is recognised by its new padded input.
+    """
+
+    def __init__(self, model: tp.Any, audio_length: int, callback: tp.Optional[Callback],
+                 callback_arg: tp.Mapping[str, tp.Any],
+                 executor: tp.Optional[ThreadPoolExecutor]) -> None:
+        self.models = sub_models(model)
+        self.audio_length = audio_length
+        self.callback = callback
+        self.callback_arg = dict(callback_arg)
+        self.executor = executor
+        # per model index: [input of the current pass (weak), pass count, first offset]
+        self.passes: tp.Dict[int, tp.List[tp.Any]] = {}
+
+    def submit(self, func: tp.Callable, *args: tp.Any, **kwargs: tp.Any) -> _Job:
+        job: tp.Any
+        if self.executor is not None:
+            job = self.executor.submit(func, *args, **kwargs)
+        else:
+            job = DummyPoolExecutor.DummyResult(func, *args, **kwargs)
+        info = None
+        if self.callback is not None and len(args) >= 2 and isinstance(args[1], TensorChunk):
+            info = self._segment_info(args[0], args[1])
+        return _Job(self, job, info)
+
+    def _segment_info(self, model: tp.Any, chunk: TensorChunk) -> tp.Dict[str, tp.Any]:
+        index = next((i for i, m in enumerate(self.models) if m is model), 0)
+        state = self.passes.get(index)
+        if state is None or state[0]() is not chunk.tensor:
+            count = -1 if state is None else state[1]
+            state = [weakref.ref(chunk.tensor), count + 1, chunk.offset]
+            self.passes[index] = state
+        return {**self.callback_arg, "model_idx_in_bag": index, "models": len(self.models),
+                "shift_idx": state[1], "segment_offset": chunk.offset - state[2],
+                "segment_length": chunk.length, "audio_length": self.audio_length}
+
+    def whole(self) -> tp.Dict[str, tp.Any]:
+        """The info of an unsplit pass: the whole track at once."""
+        return {**self.callback_arg, "model_idx_in_bag": 0, "models": len(self.models),
+                "shift_idx": 0, "segment_offset": 0, "segment_length": self.audio_length,
+                "audio_length": self.audio_length}
+
+    def report(self, info: tp.Dict[str, tp.Any], state: str) -> None:
+        if self.callback is not None:
+            self.callback({**info, "state": state})
+
+
+class Separator:
+    """A model loaded once, applied to tensors or files with the options given here.
+
+    Args:
+        model: a pre-trained model or bag name, a signature, or a `.th`/`.yaml` path.
+        repo: a local repository folder (default: the remote list of released models).
+        device: where to run the model (None: cuda, else mps, else cpu).
+        shifts: number of random shifts averaged (0: none).
+        overlap: overlap between segments, a fraction in [0, 1).
+        split: cut the track into segments (needed for long tracks and v4 models).
+        segment: segment length in seconds (default: the model's own).
+        jobs: threads working on segments in parallel (CPU only).
+        progress: show a progress bar per model and pass.
+        callback: called with a dict before and after each segment (see the module doc).
+        callback_arg: entries added to every dict given to `callback`.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[PathLike] = None,
+                 device: tp.Union[str, torch.device, None] = None, shifts: int = 1,
+                 overlap: float = 0.25, split: bool = True, segment: tp.Optional[float] = None,
+                 jobs: int = 0, progress: bool = False, callback: tp.Optional[Callback] = None,
+                 callback_arg: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> None:
+        self._name = model
+        self._repo = repo
+        device = default_device() if device is None else device
+        self._device = check_device(device)
+        self._shifts, self._overlap, self._split, self._jobs = 1, 0.25, True, 0
+        self._segment: tp.Optional[float] = None
+        self._progress = False
+        self._callback: tp.Optional[Callback] = None
+        self._callback_arg: tp.Dict[str, tp.Any] = {}
+        self._load_model()
+        self.update_parameter(device=device, shifts=shifts, overlap=overlap, split=split,
+                              segment=segment, jobs=jobs, progress=progress,
+                              callback=callback, callback_arg=callback_arg)
+
+    def _load_model(self) -> None:
+        from .pretrained import get_model
+        self._model: tp.Any = get_model(self._name, repo=self._repo)
+        self._model.cpu()
+        self._model.eval()
+        self._max_segment = max_allowed_segment(self._model)
+        self._model_segments = [m.segment for m in sub_models(self._model)]
+
+    def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
+                         overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
+                         segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
+                         progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
+                         callback_arg: tp.Any = NotProvided) -> None:
+        """Change the options given (same meaning as in the constructor), checked first:
+        a bad value raises `ConfigError` and changes nothing."""
+        given = {key: value for key, value in locals().items()
+                 if key != "self" and value is not NotProvided}
+        checked = {key: self._check(key, value) for key, value in given.items()}
+        for key, value in checked.items():
+            setattr(self, f"_{key}", value)
+        if "segment" in checked and not APPLY_TAKES_SEGMENT:
+            self._set_model_segment(checked["segment"])
+
+    def _check(self, key: str, value: tp.Any) -> tp.Any:
+        if key == "device":
+            return check_device(value)
+        if key == "shifts" and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 0):
+            raise ConfigError(f"shifts must be an integer, 0 or more, got {value!r}.")
+        if key == "overlap" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(f"overlap must be in [0, 1), got {value!r}.")
+        if key == "jobs" and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+            raise ConfigError(f"jobs must be an integer, 0 or more, got {value!r}.")
+        if key == "segment" and value is not None:
+            return self._check_segment(value)
+        if key == "callback_arg":
+            return dict(value or {})
+        return value
+
+    def _check_segment(self, segment: tp.Any) -> float:
+        if isinstance(segment, bool) or not isinstance(segment, (int, float)) \
+                or not segment > 0 or not math.isfinite(segment):
+            raise ConfigError(f"segment must be a positive number of seconds, got {segment!r}.")
+        if segment > self._max_segment:
+            raise ConfigError(
+                f"segment {segment:g} s is longer than the model {self._name} allows: a "
+                f"Transformer model cannot use segments longer than it was trained on; the "
+                f"maximum segment is {self._max_segment:g} s.")
+        return float(segment)
+
+    def _set_model_segment(self, segment: tp.Optional[float]) -> None:
+        for model, default in zip(sub_models(self._model), self._model_segments):
+            model.segment = default if segment is None else segment
+
+    # Separation
+    def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
+                        ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
+        """Separate `wav` `(C, T)` (or `(T,)`), at `sr` Hz (default: the model's rate).
+
+        Returns the mixture as separated (at the model's rate and channel count) and
+        `{source: (C, T) tensor}` in the mixture's scale, both on the CPU.
+        """
+        wav = self._prepare(wav, sr)
+        ref = wav.mean(0)
+        mean, std = ref.mean(), ref.std()
+        if std == 0 or not torch.isfinite(std):
+            std = torch.ones_like(std)  # a silent (or constant) track: nothing to rescale
+        sources = self._apply((wav - mean) / std)
+        return wav, dict(zip(self._model.sources, sources * std + mean))
+
+    def separate_audio_file(self, file: PathLike
+                            ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
+        """Read `file` (any format ffmpeg reads) and separate it, see `separate_tensor`."""
+        return self.separate_tensor(self.load_audio(file))
+
+    def load_audio(self, file: PathLike) -> torch.Tensor:
+        """`file` as `(C, T)` at the model's rate and channel count; `AudioError` naming
+        the file when it is missing, a folder, empty, unreadable or too short."""
+        path = Path(file)
+        if path.is_dir():
+            raise AudioError(f"{path} is a directory, not an audio file.")
+        if not path.exists():
+            raise AudioError(f"{path} does not exist. If the path contains spaces, surround "
+                             "it with quotes.")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{path} is empty (0 bytes).")
+        wav = read_audio(path, self.samplerate, self.audio_channels)
+        self._check_length(wav, str(path))
+        return wav
+
+    def _prepare(self, wav: torch.Tensor, sr: tp.Optional[int]) -> torch.Tensor:
+        if not isinstance(wav, torch.Tensor) or wav.dim() not in (1, 2):
+            shape = tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
+            raise AudioError(f"Expected a (channels, time) tensor, got {shape}.")
+        wav = wav.detach().cpu().float()
+        wav = wav[None] if wav.dim() == 1 else wav
+        if sr is not None and sr != self.samplerate:
+            wav = convert_audio(wav, sr, self.samplerate, self.audio_channels)
+        else:
+            wav = convert_audio_channels(wav, self.audio_channels)
+        self._check_length(wav, "the audio")
+        return wav
+
+    def _check_length(self, wav: torch.Tensor, what: str) -> None:
+        minimum = max(2, math.ceil(MIN_SECONDS * self.samplerate))
+        if wav.shape[-1] < minimum:
+            raise AudioError(f"{what} is too short: {wav.shape[-1]} samples at "
+                             f"{self.samplerate} Hz, at least {minimum} ({MIN_SECONDS:g} s) "
+                             "are needed.")
+
+    def _apply(self, norm: torch.Tensor) -> torch.Tensor:
+        """`apply_model` on the normalised `(C, T)` mix, `(S, C, T)` on the CPU."""
+        executor = None
+        if self._jobs > 0 and self._device.type == "cpu":
+            executor = ThreadPoolExecutor(self._jobs)
+        pool = _CallbackPool(self._model, norm.shape[-1], self._callback, self._callback_arg,
+                             executor)
+        kwargs: tp.Dict[str, tp.Any] = {}
+        if APPLY_TAKES_SEGMENT and self._segment is not None:
+            kwargs["segment"] = self._segment
+        if not self._split:
+            pool.report(pool.whole(), "start")
+        try:
+            out = apply_model(self._model, norm[None], shifts=self._shifts, split=self._split,
+                              overlap=self._overlap, progress=self._progress,
+                              device=self._device, pool=pool, **kwargs)[0]
+        finally:
+            if executor is not None:
+                executor.shutdown()
+        if not self._split:
+            pool.report(pool.whole(), "end")
+        return out.cpu()
+
+    # Properties
+    @property
+    def model(self) -> tp.Any:
+        return self._model
+
+    @property
+    def samplerate(self) -> int:
+        return int(self._model.samplerate)
+
+    @property
+    def audio_channels(self) -> int:
+        return int(self._model.audio_channels)
+
+    @property
+    def sources(self) -> tp.List[str]:
+        return list(self._model.sources)
+
+    @property
+    def max_allowed_segment(self) -> float:
+        """The longest `segment` this model accepts (infinite when unlimited)."""
+        return self._max_segment
+
+
+def list_models(repo: tp.Optional[PathLike] = None) -> tp.Dict[str, tp.Dict[str, str]]:
+    """`{"single": {signature: path or URL}, "bag": {name: yaml path}}` of the local
+    repository `repo` (a folder) or of the remote list of released models."""
+    any_repo = get_local_repo(repo) if repo is not None else get_remote_repo()
+    return {"single": any_repo.model_repo.list_model(), "bag": any_repo.bag_repo.list_model()}
+
+
+if __name__ == "__main__":
+    from .separate import main
+    main(prog="demucs.api")
