@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .demucs import rescale_module
+from .errors import ConfigError
 from .hdemucs import pad1d
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .spec import ispectro, spectro
@@ -40,7 +41,7 @@ class HTDemucs(nn.Module):
         sources: names of the sources to separate.
         audio_channels: input/output audio channels.
         channels: channels of the first layer (freq branch); `channels_time` for the
-            time branch if different.
+            time branch if different (with a transformer, that needs `bottom_channels`).
         growth: channel multiplier from one layer to the next.
         nfft: STFT size (hop nfft // 4).
         wiener_iters: Wiener EM iterations at evaluation when masking (`cac=False`);
@@ -168,6 +169,7 @@ class HTDemucs(nn.Module):
         if wiener_iters != end_iters:
             raise ValueError(f"HTDemucs needs wiener_iters == end_iters, got {wiener_iters} "
                              f"and {end_iters}.")
+        _check_depth(nfft, depth, stride, kernel_size, transformer=t_layers > 0)
         if t_layers > 0:
             check_dense_attention(t_sparse_self_attn, t_sparse_cross_attn)
         self.cac = cac
@@ -259,18 +261,17 @@ class HTDemucs(nn.Module):
         if rescale:
             rescale_module(self, reference=rescale)
 
-        # Bottleneck: optional 1x1 convolutions to `bottom_channels`, then the transformer.
-        transformer_channels = int(channels * growth ** (depth - 1))
-        if bottom_channels:
-            self.channel_upsampler = nn.Conv1d(transformer_channels, bottom_channels, 1)
-            self.channel_downsampler = nn.Conv1d(bottom_channels, transformer_channels, 1)
-            self.channel_upsampler_t = nn.Conv1d(transformer_channels, bottom_channels, 1)
-            self.channel_downsampler_t = nn.Conv1d(bottom_channels, transformer_channels, 1)
-            transformer_channels = bottom_channels
+        # Bottleneck: `chin_z` channels in the freq branch, `chin` in the time branch.
         self.crosstransformer: tp.Optional[CrossTransformerEncoder] = None
+        dim, dim_t = self._build_bottom_convs(chin_z, chin, bottom_channels)
         if t_layers > 0:
+            if dim != dim_t:
+                raise ConfigError(
+                    f"The transformer needs the same channels in both branches, got {dim} "
+                    f"(freq) and {dim_t} (time, from channels_time); set bottom_channels, "
+                    "or t_layers=0.")
             self.crosstransformer = CrossTransformerEncoder(
-                dim=transformer_channels, emb=t_emb, hidden_scale=t_hidden_scale,
+                dim=dim, emb=t_emb, hidden_scale=t_hidden_scale,
                 num_heads=t_heads, num_layers=t_layers, cross_first=t_cross_first,
                 dropout=t_dropout, max_positions=t_max_positions, norm_in=t_norm_in,
                 norm_in_group=t_norm_in_group, group_norm=t_group_norm,
@@ -283,6 +284,18 @@ class HTDemucs(nn.Module):
                 mask_type=t_mask_type, mask_random_seed=t_mask_random_seed,
                 sparse_attn_window=t_sparse_attn_window, global_window=t_global_window,
                 sparsity=t_sparsity, auto_sparsity=t_auto_sparsity)
+
+    def _build_bottom_convs(self, dim: int, dim_t: int, bottom_channels: int
+                            ) -> tp.Tuple[int, int]:
+        """1x1 convolutions from the bottleneck channels of each branch (`dim`, `dim_t`)
+        to `bottom_channels` and back, if asked; returns the transformer's channels."""
+        if not bottom_channels:
+            return dim, dim_t
+        self.channel_upsampler = nn.Conv1d(dim, bottom_channels, 1)
+        self.channel_downsampler = nn.Conv1d(bottom_channels, dim, 1)
+        self.channel_upsampler_t = nn.Conv1d(dim_t, bottom_channels, 1)
+        self.channel_downsampler_t = nn.Conv1d(bottom_channels, dim_t, 1)
+        return bottom_channels, bottom_channels
 
     # -----------------------------------------------------------------------------------
     # Lengths
@@ -466,6 +479,23 @@ class HTDemucs(nn.Module):
             x = self.channel_downsampler(x.reshape(B, C, Fr * T1)).view(B, -1, Fr, T1)
             xt = self.channel_downsampler_t(xt)
         return x, xt
+
+
+def _check_depth(nfft: int, depth: int, stride: int, kernel_size: int,
+                 transformer: bool) -> None:
+    """`ConfigError` unless the branches line up where they merge (the frequency axis
+    collapses to 1) and, with a transformer, the frequency axis lasts to the bottleneck."""
+    freqs = nfft // 2
+    for index in range(depth):
+        if freqs == 1 and transformer:
+            raise ConfigError(f"With nfft={nfft}, the frequencies are exhausted after "
+                              f"{index} layers: the transformer needs depth <= {index}.")
+        if 1 < freqs <= kernel_size and stride ** (index + 1) != nfft // 4:
+            raise ConfigError(f"With nfft={nfft}, stride={stride} and kernel_size="
+                              f"{kernel_size}, the branches merge at layer {index} where "
+                              f"their time steps differ (they agree for nfft="
+                              f"{4 * stride ** (index + 1)}).")
+        freqs = 1 if freqs <= kernel_size else freqs // stride
 
 
 def _normalize(x: torch.Tensor, dims: tp.Tuple[int, ...]

@@ -194,8 +194,15 @@ def _restore_quantized(model: nn.Module, state: State) -> None:
 
 def serialize_model(model: tp.Any, training_args: tp.Any, quantizer: tp.Any = None,
                     half: bool = True) -> State:
-    """Build the package of `model`; `training_args` is a dict or an OmegaConf config."""
+    """Build the package of `model`; `training_args` is a dict or an OmegaConf config.
+
+    A model that records its training length (HTDemucs with `use_train_segment`) is
+    stored with that length as `kwargs['segment']` (a `Fraction` after training), as the
+    v4 packages are.
+    """
     args, kwargs = model._init_args_kwargs
+    if getattr(model, "use_train_segment", False) and "segment" in kwargs:
+        kwargs = dict(kwargs, segment=model.segment)
     if not isinstance(training_args, dict):
         from omegaconf import OmegaConf
         training_args = OmegaConf.to_container(training_args, resolve=True)
