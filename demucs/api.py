@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 import typing as tp
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,6 +105,7 @@ class _Job:
         self.info = info
 
     def result(self) -> tp.Any:
+        self.pool.batch_open = False
         if self.info is not None:
             self.pool.report(self.info, "start")
         out = self.job.result()
@@ -118,8 +118,9 @@ class _CallbackPool:
     """The pool `apply_model` submits the segments of a split to.
 
     Runs them in `executor` threads (or when their result is asked, without one) and calls
-    `callback` before and after each, from the calling thread, in segment order. A new
-    pass (a model of a bag, a random shift) is recognised by its new padded input.
+    `callback` before and after each, from the calling thread, in segment order. A split
+    submits all its segments, then collects them: a submit after a result starts a new
+    pass (another model of a bag, or another random shift).
     """
 
     def __init__(self, model: tp.Any, audio_length: int, callback: tp.Optional[Callback],
@@ -130,8 +131,9 @@ class _CallbackPool:
         self.callback = callback
         self.callback_arg = dict(callback_arg)
         self.executor = executor
-        # per model index: [input of the current pass (weak), pass count, first offset]
-        self.passes: tp.Dict[int, tp.List[tp.Any]] = {}
+        self.batch_open = False
+        self.passes: tp.Dict[int, int] = {}  # model index -> passes started
+        self.base = 0  # offset of the first segment of the current pass
 
     def submit(self, func: tp.Callable, *args: tp.Any, **kwargs: tp.Any) -> _Job:
         job: tp.Any
@@ -146,13 +148,12 @@ class _CallbackPool:
 
     def _segment_info(self, model: tp.Any, chunk: TensorChunk) -> tp.Dict[str, tp.Any]:
         index = next((i for i, m in enumerate(self.models) if m is model), 0)
-        state = self.passes.get(index)
-        if state is None or state[0]() is not chunk.tensor:
-            count = -1 if state is None else state[1]
-            state = [weakref.ref(chunk.tensor), count + 1, chunk.offset]
-            self.passes[index] = state
+        if not self.batch_open:
+            self.batch_open = True
+            self.passes[index] = self.passes.get(index, 0) + 1
+            self.base = chunk.offset
         return {**self.callback_arg, "model_idx_in_bag": index, "models": len(self.models),
-                "shift_idx": state[1], "segment_offset": chunk.offset - state[2],
+                "shift_idx": self.passes[index] - 1, "segment_offset": chunk.offset - self.base,
                 "segment_length": chunk.length, "audio_length": self.audio_length}
 
     def whole(self) -> tp.Dict[str, tp.Any]:

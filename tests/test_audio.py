@@ -213,3 +213,41 @@ def test_without_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     mp3.write_bytes(b"\xff\xfb" + bytes(1000))
     with pytest.raises(MissingProgramError, match=r"song\.mp3.*ffmpeg.*apt-get install"):
         read_audio(mp3, SR, 2)
+
+
+@pytest.mark.parametrize("bits,subtype", [(16, "PCM_16"), (24, "PCM_24")])
+def test_save_flac(tmp_path: Path, bits: int, subtype: str) -> None:
+    wav = stereo(0.5)
+    save_audio(wav, tmp_path / "a.flac", SR, bits_per_sample=bits)
+    info = soundfile.info(str(tmp_path / "a.flac"))
+    assert (info.format, info.subtype, info.samplerate, info.frames) == \
+        ("FLAC", subtype, SR, wav.shape[-1])
+    data, _ = soundfile.read(str(tmp_path / "a.flac"), dtype="float32")
+    assert np.abs(data.T - wav.numpy()).max() <= 2 ** -(bits - 1)
+
+
+def test_flac_float_and_bad_mp3_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="flac cannot store float32"):
+        save_audio(stereo(0.1), tmp_path / "a.flac", SR, as_float=True)
+    with pytest.raises(AudioError, match="bitrate 500 kbps is out of range, use 8 to 320"):
+        save_audio(stereo(0.1), tmp_path / "a.mp3", SR, bitrate=500)
+    with pytest.raises(AudioError, match="preset 1 is out of range, use 2"):
+        save_audio(stereo(0.1), tmp_path / "a.mp3", SR, preset=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bitrate,preset", [(64, 2), (320, 7)])
+def test_save_mp3_keeps_the_sample_rate(tmp_path: Path, bitrate: int, preset: int) -> None:
+    save_audio(stereo(1.0), tmp_path / "a.mp3", SR, bitrate=bitrate, preset=preset)
+    info = soundfile.info(str(tmp_path / "a.mp3"))
+    assert (info.format, info.samplerate, info.channels) == ("MP3", SR, 2)
+
+
+def test_write_failure_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "taken.wav").mkdir()  # a folder where the file should go
+    with pytest.raises(AudioError, match=r"Cannot write .*taken\.wav"):
+        save_audio(stereo(0.1), tmp_path / "taken.wav", SR)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AudioError, match=r"Cannot write .*file/a\.flac"):
+        save_audio(stereo(0.1), tmp_path / "file" / "a.flac", SR)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken.wav"]
