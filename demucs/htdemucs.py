@@ -201,6 +201,7 @@ class HTDemucs(nn.Module):
         chout = channels_time or channels
         chout_z = channels
         freqs = nfft // 2
+        bands = list(multi_freqs or [])
         for index in range(depth):
             freq = freqs > 1
             stri, ker = stride, kernel_size
@@ -220,7 +221,7 @@ class HTDemucs(nn.Module):
             }
             kwt = dict(kw, freq=0, kernel_size=kernel_size, stride=stride, pad=True)
             kw_dec = dict(kw)
-            multi = bool(multi_freqs) and index < multi_freqs_depth
+            multi = bool(bands) and index < multi_freqs_depth
             if multi:
                 kw_dec["context_freq"] = False
             if last_freq:
@@ -233,8 +234,7 @@ class HTDemucs(nn.Module):
                 self.tencoder.append(HEncLayer(chin, chout, dconv=bool(dconv_mode & 1),
                                                context=context_enc, empty=last_freq, **kwt))
             if multi:
-                assert multi_freqs is not None
-                enc = MultiWrap(enc, multi_freqs)
+                enc = MultiWrap(enc, bands)
             self.encoder.append(enc)
 
             if index == 0:
@@ -243,8 +243,7 @@ class HTDemucs(nn.Module):
             dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=bool(dconv_mode & 2),
                                        last=index == 0, context=context, **kw_dec)
             if multi:
-                assert multi_freqs is not None
-                dec = MultiWrap(dec, multi_freqs)
+                dec = MultiWrap(dec, bands)
             if freq:
                 self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=bool(dconv_mode & 2),
                                                   empty=last_freq, last=index == 0,
@@ -398,7 +397,7 @@ class HTDemucs(nn.Module):
         length = mix.shape[-1]
         mix = self._fit_training_length(mix)
         z = self._spec(mix)
-        x, mean, std = _normalize(self._magnitude(z).to(mix.device), dims=(1, 2, 3))
+        x, mean, std = _normalize(self._magnitude(z), dims=(1, 2, 3))
         xt, meant, stdt = _normalize(mix, dims=(1, 2))
 
         x, xt = self._encode_decode(x, xt)
