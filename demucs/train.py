@@ -90,14 +90,13 @@ def _takes(klass: type, argument: str) -> bool:
 
 def check_train_segment(cfg: DictConfig) -> None:
     """A model kept at its training length (HTDemucs with `use_train_segment`) takes no
-    whole track: validation and test must cut tracks into chunks (`apply_model`)."""
-    if not (cfg.use_train_segment and _takes(model_class(cfg.model), "use_train_segment")):
-        return
-    for key in ("valid_apply", "test.split"):
-        if not OmegaConf.select(cfg, key):
-            raise ConfigError(f"{key}=false: model={cfg.model} runs on at most its training "
-                              "length (use_train_segment=true), so validation and test must "
-                              f"cut tracks into chunks: keep {key}=true, or set "
+    whole track: validation must go through `apply_model`, which cuts tracks into chunks
+    (for such a model even with `split=False`, so `test.split` may be false)."""
+    if cfg.use_train_segment and _takes(model_class(cfg.model), "use_train_segment"):
+        if not cfg.valid_apply:
+            raise ConfigError(f"valid_apply=false: model={cfg.model} runs on at most its "
+                              "training length (use_train_segment=true), so validation must "
+                              "cut tracks into chunks: keep valid_apply=true, or set "
                               "use_train_segment=false.")
 
 

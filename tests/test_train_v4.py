@@ -4,6 +4,9 @@ the dataset settings `dset.use_musdb`, `dset.wav2` (`wav2_weight`, `wav2_valid`)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from demucs.train import main
 from demucs.wav import Wavset
 
 from helpers import SOURCES, write_musdb, write_track
+from tools.synth_dataset import generate_dataset
 
 VALID_TRACK = "Actions - One Minute Smile"  # an official MusDB validation track
 RATE = 1000  # samples per second of the tiny datasets: 2 s tracks, 1 s examples
@@ -66,12 +70,12 @@ def test_use_train_segment_false(manifest_v4: list[dict[str, tp.Any]]) -> None:
     assert "use_train_segment" not in train.get_model_kwargs(hdemucs)
 
 
-@pytest.mark.parametrize("key", ["valid_apply", "test.split"])
-def test_train_segment_needs_chunks(key: str) -> None:
-    with pytest.raises(ConfigError, match=f"{key}=false: model=htdemucs runs on at most"):
-        main.get_xp(["model=htdemucs", f"{key}=false"])
-    main.get_xp(["model=htdemucs", f"{key}=false", "use_train_segment=false"])
-    main.get_xp(["model=hdemucs", f"{key}=false"])
+def test_train_segment_needs_chunked_validation() -> None:
+    with pytest.raises(ConfigError, match="valid_apply=false: model=htdemucs runs on at most"):
+        main.get_xp(["model=htdemucs", "valid_apply=false"])
+    main.get_xp(["model=htdemucs", "valid_apply=false", "use_train_segment=false"])
+    main.get_xp(["model=hdemucs", "valid_apply=false"])
+    main.get_xp(["model=htdemucs", "test.split=false"])  # apply_model cuts it anyway
 
 
 def test_htdemucs_transformer_group(manifest_v4: list[dict[str, tp.Any]]) -> None:
@@ -269,3 +273,33 @@ def test_mmi_group_builds(data: Path) -> None:
 def test_sdx23_group_builds(data: Path) -> None:
     train_set, _ = datasets(data, "dset=sdx23_bleeding", f"dset.wav={data / 'wav'}")
     assert sorted(tracks(train_set)) == ["wav_0"] * 2 + ["wav_1"] * 2
+
+
+# ---------------------------------------------------------------------------------------
+# A real training
+
+
+@pytest.mark.slow
+def test_htdemucs_trains(tmp_path: Path) -> None:
+    """`python -m demucs.train` trains a tiny HTDemucs at its training length, with its
+    transformer group, a second wav dataset and a subset of the valid set."""
+    generate_dataset(tmp_path / "musdb", tracks=3, seconds=3, valid_tracks=1, test_tracks=1)
+    generate_dataset(tmp_path / "wav2", tracks=2, seconds=3, seed=1, valid_tracks=0,
+                     test_tracks=2)
+    (tmp_path / "wav2" / "test").rename(tmp_path / "wav2" / "valid")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
+    env.update(MUSDB_PATH=str(tmp_path / "musdb"), METADATA_PATH=str(tmp_path / "metadata"))
+    argv = ["model=htdemucs", "htdemucs.channels=8", "htdemucs.t_layers=1",
+            "htdemucs.nfft=1024", "htdemucs.t_lr=1e-4", "dset.segment=2", "dset.shift=1",
+            f"dset.wav2={tmp_path / 'wav2'}", "+dset.wav2_valid=true", "dset.valid_samples=2",
+            "batch_size=2", "epochs=2", "max_batches=2", "misc.num_workers=0",
+            "test.sdr=false", "augment.remix.group_size=2", "augment.repitch.proba=0"]
+    result = subprocess.run([sys.executable, "-m", "demucs.train", *argv], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder, = (tmp_path / "outputs" / "xps").iterdir()
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 2 and "nsdr" in history[-1]["test"]
+    package = torch.load(folder / "best.th", map_location="cpu", weights_only=False)
+    assert package["klass"] is HTDemucs and package["kwargs"]["t_lr"] == 1e-4
+    assert package["kwargs"]["segment"] == 1  # what it trained on: dset.segment - dset.shift
