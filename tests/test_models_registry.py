@@ -2,6 +2,8 @@
 allow-list of safe package loading all agree with it."""
 from __future__ import annotations
 
+import fractions
+
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from helpers import imported_modules, same_state
 SMALL = {
     "demucs": ["demucs.channels=4", "demucs.depth=2", "dset.segment=2"],
     "hdemucs": ["hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=512", "model_segment=1"],
+    "htdemucs": ["htdemucs.channels=8", "htdemucs.t_layers=1", "model_segment=1"],
 }
 
 
@@ -44,7 +47,8 @@ def test_unknown_name_lists_the_registered_ones(name: str) -> None:
 
 
 def test_allow_list_is_the_registry_and_the_quantizers() -> None:
-    expected = models.model_classes() + states.quantizer_classes()
+    # v4 packages store their training segment as a Fraction.
+    expected = models.model_classes() + states.quantizer_classes() + [fractions.Fraction]
     assert states.safe_globals() == expected
 
 
@@ -78,4 +82,5 @@ def test_package_of_every_registered_model_loads_safely(name: str, tmp_path: Pat
 def test_registry_is_a_leaf_module() -> None:
     loaded = {m for m in imported_modules("demucs.models") if m.startswith("demucs.")}
     assert loaded <= {"demucs.models", "demucs.demucs", "demucs.hdemucs", "demucs.hlayers",
-                      "demucs.spec", "demucs.wiener", "demucs.utils", "demucs.errors"}, loaded
+                      "demucs.htdemucs", "demucs.transformer", "demucs.spec", "demucs.wiener",
+                      "demucs.utils", "demucs.errors"}, loaded
