@@ -43,7 +43,110 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
-class HDemucs(nn.Module):
+class HybridSpectrogram:
+    """The spectrogram side shared by HDemucs and HTDemucs: STFT and inverse aligned with
+    the time branch, the freq branch input, and the masks (complex-as-channels, mixture
+    phase or Wiener filtering).
+
+    Needs the attributes `nfft`, `hop_length`, `cac`, `wiener_iters`, `end_iters`,
+    `wiener_residual`, `hybrid`, `hybrid_old` and `training` (from `nn.Module`).
+    """
+    nfft: int
+    hop_length: int
+    cac: bool
+    wiener_iters: int
+    end_iters: int
+    wiener_residual: bool
+    hybrid: bool
+    hybrid_old: bool
+    training: bool
+
+    def _spec(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""
+        hl = self.hop_length
+        nfft = self.nfft
+        if self.hybrid:
+            # Pad so that the number of frames is exactly ceil(T / hop): the time and
+            # frequency branches then line up frame for frame.
+            le = int(math.ceil(x.shape[-1] / hl))
+            pad = hl // 2 * 3
+            mode = "constant" if self.hybrid_old else "reflect"
+            x = pad1d(x, (pad, pad + le * hl - x.shape[-1]), mode=mode)
+        z = spectro(x, nfft, hl)[..., :-1, :]
+        if self.hybrid:
+            z = z[..., 2:2 + le]
+        return z
+
+    def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
+        """Inverse of `_spec`: complex (..., F, frames) -> (..., length)."""
+        hl = self.hop_length // (4 ** scale)
+        z = F.pad(z, (0, 0, 0, 1))
+        if not self.hybrid:
+            return ispectro(z, hl, length)
+        z = F.pad(z, (2, 2))
+        pad = hl // 2 * 3
+        if self.hybrid_old:
+            x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)))
+            return x[..., :length]
+        x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
+        return x[..., pad:pad + length]
+
+    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
+        """Input of the freq branch: the magnitude, or real and imaginary parts as
+        channels with `cac` ((B, C, Fr, T) -> (B, 2C, Fr, T))."""
+        if not self.cac:
+            return z.abs()
+        B, C, Fr, T = z.shape
+        m = torch.view_as_real(z).permute(0, 1, 4, 2, 3)
+        return m.reshape(B, C * 2, Fr, T)
+
+    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`.
+
+        With `cac`, `m` holds them already; otherwise `m` is a magnitude that takes the
+        mixture phase (`niters < 0`) or goes through Wiener filtering. Always float32
+        (complex64), under mixed precision too.
+        """
+        if m.dtype in (torch.float16, torch.bfloat16):
+            m = m.float()
+        if self.cac:
+            B, S, C, Fr, T = m.shape
+            out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)
+            return torch.view_as_complex(out.contiguous())
+        niters = self.end_iters if self.training else self.wiener_iters
+        if niters < 0:
+            z = z[:, None]
+            return z / (1e-8 + z.abs()) * m
+        if niters == 0 and not self.wiener_residual:
+            return mixture_phase_filter(z, m).to(z.dtype)
+        return self._wiener(m, z, niters)
+
+    def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int
+                ) -> torch.Tensor:
+        """Wiener filtering per batch item, in windows of 300 frames."""
+        init = mix_stft.dtype
+        wiener_win_len = 300
+        residual = self.wiener_residual
+        B, S, C, Fq, T = mag_out.shape
+        mag_out = mag_out.permute(0, 4, 3, 2, 1)  # (B, T, Fq, C, S)
+        mix_stft = torch.view_as_real(mix_stft.permute(0, 3, 2, 1))  # (B, T, Fq, C, 2)
+        outs = []
+        for sample in range(B):
+            out = []
+            for pos in range(0, T, wiener_win_len):
+                frame = slice(pos, pos + wiener_win_len)
+                z_out = wiener(mag_out[sample, frame], mix_stft[sample, frame], niters,
+                               residual=residual)
+                out.append(z_out.transpose(-1, -2))  # (t, Fq, C, S, 2)
+            outs.append(torch.cat(out, dim=0))
+        result = torch.view_as_complex(torch.stack(outs, 0))
+        result = result.permute(0, 4, 3, 2, 1).contiguous()  # (B, S', C, Fq, T)
+        if residual:
+            result = result[:, :-1]
+        return result.to(init)
+
+
+class HDemucs(HybridSpectrogram, nn.Module):
     """Hybrid Demucs: spectrogram and waveform U-Nets with shared inner layers.
 
     Args:
@@ -229,90 +332,6 @@ class HDemucs(nn.Module):
                              f"{freqs} frequencies remain; increase depth or disable hybrid.")
         if rescale:
             rescale_module(self, reference=rescale)
-
-    def _spec(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""
-        hl = self.hop_length
-        nfft = self.nfft
-        if self.hybrid:
-            # Pad so that the number of frames is exactly ceil(T / hop): the time and
-            # frequency branches then line up frame for frame.
-            le = int(math.ceil(x.shape[-1] / hl))
-            pad = hl // 2 * 3
-            mode = "constant" if self.hybrid_old else "reflect"
-            x = pad1d(x, (pad, pad + le * hl - x.shape[-1]), mode=mode)
-        z = spectro(x, nfft, hl)[..., :-1, :]
-        if self.hybrid:
-            z = z[..., 2:2 + le]
-        return z
-
-    def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
-        """Inverse of `_spec`: complex (..., F, frames) -> (..., length)."""
-        hl = self.hop_length // (4 ** scale)
-        z = F.pad(z, (0, 0, 0, 1))
-        if not self.hybrid:
-            return ispectro(z, hl, length)
-        z = F.pad(z, (2, 2))
-        pad = hl // 2 * 3
-        if self.hybrid_old:
-            x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)))
-            return x[..., :length]
-        x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
-        return x[..., pad:pad + length]
-
-    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
-        """Input of the freq branch: the magnitude, or real and imaginary parts as
-        channels with `cac` ((B, C, Fr, T) -> (B, 2C, Fr, T))."""
-        if not self.cac:
-            return z.abs()
-        B, C, Fr, T = z.shape
-        m = torch.view_as_real(z).permute(0, 1, 4, 2, 3)
-        return m.reshape(B, C * 2, Fr, T)
-
-    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`.
-
-        With `cac`, `m` holds them already; otherwise `m` is a magnitude that takes the
-        mixture phase (`niters < 0`) or goes through Wiener filtering. Always float32
-        (complex64), under mixed precision too.
-        """
-        if m.dtype in (torch.float16, torch.bfloat16):
-            m = m.float()
-        if self.cac:
-            B, S, C, Fr, T = m.shape
-            out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)
-            return torch.view_as_complex(out.contiguous())
-        niters = self.end_iters if self.training else self.wiener_iters
-        if niters < 0:
-            z = z[:, None]
-            return z / (1e-8 + z.abs()) * m
-        if niters == 0 and not self.wiener_residual:
-            return mixture_phase_filter(z, m).to(z.dtype)
-        return self._wiener(m, z, niters)
-
-    def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int
-                ) -> torch.Tensor:
-        """Wiener filtering per batch item, in windows of 300 frames."""
-        init = mix_stft.dtype
-        wiener_win_len = 300
-        residual = self.wiener_residual
-        B, S, C, Fq, T = mag_out.shape
-        mag_out = mag_out.permute(0, 4, 3, 2, 1)  # (B, T, Fq, C, S)
-        mix_stft = torch.view_as_real(mix_stft.permute(0, 3, 2, 1))  # (B, T, Fq, C, 2)
-        outs = []
-        for sample in range(B):
-            out = []
-            for pos in range(0, T, wiener_win_len):
-                frame = slice(pos, pos + wiener_win_len)
-                z_out = wiener(mag_out[sample, frame], mix_stft[sample, frame], niters,
-                               residual=residual)
-                out.append(z_out.transpose(-1, -2))  # (t, Fq, C, S, 2)
-            outs.append(torch.cat(out, dim=0))
-        result = torch.view_as_complex(torch.stack(outs, 0))
-        result = result.permute(0, 4, 3, 2, 1).contiguous()  # (B, S', C, Fq, T)
-        if residual:
-            result = result[:, :-1]
-        return result.to(init)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """(B, C, T) mixture -> (B, S, C, T) estimated sources."""

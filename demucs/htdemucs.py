@@ -24,17 +24,15 @@ from torch.nn import functional as F
 
 from .demucs import rescale_module
 from .errors import ConfigError
-from .hdemucs import pad1d
+from .hdemucs import HybridSpectrogram
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
-from .spec import ispectro, spectro
 from .transformer import CrossTransformerEncoder, check_dense_attention
 from .utils import capture_init
-from .wiener import mixture_phase_filter, wiener
 
 Segment = tp.Union[float, Fraction]
 
 
-class HTDemucs(nn.Module):
+class HTDemucs(HybridSpectrogram, nn.Module):
     """Hybrid Transformer Demucs: spectrogram and waveform U-Nets joined by a transformer.
 
     Args:
@@ -86,6 +84,9 @@ class HTDemucs(nn.Module):
         segment: training length in seconds (a float or a `Fraction`).
         use_train_segment: run on exactly `segment` seconds in evaluation (see module doc).
     """
+
+    hybrid = True  # the spectrogram conventions of a hybrid HDemucs (HybridSpectrogram)
+    hybrid_old = False
 
     @capture_init
     def __init__(self,
@@ -320,74 +321,6 @@ class HTDemucs(nn.Module):
                              f"{self.training_length} of this HTDemucs ({self.segment} s); "
                              "cut the input into chunks (apply_model does).")
         return self.training_length
-
-    # -----------------------------------------------------------------------------------
-    # Spectrograms (the conventions of a hybrid HDemucs)
-
-    def _spec(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)), frames aligned with the
-        time branch: padded so that frame k is centred on sample k * hop + hop / 2."""
-        hl = self.hop_length
-        le = int(math.ceil(x.shape[-1] / hl))
-        pad = hl // 2 * 3
-        x = pad1d(x, (pad, pad + le * hl - x.shape[-1]), mode="reflect")
-        z = spectro(x, self.nfft, hl)[..., :-1, :]  # drop the Nyquist bin
-        return z[..., 2:2 + le]
-
-    def _ispec(self, z: torch.Tensor, length: int) -> torch.Tensor:
-        """Inverse of `_spec`: complex (..., Fr, frames) -> (..., length)."""
-        hl = self.hop_length
-        z = F.pad(z, (2, 2, 0, 1))  # two frames on each side, the Nyquist bin
-        pad = hl // 2 * 3
-        x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
-        return x[..., pad:pad + length]
-
-    def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
-        """Input of the freq branch: the magnitude (B, C, Fr, T), or with `cac` real and
-        imaginary parts as channels (B, 2C, Fr, T)."""
-        if not self.cac:
-            return z.abs()
-        B, C, Fr, T = z.shape
-        m = torch.view_as_real(z).permute(0, 1, 4, 2, 3)  # (B, C, 2, Fr, T)
-        return m.reshape(B, C * 2, Fr, T)
-
-    def _mask(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Complex source spectrograms (B, S, C, Fr, T) from the freq branch output `m`:
-        with `cac` `m` holds them, else `m` is a magnitude given the mixture phase
-        (`niters < 0`) or Wiener filtered against the mixture `z` (B, C, Fr, T).
-        Always complex64, under mixed precision too."""
-        if m.dtype in (torch.float16, torch.bfloat16):
-            m = m.float()
-        if self.cac:
-            B, S, C, Fr, T = m.shape
-            out = m.view(B, S, -1, 2, Fr, T).permute(0, 1, 2, 4, 5, 3)
-            return torch.view_as_complex(out.contiguous())
-        niters = self.end_iters if self.training else self.wiener_iters
-        if niters < 0:
-            z = z[:, None]
-            return z / (1e-8 + z.abs()) * m
-        if niters == 0 and not self.wiener_residual:
-            return mixture_phase_filter(z, m).to(z.dtype)
-        return self._wiener(m, z, niters)
-
-    def _wiener(self, mag_out: torch.Tensor, mix_stft: torch.Tensor, niters: int
-                ) -> torch.Tensor:
-        """Wiener filtering (B, S, C, Fr, T) per batch item, in windows of 300 frames."""
-        window = 300
-        B, S, C, Fr, T = mag_out.shape
-        mags = mag_out.permute(0, 4, 3, 2, 1)  # (B, T, Fr, C, S)
-        mix = torch.view_as_real(mix_stft.permute(0, 3, 2, 1))  # (B, T, Fr, C, 2)
-        outs = []
-        for sample in range(B):
-            frames = [wiener(mags[sample, pos:pos + window], mix[sample, pos:pos + window],
-                             niters, residual=self.wiener_residual).transpose(-1, -2)
-                      for pos in range(0, T, window)]  # each (t, Fr, C, S', 2)
-            outs.append(torch.cat(frames, dim=0))
-        out = torch.view_as_complex(torch.stack(outs, 0)).permute(0, 4, 3, 2, 1)
-        out = out.contiguous()  # (B, S', C, Fr, T)
-        if self.wiener_residual:
-            out = out[:, :-1]
-        return out.to(mix_stft.dtype)
 
     # -----------------------------------------------------------------------------------
     # Forward
