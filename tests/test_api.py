@@ -197,7 +197,7 @@ def test_python_m_demucs_api(repo: Path, tmp_path: Path) -> None:
     save_audio(mix(1), track, SR)
     proc = subprocess.run([sys.executable, "-m", "demucs.api", "--repo", str(repo), "-n", "tinyd",
                            str(track), str(tmp_path / "missing.wav"), "-o", str(tmp_path / "out"),
-                           "--shifts", "0", "--float32"],
+                           "--shifts", "0", "--float32", "-d", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if "error" in line]

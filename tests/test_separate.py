@@ -121,7 +121,8 @@ def test_outputs_are_the_model_estimates(setup: Setup, tmp_path: Path, name: str
 def test_two_stems(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_main(["--repo", str(setup.repo), "-n", "tinyhd", str(setup.mix), "-o", str(out),
-              "--shifts", "0", "--float32", "--clip-mode", "clamp", "--two-stems", "vocals"])
+              "--shifts", "0", "--float32", "--clip-mode", "clamp", "--two-stems", "vocals",
+              "-d", "cpu"])
     folder = out / "tinyhd" / "mix"
     assert sorted(p.name for p in folder.iterdir()) == ["no_vocals.wav", "vocals.wav"]
     expected = expected_sources(setup, "tinyhd", shifts=0)
@@ -193,7 +194,8 @@ def error_lines(err: str) -> list[str]:
 def vocals_only(setup: Setup, out: Path, *options: str) -> Path:
     """Separate the short track writing only the vocals; the path of that file."""
     run_main(["--repo", str(setup.repo), "-n", "tinyhd", str(setup.short), "-o", str(out),
-              "--shifts", "0", "--two-stems", "vocals", "--other-method", "none", *options])
+              "--shifts", "0", "--two-stems", "vocals", "--other-method", "none", "-d", "cpu",
+              *options])
     folder = out / "tinyhd" / "short"
     files = list(folder.iterdir())
     assert len(files) == 1 and files[0].stem == "vocals", files
@@ -238,7 +240,7 @@ def test_other_method(setup: Setup, tmp_path: Path, method: str, files: list[str
     out = tmp_path / "out"
     run_main(["--repo", str(setup.repo), "-n", "tinyhd", str(loud), "-o", str(out), "--shifts",
               "0", "--float32", "--clip-mode", "none", "--two-stems", "vocals",
-              "--other-method", method])
+              "--other-method", method, "-d", "cpu"])
     folder = out / "tinyhd" / "loud"
     assert sorted(p.stem for p in folder.iterdir()) == files
     got = mix_and_stems(folder, *files)
@@ -270,7 +272,7 @@ def test_clip_modes(setup: Setup, tmp_path: Path, mode: str) -> None:
 def test_segment_jobs_and_bag_notice(setup: Setup, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--repo", str(setup.repo), "-n", "duo", str(setup.short), "--shifts", "0",
-              "--float32", "--segment", "0.75"]
+              "--float32", "-d", "cpu", "--segment", "0.75"]
     first = run_capture(capsys, *common, "-o", str(tmp_path / "a"))
     assert first.code == 0, first.err
     assert "Selected model is a bag of 2 models" in first.out
@@ -310,7 +312,7 @@ def test_name_is_a_package_or_bag_path(setup: Setup, tmp_path: Path) -> None:
     package = next(setup.repo.glob("tinyhd-*.th"))
     by_name = vocals_only(setup, tmp_path / "name", "--float32")
     run_main(["-n", str(package), str(setup.short), "-o", str(tmp_path / "path"), "--shifts",
-              "0", "--two-stems", "vocals", "--other-method", "none", "--float32"])
+              "0", "--two-stems", "vocals", "--other-method", "none", "--float32", "-d", "cpu"])
     by_path = tmp_path / "path" / "tinyhd" / "short" / "vocals.wav"
     assert torch.equal(read_wav(by_name), read_wav(by_path))
     # A bag file elsewhere: its models come from --repo.
