@@ -239,6 +239,8 @@ class Separator:
             raise ConfigError(f"jobs must be an integer, 0 or more, got {value!r}.")
         if key == "segment" and value is not None:
             return self._check_segment(value)
+        if key == "callback" and value is not None and not callable(value):
+            raise ConfigError(f"callback must be callable or None, got {value!r}.")
         if key == "callback_arg":
             return dict(value or {})
         return value
@@ -332,7 +334,7 @@ class Separator:
                               device=self._device, pool=pool, **kwargs)[0]
         finally:
             if executor is not None:
-                executor.shutdown()
+                executor.shutdown(cancel_futures=True)
         if not self._split:
             pool.report(pool.whole(), "end")
         return out.cpu()

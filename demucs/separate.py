@@ -184,17 +184,17 @@ def check_outputs(args: argparse.Namespace, tracks: tp.Sequence[Path],
                   stems: tp.Sequence[str]) -> None:
     """No two tracks write the same file, and no output overwrites an input."""
     inputs = {track.resolve(): track for track in tracks}
-    owners: tp.Dict[Path, Path] = {}
-    for track in tracks:
+    owners: tp.Dict[Path, int] = {}
+    for index, track in enumerate(tracks):
         for stem in stems:
             path = render(args, track, stem)
             key = path.resolve()
             if key in inputs:
                 raise DemucsError(f"The output {path} of {track} would overwrite the input "
                                   f"track {inputs[key]}; change -o or --filename.")
-            other = owners.setdefault(key, track)
-            if other is not track:
-                raise DemucsError(f"Tracks {other} and {track} would both be written to "
+            other = owners.setdefault(key, index)
+            if other != index:
+                raise DemucsError(f"Tracks {tracks[other]} and {track} would both be written to "
                                   f"{path}; change --filename (e.g. use {{trackext}}) or "
                                   "separate them in two runs.")
 

@@ -430,6 +430,9 @@ def test_same_output_twice_is_refused(setup: Setup, tmp_path: Path,
     line = demucs_error(capsys, "-n", "nope", str(setup.short), str(setup.mix),
                         "--filename", "{stem}.{ext}", "-o", str(tmp_path / "out"))
     assert_mentions(line, str(setup.short), str(setup.mix))
+    line = demucs_error(capsys, "-n", "nope", str(setup.short), str(setup.short), "-o",
+                        str(tmp_path / "out"))
+    assert line.count(str(setup.short)) >= 2
     assert not (tmp_path / "out").exists()
     # Different extensions tell them apart with {trackext}.
     flac = tmp_path / "short.flac"
