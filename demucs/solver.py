@@ -27,6 +27,7 @@ far (always with `dset.train_valid`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -53,6 +54,7 @@ from .curves import is_maximized, plot_history
 from .ema import ModelEMA
 from .errors import ConfigError, ModelLoadingError, TrainingError, one_line
 from .evaluate import evaluate, get_test_set, new_sdr
+from .models import MODELS
 from .quantize import get_quantizer
 from .states import copy_state, save_atomic, serialize_model, swap_state
 from .svd import svd_penalty
@@ -158,6 +160,73 @@ def _ema_state(ema: ModelEMA) -> State:
     return {"state": copy_state(ema.state), "count": ema.count}
 
 
+# ---------------------------------------------------------------------------------------
+# Starting from other weights: what differs, and which config keys would fix it
+
+MISMATCHES_SHOWN = 3
+DSET_KWARGS = {"sources": "dset.sources", "audio_channels": "dset.channels",
+               "samplerate": "dset.samplerate", "use_train_segment": "use_train_segment"}
+
+
+def _shape(value: tp.Any) -> str:
+    return "missing" if value is None else str(tuple(getattr(value, "shape", ())))
+
+
+def state_mismatch(model: State, state: State, what: str) -> str:
+    """The first keys of `state` (from a `what`: package, checkpoint) whose presence or
+    shape differ from the `model` state, `key: what (384,), model (512,)`; '' if none.
+    DiffQ's own parameters may be absent from `state`."""
+    keys = [*model, *(key for key in state if key not in model)]
+    wrong = [key for key in keys
+             if _shape(model.get(key)) != _shape(state.get(key))
+             and not (key not in state and key.endswith(QUANTIZER_SUFFIX))]
+    shown = [f"{key}: {what} {_shape(state.get(key))}, model {_shape(model.get(key))}"
+             for key in wrong[:MISMATCHES_SHOWN]]
+    hidden = len(wrong) - len(shown)
+    more = f"; {hidden} more key{'s' if hidden > 1 else ''}" if hidden else ""
+    return "; ".join(shown) + more
+
+
+def hydra_value(value: tp.Any) -> str:
+    """`value` written as a Hydra override value (`true`, `null`, `[drums,bass]`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(item) for item in value) + "]"
+    return str(value)
+
+
+def _comparable(value: tp.Any) -> tp.Any:
+    return [_comparable(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
+def package_overrides(package_model: nn.Module, args: tp.Any) -> list[str]:
+    """The overrides (`model=...`, `dset.sources=[...]`, `htdemucs.KEY=VALUE`) that make
+    the config `args` build the model of a package: its constructor kwargs that differ
+    from the config's (the length `segment` aside, a training setting)."""
+    names = [name for name, klass in MODELS.items() if klass is type(package_model)]
+    if not names or not hasattr(package_model, "_init_args_kwargs"):
+        return []
+    name = names[0]
+    init_args: tuple[tp.Any, State] = tp.cast(tp.Any, package_model)._init_args_kwargs
+    theirs = init_args[1]
+    defaults = {key: param.default for key, param
+                in inspect.signature(type(package_model)).parameters.items()
+                if param.default is not inspect.Parameter.empty}
+    ours = {"sources": list(args.dset.sources), "audio_channels": args.dset.channels,
+            "samplerate": args.dset.samplerate, "use_train_segment": args.use_train_segment,
+            **tp.cast(State, OmegaConf.to_container(args[name], resolve=True))}
+    overrides = [] if args.model == name else [f"model={name}"]
+    for key, value in ours.items():
+        package_value = theirs.get(key, defaults.get(key, value))
+        if key != "segment" and _comparable(package_value) != _comparable(value):
+            overrides.append(f"{DSET_KWARGS.get(key, f'{name}.{key}')}="
+                             f"{hydra_value(package_value)}")
+    return overrides
+
+
 @dataclass
 class Part:
     """One named part of the checkpoint: how to save it and how to restore it."""
@@ -257,17 +326,19 @@ class Solver:
         elif self.args.continue_from:
             self._continue_from(_xp_reference(self.args.continue_from))
 
-    def _load_model_state(self, state: State, origin: tp.Any, hint: str) -> None:
+    def _load_model_state(self, state: State, origin: tp.Any, hint: str,
+                          what: str = "checkpoint") -> None:
+        """Load `state` (from a `what`) into the model, or say which keys and shapes do
+        not fit, with `hint` on what to do."""
+        mismatch = state_mismatch(self.model.state_dict(), state, what)
+        if mismatch:
+            raise ModelLoadingError(f"{origin}: weights from a different model "
+                                    f"({mismatch}); {hint}.")
         try:
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-        except RuntimeError as error:  # shape mismatch
+            self.model.load_state_dict(state, strict=False)  # DiffQ's keys may be absent
+        except RuntimeError as error:
             raise ModelLoadingError(f"{origin}: weights from a different model "
                                     f"({one_line(error)[:200]}); {hint}.") from None
-        missing = [key for key in missing if not key.endswith(QUANTIZER_SUFFIX)]
-        if missing or unexpected:
-            keys = ", ".join((missing + unexpected)[:3])
-            raise ModelLoadingError(f"{origin}: weights from a different model (keys "
-                                    f"{keys} do not match); {hint}.")
 
     # Loaders of the checkpoint parts.
 
@@ -310,6 +381,8 @@ class Solver:
                     len(self.history))
 
     def _continue_pretrained(self, name: str) -> None:
+        """Start from the weights of a pretrained model: a name or signature in
+        `pretrained_repo` (or the remote repository), or the path of a `.th` package."""
         from .pretrained import get_model as get_pretrained_model
         model = get_pretrained_model(name, repo=self.args.pretrained_repo)
         if isinstance(model, BagOfModels):
@@ -317,8 +390,14 @@ class Solver:
                 raise ConfigError(f"continue_pretrained={name} is a bag of "
                                   f"{len(model.models)} models; name a single model.")
             model = model.models[0]
-        self._load_model_state(model.state_dict(), f"continue_pretrained={name}",
-                               "choose a model built with the same architecture")
+        origin = f"continue_pretrained={name}"
+        overrides = package_overrides(model, self.args)
+        hint = (f"set {' '.join(overrides)} (the package's arguments)" if overrides else
+                "choose a model built with the same architecture")
+        self._load_model_state(model.state_dict(), origin, hint, what="package")
+        if overrides:
+            logger.warning("%s: the package was built with %s; this XP keeps its config.",
+                           origin, " ".join(overrides))
         logger.info("Starting from the pretrained model %s.", name)
 
     def _parent_checkpoint(self, ref: str) -> Path:
