@@ -11,13 +11,15 @@
 changes any option but the model; `list_models(repo)` lists a repository. A `callback`
 is called before and after each segment with a dict (`segment_offset`, `segment_length`,
 `audio_length`, `model_idx_in_bag`, `models`, `shift_idx`, `state` = "start" / "end",
-plus the `callback_arg` entries). Errors are `DemucsError`s: `LoadModelError` (an alias of
-`ModelLoadingError`), `LoadAudioError` (of `AudioError`) and `ConfigError` for options.
+plus the `callback_arg` entries); offsets increase within each pass of a model over the
+track (one per random shift where shifts come first, as for v4 Transformers). With
+`split=False`, one pair of events covers the whole track (a model with a length limit
+still reports its segments within it). Errors are `DemucsError`s: `LoadModelError` (an
+alias of `ModelLoadingError`), `LoadAudioError` (of `AudioError`) and `ConfigError`.
 `python -m demucs.api` runs the `demucs` command.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .apply import BagOfModels, TensorChunk, apply_model
+from .apply import BagOfModels, TensorChunk, apply_model, max_allowed_segment
 from .audio import convert_audio, convert_audio_channels, read_audio
 from .audio import save_audio as save_audio  # re-exported, as upstream's api does
 from .errors import AudioError, ConfigError, ModelLoadingError
@@ -37,8 +39,6 @@ LoadModelError = ModelLoadingError
 PathLike = tp.Union[str, Path]
 Callback = tp.Callable[[tp.Dict[str, tp.Any]], None]
 MIN_SECONDS = 0.01  # shorter tracks are refused: nothing to separate
-# Whether `apply_model` takes the chunk size itself (v4); otherwise it is set on the models.
-APPLY_TAKES_SEGMENT = "segment" in inspect.signature(apply_model).parameters
 
 
 class _NotProvided:
@@ -83,12 +83,6 @@ def check_device(device: tp.Union[str, torch.device]) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"Unsupported device {device}, use cpu, cuda, cuda:N or mps.")
     return dev
-
-
-def max_allowed_segment(model: tp.Any) -> float:
-    """The longest segment (seconds) `model` may be applied to (v4 Transformers: their
-    training length); infinite for models without such a limit."""
-    return float(getattr(model, "max_allowed_segment", math.inf))
 
 
 def sub_models(model: tp.Any) -> tp.List[tp.Any]:
@@ -209,7 +203,6 @@ class Separator:
         self._model.cpu()
         self._model.eval()
         self._max_segment = max_allowed_segment(self._model)
-        self._model_segments = [m.segment for m in sub_models(self._model)]
 
     def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
                          overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
@@ -223,8 +216,6 @@ class Separator:
         checked = {key: self._check(key, value) for key, value in given.items()}
         for key, value in checked.items():
             setattr(self, f"_{key}", value)
-        if "segment" in checked and not APPLY_TAKES_SEGMENT:
-            self._set_model_segment(checked["segment"])
 
     def _check(self, key: str, value: tp.Any) -> tp.Any:
         if key == "device":
@@ -255,10 +246,6 @@ class Separator:
                 f"Transformer model cannot use segments longer than it was trained on; the "
                 f"maximum segment is {self._max_segment:g} s.")
         return float(segment)
-
-    def _set_model_segment(self, segment: tp.Optional[float]) -> None:
-        for model, default in zip(sub_models(self._model), self._model_segments):
-            model.segment = default if segment is None else segment
 
     # Separation
     def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
@@ -323,15 +310,12 @@ class Separator:
             executor = ThreadPoolExecutor(self._jobs)
         pool = _CallbackPool(self._model, norm.shape[-1], self._callback, self._callback_arg,
                              executor)
-        kwargs: tp.Dict[str, tp.Any] = {}
-        if APPLY_TAKES_SEGMENT and self._segment is not None:
-            kwargs["segment"] = self._segment
         if not self._split:
             pool.report(pool.whole(), "start")
         try:
             out = apply_model(self._model, norm[None], shifts=self._shifts, split=self._split,
                               overlap=self._overlap, progress=self._progress,
-                              device=self._device, pool=pool, **kwargs)[0]
+                              device=self._device, pool=pool, segment=self._segment)[0]
         finally:
             if executor is not None:
                 executor.shutdown(cancel_futures=True)

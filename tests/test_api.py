@@ -16,6 +16,7 @@ from demucs import api, audio
 from demucs.apply import BagOfModels, apply_model
 from demucs.audio import read_audio, save_audio
 from demucs.errors import AudioError, ConfigError, ModelLoadingError
+from demucs.htdemucs import HTDemucs
 from demucs.pretrained import get_model
 from demucs.states import save_with_checksum, serialize_model
 
@@ -208,3 +209,45 @@ def test_python_m_demucs_api(repo: Path, tmp_path: Path) -> None:
     for source in SOURCES:
         got = read_wav(tmp_path / "out" / "tinyd" / "song" / f"{source}.wav")
         assert torch.allclose(got, audio.prevent_clip(stems[source]), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ht_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny v4 Transformer (8 kHz, trained on 0.5 s: its max_allowed_segment)."""
+    folder = tmp_path_factory.mktemp("api_v4")
+    torch.manual_seed(0)
+    model = HTDemucs(SOURCES, samplerate=8000, segment=0.5, channels=8, nfft=2048, t_layers=2)
+    save_with_checksum(serialize_model(model, {}), folder / "tinyht.th")
+    (folder / "htbag.yaml").write_text("models: [tinyht]\n")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["tinyht", "htbag"])
+def test_transformer_segment_limit(ht_repo: Path, name: str) -> None:
+    separator = api.Separator(name, repo=ht_repo, device="cpu", shifts=0)
+    assert separator.max_allowed_segment == 0.5
+    with pytest.raises(ConfigError, match="maximum segment is 0.5 s"):
+        separator.update_parameter(segment=0.75)
+    separator.update_parameter(segment=0.25)
+    origin, stems = separator.separate_tensor(mix(1.3, 8000))
+    assert all(stem.shape == origin.shape == (2, 10400) for stem in stems.values())
+
+
+def test_transformer_callback_passes_per_shift(ht_repo: Path) -> None:
+    wav = mix(1.3, 8000)
+    separator = api.Separator("tinyht", repo=ht_repo, device="cpu", shifts=2)
+    events = record(separator, wav)
+    ends = [e for e in events if e["state"] == "end"]
+    passes: dict[int, list[int]] = {}
+    for event in ends:
+        passes.setdefault(event["shift_idx"], []).append(event["segment_offset"])
+    assert sorted(passes) == [0, 1]  # shifts first, then the split of each shifted input
+    for positions in passes.values():
+        assert positions[0] == 0 and len(positions) >= 3
+        assert all(b > a for a, b in zip(positions, positions[1:])), positions
+    # Without split the Transformer is still cut to its length: its segments are reported
+    # inside the pair of events of the whole track.
+    separator.update_parameter(split=False, shifts=0)
+    events = record(separator, wav)
+    assert events[0]["segment_length"] == events[-1]["segment_length"] == wav.shape[-1]
+    assert len(events) > 2

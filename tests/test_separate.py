@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from demucs import separate
-from demucs.apply import BagOfModels, apply_model
+from demucs.apply import apply_model
 from demucs.audio import AudioFile, save_audio
+from demucs.htdemucs import HTDemucs
 from demucs.states import load_model, save_with_checksum, serialize_model
 
 from helpers import (SOURCES, main_error, needs_ffmpeg, noise, one_line, read_wav,
@@ -274,11 +275,11 @@ def test_segment_jobs_and_bag_notice(setup: Setup, tmp_path: Path,
     common = ["--repo", str(setup.repo), "-n", "duo", str(setup.short), "--shifts", "0",
               "--float32", "-d", "cpu", "--segment", "0.75"]
     first = run_capture(capsys, *common, "-o", str(tmp_path / "a"))
-    assert first.code == 0, first.err
+    assert first.code == 0, error_lines(first.err)
     assert "Selected model is a bag of 2 models" in first.out
     assert "separated 1 of 1 tracks" in first.out
     threads = run_capture(capsys, *common, "-o", str(tmp_path / "b"), "-j", "2")
-    assert threads.code == 0, threads.err
+    assert threads.code == 0, error_lines(threads.err)
     for source in SOURCES:
         a = read_wav(tmp_path / "a" / "duo" / "short" / f"{source}.wav")
         assert torch.equal(a, read_wav(tmp_path / "b" / "duo" / "short" / f"{source}.wav"))
@@ -296,16 +297,22 @@ def test_single_model_has_no_bag_notice(setup: Setup, tmp_path: Path,
 
 
 def test_segment_longer_than_allowed(setup: Setup, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """A Transformer model (here: a bag claiming a 1 s limit) refuses longer segments."""
-    monkeypatch.setattr(BagOfModels, "max_allowed_segment", 1.0, raising=False)
-    line = demucs_error(capsys, "--repo", str(setup.repo), "-n", "duo", str(setup.short),
-                        "-o", str(tmp_path), "--segment", "1.5")
-    assert_mentions(line, "--segment", "1.5", "maximum segment is 1 s")
-    assert not (tmp_path / "duo").exists()
-    run_main(["--repo", str(setup.repo), "-n", "duo", str(setup.short), "-o", str(tmp_path),
-              "--segment", "1", "--two-stems", "bass", "--other-method", "none"])
+    """A v4 Transformer (trained on 0.5 s) refuses longer segments, alone or in a bag."""
+    torch.manual_seed(0)
+    model = HTDemucs(SOURCES, samplerate=8000, segment=0.5, channels=8, nfft=2048, t_layers=2)
+    repo = tmp_path / "repo"
+    save_with_checksum(serialize_model(model, {}), repo / "tinyht.th")
+    (repo / "htbag.yaml").write_text("models: [tinyht]\n")
+    for name in ["tinyht", "htbag"]:
+        line = demucs_error(capsys, "--repo", str(repo), "-n", name, str(setup.short),
+                            "-o", str(tmp_path), "--segment", "0.75")
+        assert_mentions(line, "--segment", "0.75", "maximum segment is 0.5 s")
+    assert not (tmp_path / "tinyht").exists()
+    run_main(["--repo", str(repo), "-n", "htbag", str(setup.short), "-o", str(tmp_path),
+              "--segment", "0.25", "--two-stems", "bass", "--other-method", "none"])
+    info = soundfile.info(str(tmp_path / "htbag" / "short" / "bass.wav"))
+    assert (info.samplerate, info.frames) == (8000, 8000)
 
 
 def test_name_is_a_package_or_bag_path(setup: Setup, tmp_path: Path) -> None:
