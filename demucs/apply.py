@@ -212,13 +212,18 @@ def _apply_shifts(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> 
     length = mix.shape[-1]
     max_shift = int(0.5 * model.samplerate)
     padded_mix = tensor_chunk(mix).padded(length + 2 * max_shift)
-    out: tp.Any = 0.
+    out: tp.Optional[torch.Tensor] = None  # one output buffer, summed into in place
     for _ in range(shifts):
         offset = random.randint(0, max_shift)
         shifted = TensorChunk(padded_mix, offset, length + max_shift - offset)
-        shifted_out = apply_model(model, shifted, **kwargs)
-        out = out + shifted_out[..., max_shift - offset:]
-    return out / shifts
+        shifted_out = apply_model(model, shifted, **kwargs)[..., max_shift - offset:]
+        if out is None:
+            out = shifted_out
+        else:
+            out += shifted_out
+        del shifted_out
+    assert out is not None  # shifts >= 1
+    return out.div_(shifts) if shifts > 1 else out
 
 
 def _transition_weight(segment: int, power: float, device: tp.Any) -> torch.Tensor:
@@ -252,7 +257,8 @@ def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> t
         window = weight[:chunk_length]
         out[..., offset:offset + segment] += (window * chunk_out).to(mix.device)
         sum_weight[offset:offset + segment] += window.to(mix.device)
-    return out / sum_weight
+        del chunk_out
+    return out.div_(sum_weight)  # in place: no second output-sized buffer
 
 
 def _apply_once(model: tp.Any, mix: MixLike, device: torch.device,

@@ -45,9 +45,14 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def print_error(prog: str, message: str) -> None:
+    """Print `PROG: error: MESSAGE` on stderr (e.g. for one failed track of a batch)."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
 def exit_with_error(prog: str, message: str) -> tp.NoReturn:
     """Print `PROG: error: MESSAGE` on stderr and exit with status 1."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print_error(prog, message)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -26,7 +26,7 @@ import torch
 from .api import Separator, check_device, default_device
 from .apply import BagOfModels
 from .audio import SAVE_SUFFIXES, check_mp3_options, pcm_subtype, save_audio
-from .errors import DemucsError, exit_with_error, one_line, report_errors
+from .errors import DemucsError, exit_with_error, one_line, print_error, report_errors
 from .pretrained import add_model_flags, list_models, model_label
 
 Stems = tp.Dict[str, torch.Tensor]
@@ -246,7 +246,7 @@ def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) 
         message = f"{type(error).__name__}: {message}"
     if str(track) not in message:
         message = f"{track}: {message}"
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    print_error(prog, message)
 
 
 def load_separator(args: argparse.Namespace) -> Separator:

@@ -1,0 +1,77 @@
+"""Peak memory of separating a long track with the 81de367c configuration.
+
+`apply_model` (shifts 1, split, overlap 0.25, segment 44 s, random weights) on `--seconds`
+of stereo noise, each length in its own process: the peak resident memory above the
+memory before separating (input track and model included), against the original Demucs
+v3, which peaks at about 2.7 GB above its start for 120 s on this machine type.
+
+    python bench/bench_memory.py [--seconds 120 600] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+import typing as tp
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_separation import build  # noqa: E402  (the 81de367c configuration)
+
+ORIGINAL_120S_MB = 2.7 * 1024
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def measure(seconds: float) -> dict[str, float]:
+    from demucs.apply import apply_model
+    model = build("hdemucs").eval()
+    mix = torch.randn(1, 2, int(seconds * 44100))
+    random.seed(0)
+    with torch.no_grad():  # warm-up on a short input: allocator pools, lazy inits
+        apply_model(model, mix[..., :44100], shifts=1, split=True, overlap=0.25)
+    start = current_mb()
+    begin = time.perf_counter()
+    out = apply_model(model, mix, shifts=1, split=True, overlap=0.25)
+    elapsed = time.perf_counter() - begin
+    output = out.numel() * out.element_size() / 2 ** 20
+    return {"peak": rss_mb() - start, "output": output, "seconds": elapsed}
+
+
+def main(argv: tp.Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, nargs="+", default=[120., 600.])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one is not None:
+        print(json.dumps(measure(args.one)))
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, 81de367c config, segment 44 s")
+    for seconds in args.seconds:
+        command = [sys.executable, __file__, "--one", str(seconds), "--threads",
+                   str(args.threads)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original's 2.7 GB)"
+                 if seconds == 120 else "")
+        print(f"{seconds:5.0f} s: peak +{result['peak']:6.0f} MB{ratio}, of which output "
+              f"{result['output']:4.0f} MB; {result['seconds']:.0f} s to separate")
+
+
+if __name__ == "__main__":
+    main()
