@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import traceback
 import typing as tp
 from pathlib import Path
