@@ -6,9 +6,13 @@ TRACKS - VALID others, so that both splits of the remixes can be checked.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import tracemalloc
 import typing as tp
 from pathlib import Path
 
@@ -19,10 +23,10 @@ from omegaconf import OmegaConf
 
 from demucs.errors import DatasetError
 from demucs.wav import get_wav_datasets
-from helpers import REPO, require_programs
-from tools import automix, automix_analysis
+from helpers import REPO, imported_modules, main_error, require_programs
+from tools import automix, automix_analysis, automix_features
 from tools.automix_analysis import RemixPlan, Settings, StemPlan, TrackAnalysis
-from tools.synth_dataset import Song, generate_dataset, track_names
+from tools.synth_dataset import Song, generate_dataset, synth_song, track_names, write_track
 
 SR = 22050
 SECONDS = 8.
@@ -32,6 +36,8 @@ SOURCES = list(automix.SOURCES)
 STEM_FIELDS = {"track", "offset_seconds", "tempo_factor", "pitch_semitones"}
 # Wide tolerances: random synthetic tracks (90 to 140 BPM, any key) must all be compatible.
 LOOSE = ["--max-tempo", "60", "--max-pitch", "6", "--workers", "1"]
+PARALLEL = [*LOOSE[:-1], "2"]
+VICTIM = "synth_007"  # the last train track: workers finish other tracks before it
 
 
 def _manifest(out: Path) -> dict[str, tp.Any]:
@@ -154,6 +160,126 @@ def test_strict_tolerances_make_fewer_remixes() -> None:
     zero = Settings(sources=SOURCES, max_tempo=0, max_pitch=0)
     with pytest.raises(DatasetError, match="compatible"):
         automix_analysis.plan_split(tracks, "train", zero)
+
+
+# ---------------------------------------------------------------------------------------
+# Analysis of tracks of known tempo, key and first downbeat
+
+@pytest.mark.parametrize("tempo, pattern", [
+    (84., "dotted"),  # the issue's 4:3 confusion: dotted kicks at 84 BPM read as 112
+    (62., "rock"), (176., "four"), (140., "sixteenths"), (100., "offbeat"), (120., None)])
+def test_generated_tracks_of_known_tempo(tmp_path: Path, tempo: float,
+                                         pattern: str | None) -> None:
+    song, stems = synth_song(7, 16., SR, tempo=tempo, pattern=pattern, offset=0.7 * 60 / tempo)
+    write_track(tmp_path / "song", stems, SR)
+    analysis = automix.analyse_track(tmp_path, "song", SOURCES)
+    assert abs(analysis.tempo / tempo - 1) < 0.04, (analysis.tempo, tempo)
+    assert abs(analysis.downbeats()[0] - song.first_downbeat) < 0.05
+    assert analysis.key == song.key
+
+
+def test_features_do_not_depend_on_the_block_size() -> None:
+    _, stems = synth_song(3, 6., SR, pattern="dotted")
+    mono = stems["drums"].mean(axis=1) + stems["other"].mean(axis=1)
+    for spectrum in (automix_features.onset_spectrum, automix_features.chroma_spectrum):
+        small, fps = automix_features.features_of(mono, SR, spectrum, block=999)
+        large, _ = automix_features.features_of(mono, SR, spectrum, block=1 << 16)
+        assert fps > 5 and small.shape == large.shape
+        np.testing.assert_allclose(small, large, rtol=1e-3, atol=1e-6 * large.max())
+
+
+def test_analysis_memory_does_not_grow_with_the_track(tmp_path: Path) -> None:
+    """Stems are read a block at a time and each spectrum frame is reduced at once: the
+    peak memory of a 64 s track is that of a 16 s one, far below its audio (45 MB)."""
+    peaks = {}
+    for seconds in (16., 64.):
+        write_track(tmp_path / f"t{seconds:.0f}", synth_song(1, seconds, SR)[1], SR)
+        tracemalloc.start()
+        automix.analyse_track(tmp_path, f"t{seconds:.0f}", SOURCES)
+        peaks[seconds] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[64.] < 1.3 * peaks[16.] and peaks[64.] < 16e6, peaks
+
+
+def test_analyses_are_cached_until_a_stem_changes(musdb: Path, tmp_path: Path,
+                                                  analyses: list[TrackAnalysis]) -> None:
+    root = Path(shutil.copytree(musdb / "train" / VICTIM, tmp_path / "train" / VICTIM)).parent
+    analysis = next(a for a in analyses if a.name == VICTIM)
+    assert automix.cached_analysis(root, tmp_path, VICTIM, SOURCES) is None
+    automix.save_analysis(root, tmp_path, analysis, SOURCES)
+    assert automix.cached_analysis(root, tmp_path, VICTIM, SOURCES) == analysis
+    assert automix.cached_analysis(root, tmp_path, VICTIM, SOURCES[:3]) is None
+    shutil.copy(root / VICTIM / "bass.wav", root / VICTIM / "drums.wav")
+    assert automix.cached_analysis(root, tmp_path, VICTIM, SOURCES) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Worker processes
+
+def test_the_analysis_compiles_nothing() -> None:
+    """No numba (librosa's beat tracker was compiled by every worker into one cache)."""
+    modules = imported_modules("tools.automix")
+    assert not {name.split(".")[0] for name in modules} & {"numba", "librosa", "llvmlite"}
+
+
+@pytest.mark.slow
+def test_parallel_run_from_an_empty_numba_cache(musdb: Path, tmp_path: Path,
+                                                analyses: list[TrackAnalysis]) -> None:
+    """The crash of the issue: two workers from an empty numba cache, in a fresh
+    interpreter. The run works, writes nothing into the shared cache, and finds the same
+    analyses as one process."""
+    require_programs("soundstretch")
+    cache, out = tmp_path / "numba", tmp_path / "out"
+    cache.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.automix", "--musdb", str(musdb), "--out", str(out),
+         "--mixes-per-track", "1", *PARALLEL], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(_manifest(out)) == TRACKS and not list(cache.iterdir())
+    summary = json.loads((out / automix.SUMMARY_FILE).read_text())["tracks"]
+    for analysis in analyses:
+        assert summary[analysis.name]["tempo"] == pytest.approx(analysis.tempo)
+        assert summary[analysis.name]["key"] == analysis.key
+
+
+def _analyse_or_die(root: Path, track: str, sources: list[str]) -> TrackAnalysis:
+    """analyse_track, but the worker given VICTIM kills itself."""
+    if track == VICTIM:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return automix_analysis.analyse_track(root, track, sources)
+
+
+def _render_or_die(root: Path, out: Path, plans: list[RemixPlan], *args: tp.Any) -> int:
+    """render_target, but the worker given VICTIM's remixes kills itself."""
+    if plans[0].target == VICTIM:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return automix.render_target(root, out, plans, *args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["analysing", "remixing"])
+def test_killed_worker_is_a_one_line_error_and_the_run_resumes(
+        musdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], step: str) -> None:
+    require_programs("soundstretch")
+    out = tmp_path / "out"
+    argv = ["--musdb", str(musdb), "--out", str(out), "--mixes-per-track", "1", *PARALLEL]
+    if step == "analysing":
+        monkeypatch.setattr(automix, "analyse_track", _analyse_or_die)
+    else:
+        monkeypatch.setattr(automix, "render_target", _render_or_die)
+    message = main_error(automix.main, argv, capsys)
+    assert f"worker process died (killed by SIGKILL) while {step} track {VICTIM!r}" in message
+    assert "--overwrite" in message
+    monkeypatch.undo()
+    automix.main([*argv, "--overwrite"])
+    printed = capsys.readouterr().out
+    assert len(_manifest(out)) == TRACKS and set(_manifest(out)) == _remix_folders(out)
+    # What the workers finished before VICTIM's was kept: at least two tracks.
+    pattern = r"\((\d+) read back" if step == "analysing" else r"(\d+) already there"
+    match = re.search(pattern, printed)
+    assert match and int(match.group(1)) >= 2, printed
 
 
 # ---------------------------------------------------------------------------------------

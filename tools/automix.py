@@ -44,14 +44,12 @@ import os
 import shutil
 import sys
 import typing as tp
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from tqdm import tqdm
 
 from demucs.errors import ConfigError, DatasetError, report_errors
 from demucs.repitch import find_soundstretch, repitch
@@ -60,6 +58,7 @@ from demucs.wav import _musdb_valid_tracks
 from tools.automix_analysis import (EXT, SOURCES, SPLITS, RemixPlan, Settings, StemPlan,
                                     TrackAnalysis, analyse_track, plan_all, read_stem,
                                     stem_path, track_names)
+from tools.automix_workers import Workers
 
 PROG = "tools.automix"
 VOICE = ("vocals",)  # sources stretched with soundstretch's speech setting
@@ -68,6 +67,8 @@ PLAN_FILE = ".automix.json"  # inside each remix folder: the plan it was made fr
 SUMMARY_FILE = "automix.json"
 MANIFEST_FILE = "remixes.json"
 TMP_PREFIX = ".automix-tmp-"
+ANALYSIS_DIR = ".automix-analysis"  # inside OUT: one json per analysed track
+ANALYSIS_VERSION = 2  # bump when the analysis changes: cached analyses are then redone
 MARGIN = 0.5  # extra seconds of source audio given to soundstretch
 HEADROOM = 0.99  # peak of the loudest 16-bit file, relative to full scale
 
@@ -210,6 +211,63 @@ def render_target(root: Path, out: Path, plans: list[RemixPlan], samplerate: int
 
 
 # ---------------------------------------------------------------------------------------
+# Analysis, cached per track
+
+def _stamps(root: Path, track: str, sources: tp.Sequence[str]) -> dict[str, list[int]]:
+    """Size and modification time of each stem of `track`: what its analysis depends on."""
+    stamps = {}
+    for source in sources:
+        stat = stem_path(root, track, source).stat()
+        stamps[source] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def _analysis_path(out: Path, track: str) -> Path:
+    return out / ANALYSIS_DIR / f"{track}.json"
+
+
+def cached_analysis(root: Path, out: Path, track: str,
+                    sources: tp.Sequence[str]) -> TrackAnalysis | None:
+    """The analysis of `track` saved by an earlier run, None unless its stems, sources
+    and analysis version are the same."""
+    try:
+        record = json.loads(_analysis_path(out, track).read_text())
+        if record["version"] == ANALYSIS_VERSION and record["sources"] == list(sources) \
+                and record["stems"] == _stamps(root, track, sources):
+            return TrackAnalysis(**record["analysis"])
+    except (OSError, ValueError, KeyError, TypeError, DatasetError):
+        pass
+    return None
+
+
+def save_analysis(root: Path, out: Path, analysis: TrackAnalysis,
+                  sources: tp.Sequence[str]) -> None:
+    """Keep `analysis` in OUT, so that a rerun (after an interruption) does not redo it."""
+    record = {"version": ANALYSIS_VERSION, "sources": list(sources),
+              "stems": _stamps(root, analysis.name, sources), "analysis": asdict(analysis)}
+    path = _analysis_path(out, analysis.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record))
+
+
+def analyse_all(root: Path, out: Path, names: tp.Sequence[str], sources: tp.Sequence[str],
+                workers: Workers) -> tuple[list[TrackAnalysis], int]:
+    """The analysis of each track of `names` (those cached in OUT are read back), each
+    saved as soon as done; also returns how many were read back."""
+    tracks = [cached_analysis(root, out, name, sources) for name in names]
+    todo = [index for index, track in enumerate(tracks) if track is None]
+
+    def done(job: int, analysis: TrackAnalysis) -> None:
+        save_analysis(root, out, analysis, sources)
+        tracks[todo[job]] = analysis
+
+    workers.run(analyse_track, [(root, names[index], sources) for index in todo],
+                [f"analysing track {names[index]!r}" for index in todo], done, "analysis")
+    return tp.cast(list[TrackAnalysis], tracks), len(names) - len(todo)
+
+
+# ---------------------------------------------------------------------------------------
 # Manifest and summary
 
 def manifest_entry(record: dict[str, tp.Any]) -> dict[str, tp.Any]:
@@ -270,25 +328,6 @@ def write_summary(out: Path, settings: Settings, tracks: tp.Sequence[TrackAnalys
 
 # ---------------------------------------------------------------------------------------
 # Command line
-
-def run_jobs(fn: tp.Callable[..., tp.Any], jobs: tp.Sequence[tuple[tp.Any, ...]],
-             workers: int, desc: str) -> list[tp.Any]:
-    """`fn(*job)` for each job, in a pool of `workers` processes, with a progress bar."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="track", file=sys.stderr, leave=False)
-    results: list[tp.Any] = [None] * len(jobs)
-    with bar:
-        if workers <= 1:
-            for index, job in enumerate(jobs):
-                results[index] = fn(*job)
-                bar.update()
-            return results
-        with ProcessPoolExecutor(workers) as executor:
-            futures = {executor.submit(fn, *job): index for index, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    return results
-
 
 def _path(value: Path | None, variable: str, flag: str) -> Path:
     if value is None:
@@ -368,23 +407,40 @@ def automix(musdb: Path, out: Path, settings: Settings, workers: int = 1,
     find_soundstretch()
     splits = split_names(root, track_names(root), settings.sources)
     check_output(out, overwrite)
-    jobs = [(root, name, settings.sources) for names in splits.values() for name in names]
-    tracks: list[TrackAnalysis] = run_jobs(analyse_track, jobs, workers, "analysis")
-    plans = plan_all(tracks, settings, splits["valid"])
-    prepare_output(out, plans)
-    read_manifest(out)  # an unreadable manifest stops us before the long part
+    names = [name for members in splits.values() for name in members]
+    with Workers(workers) as pool:
+        tracks, cached = analyse_all(root, out, names, settings.sources, pool)
+        print(f"Analysed {len(tracks)} tracks ({cached} read back from {out / ANALYSIS_DIR}).")
+        plans = plan_all(tracks, settings, splits["valid"])
+        prepare_output(out, plans)
+        read_manifest(out)  # an unreadable manifest stops us before the long part
+        written = render_all(root, out, plans, tracks, settings.int16, pool)
+    write_summary(out, settings, tracks, splits)
+    write_manifest(out)
+    targets = len({plan.target for plan in plans})
+    print(f"{len(plans)} remixes of {targets} tracks in {out} "
+          f"({written} written, {len(plans) - written} already there).")
+    return plans
+
+
+def render_all(root: Path, out: Path, plans: tp.Sequence[RemixPlan],
+               tracks: tp.Sequence[TrackAnalysis], int16: bool, workers: Workers) -> int:
+    """Write the remixes of `plans`, those of one target track per job; returns how many
+    were written (the others were already there)."""
     by_target: dict[str, list[RemixPlan]] = {}
     for plan in plans:
         by_target.setdefault(plan.target, []).append(plan)
     channels = max(track.channels for track in tracks)
-    render_jobs = [(root, out, target_plans, tracks[0].samplerate, channels, settings.int16)
-                   for target_plans in by_target.values()]
-    written = sum(run_jobs(render_target, render_jobs, workers, "remixes"))
-    write_summary(out, settings, tracks, splits)
-    write_manifest(out)
-    print(f"{len(plans)} remixes of {len(by_target)} tracks in {out} "
-          f"({written} written, {len(plans) - written} already there).")
-    return plans
+    jobs = [(root, out, target_plans, tracks[0].samplerate, channels, int16)
+            for target_plans in by_target.values()]
+    written = [0]
+
+    def done(_: int, count: int) -> None:
+        written[0] += count
+
+    workers.run(render_target, jobs, [f"remixing track {target!r}" for target in by_target],
+                done, "remixes")
+    return written[0]
 
 
 def main(argv: tp.Sequence[str] | None = None) -> None:

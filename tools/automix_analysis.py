@@ -20,17 +20,16 @@ import numpy as np
 import soundfile as sf
 
 from demucs.errors import DatasetError
+from tools import automix_features as features
 
 SOURCES = ("drums", "bass", "other", "vocals")
 SPLITS = ("train", "valid")
 UNPITCHED = ("drums",)  # sources that are time-stretched but never pitch-shifted
 EXT = ".wav"
 SILENCE_DB = -50.  # a stem whose RMS is below this (dB full scale) counts as silent
-LOW_HZ = 150.  # upper frequency of the kick band used to find downbeats
+EARLY = 0.02  # seconds: a beat this close before the track start counts as at the start
+BLOCK = 1 << 16  # frames read at a time from each stem
 ATTEMPTS = 20  # random tries per remix before giving up on finding compatible stems
-# Krumhansl-Kessler key profiles, tonic first, matched against the chroma.
-MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
 @dataclass
@@ -94,17 +93,83 @@ def read_stem(root: Path, track: str, source: str, start: int = 0,
 # ---------------------------------------------------------------------------------------
 # Analysis
 
+class StemReader:
+    """The stems of a track, read together a block at a time: (C, N) float32 each."""
+
+    def __init__(self, root: Path, track: str, sources: tp.Sequence[str]):
+        self.track = track
+        self.paths = {source: stem_path(root, track, source) for source in sources}
+        self.files: dict[str, sf.SoundFile] = {}
+
+    def __enter__(self) -> StemReader:
+        try:
+            for source, path in self.paths.items():
+                self.files[source] = sf.SoundFile(str(path))
+        except (RuntimeError, sf.LibsndfileError) as error:
+            self.close()
+            raise DatasetError(f"Track {self.track!r}: cannot read {path} ({error}).") from error
+        lengths = {f.frames for f in self.files.values()}
+        if len(lengths) > 1:
+            self.close()
+            raise DatasetError(f"Track {self.track!r}: stems have different lengths "
+                               f"{sorted(lengths)}.")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+
+    @property
+    def samplerate(self) -> int:
+        return next(iter(self.files.values())).samplerate
+
+    @property
+    def channels(self) -> int:
+        return next(iter(self.files.values())).channels
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.files.values())).frames
+
+    def blocks(self, frames: int = BLOCK) -> tp.Iterator[dict[str, np.ndarray]]:
+        """The successive blocks of every stem, (C, frames) float32 (the last shorter)."""
+        for file in self.files.values():
+            file.seek(0)
+        while True:
+            try:
+                block = {source: np.ascontiguousarray(
+                         file.read(frames, dtype="float32", always_2d=True).T)
+                         for source, file in self.files.items()}
+            except (RuntimeError, sf.LibsndfileError) as error:
+                raise DatasetError(f"Track {self.track!r}: cannot read its stems "
+                                   f"({error}).") from error
+            if next(iter(block.values())).shape[-1] == 0:
+                return
+            yield block
+
+
+def _mono(block: dict[str, np.ndarray], sources: tp.Sequence[str]) -> np.ndarray:
+    """The mono sum (N,) of the `sources` of `block`."""
+    return np.sum([block[source] for source in sources], axis=0).mean(axis=0)
+
+
 def is_silent(wav: np.ndarray) -> bool:
-    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.
-    return 20 * math.log10(rms + 1e-12) < SILENCE_DB
+    return _level_db(float(np.sum(np.square(wav, dtype=np.float64))), wav.size) < SILENCE_DB
+
+
+def _level_db(energy: float, count: int) -> float:
+    rms = math.sqrt(energy / count) if count else 0.
+    return 20 * math.log10(rms + 1e-12)
 
 
 def estimate_beats(mono: np.ndarray, samplerate: int) -> tuple[float, list[float]]:
-    """(tempo in BPM, beat times in seconds) of `mono` (T,) with librosa's beat tracker."""
-    import librosa
-    tempo, frames = librosa.beat.beat_track(y=mono, sr=samplerate, hop_length=512)
-    times = librosa.frames_to_time(frames, sr=samplerate, hop_length=512)
-    return float(np.atleast_1d(tempo)[0]), [round(float(t), 6) for t in times]
+    """(tempo in BPM, beat times in seconds) of `mono` (T,)."""
+    bands, fps = features.features_of(mono, samplerate, features.onset_spectrum)
+    tempo, times = features.estimate_beats(bands, fps)
+    return tempo, [round(float(t), 6) for t in times]
 
 
 def complete_beats(beats: list[float]) -> list[float]:
@@ -114,64 +179,59 @@ def complete_beats(beats: list[float]) -> list[float]:
     period = float(np.median(np.diff(beats)))
     beats = list(beats)
     for _ in range(4):
-        if beats[0] - period < -0.1 * period:
+        if beats[0] - period < -EARLY:
             break
         beats.insert(0, round(max(0., beats[0] - period), 6))
     return beats
 
 
-def downbeat_phase(mono: np.ndarray, samplerate: int, beats: tp.Sequence[float]) -> int:
-    """Which of the first four beats starts the bars: the one whose beats carry the most
-    low-frequency (kick) energy, every fourth beat."""
-    if len(beats) < 4:
-        return 0
-    hop = 512
-    spec = np.abs(np.fft.rfft(np.lib.stride_tricks.sliding_window_view(
-        np.pad(mono, (0, 2048)), 2048)[::hop] * np.hanning(2048), axis=-1))  # (frames, F)
-    low = spec[:, :max(2, int(LOW_HZ * 2048 / samplerate))].sum(axis=-1)  # (frames,)
-    low = np.maximum(0, np.diff(low, prepend=low[0]))  # low-band onsets
-    frames = np.minimum((np.asarray(beats) * samplerate / hop).astype(int), len(low) - 1)
-    window = np.stack([low[np.clip(frames + d, 0, len(low) - 1)] for d in range(-2, 3)])
-    strength = window.max(axis=0)  # (beats,)
-    return int(np.argmax([strength[p::4].mean() for p in range(4)]))
+def _scan(stems: StemReader, rhythm: list[str], pitched: list[str]) -> tuple[
+        features.BlockSpectrum, features.BlockSpectrum, dict[str, float]]:
+    """One pass over the stems: onset bands of `rhythm`, chroma of `pitched`, energies."""
+    onsets = features.onset_spectrum(stems.samplerate)
+    chroma = features.chroma_spectrum(stems.samplerate)
+    energy = dict.fromkeys(stems.paths, 0.)
+    for block in stems.blocks():
+        for source, wav in block.items():
+            energy[source] += float(np.sum(np.square(wav, dtype=np.float64)))
+        onsets.feed(_mono(block, rhythm))
+        if pitched:
+            chroma.feed(_mono(block, pitched))
+    return onsets, chroma, energy
 
 
-def estimate_key(mono: np.ndarray, samplerate: int) -> tuple[int, bool]:
-    """(pitch class of the relative major key, minor?) from the chroma of `mono` (T,)."""
-    import librosa
-    chroma = librosa.feature.chroma_cqt(y=mono, sr=samplerate,
-                                        hop_length=4096).mean(axis=1)  # (12,)
-    if not np.any(chroma > 0):
-        return 0, False
-    scores = [(float(np.corrcoef(chroma, np.roll(profile, tonic))[0, 1]), tonic, minor)
-              for minor, profile in ((False, MAJOR_PROFILE), (True, MINOR_PROFILE))
-              for tonic in range(12)]
-    _, tonic, minor = max(scores)
-    return (tonic + 3) % 12 if minor else tonic, minor
+def _onset_bands(stems: StemReader) -> features.BlockSpectrum:
+    """Onset bands of the sum of all the stems (a second pass)."""
+    onsets = features.onset_spectrum(stems.samplerate)
+    for block in stems.blocks():
+        onsets.feed(_mono(block, list(block)))
+    return onsets
 
 
 def analyse_track(root: Path, track: str, sources: tp.Sequence[str]) -> TrackAnalysis:
-    """Read the stems of `track` and estimate its tempo, beats and key."""
-    stems: dict[str, np.ndarray] = {}
-    samplerate = 0
-    for source in sources:
-        stems[source], samplerate = read_stem(root, track, source)
-    lengths = {wav.shape[-1] for wav in stems.values()}
-    if len(lengths) > 1:
-        raise DatasetError(f"Track {track!r}: stems have different lengths {sorted(lengths)}.")
-    silent = [source for source, wav in stems.items() if is_silent(wav)]
-    rhythm = [wav for source, wav in stems.items() if source in UNPITCHED and source not in silent]
-    pitched = [wav for source, wav in stems.items() if source not in UNPITCHED]
-    drums = np.sum(rhythm or list(stems.values()), axis=0).mean(axis=0)  # (T,)
-    tempo, beats = estimate_beats(drums, samplerate)
-    beats = complete_beats(beats)
-    phase = downbeat_phase(drums, samplerate, beats)
-    key, minor = estimate_key(np.sum(pitched or list(stems.values()), axis=0).mean(axis=0),
-                              samplerate)
-    first = next(iter(stems.values()))
-    return TrackAnalysis(name=track, samplerate=samplerate, channels=first.shape[0],
-                         length=first.shape[-1], tempo=tempo, beats=beats, key=key,
-                         minor=minor, phase=phase, silent=silent)
+    """Read the stems of `track` block by block and estimate its tempo, beats and key.
+
+    Rhythm comes from the unpitched stems (the drums), from all the stems when those are
+    silent; the key from the pitched ones (all of them when there are none)."""
+    rhythm = [source for source in sources if source in UNPITCHED] or list(sources)
+    pitched = [source for source in sources if source not in UNPITCHED] or list(sources)
+    with StemReader(root, track, sources) as stems:
+        onsets, chroma, energy = _scan(stems, rhythm, pitched)
+        count = stems.length * stems.channels
+        silent = [s for s in sources if _level_db(energy[s], count) < SILENCE_DB]
+        if all(source in silent for source in rhythm) and rhythm != list(sources):
+            onsets = _onset_bands(stems)
+        samplerate, channels, length = stems.samplerate, stems.channels, stems.length
+    bands, chromas = onsets.finish(), chroma.finish()
+    onset_fps, chroma_fps = onsets.frame_rate(samplerate), chroma.frame_rate(samplerate)
+    tempo, times = features.estimate_beats(bands, onset_fps)
+    beats = complete_beats([round(float(t), 6) for t in times])
+    phase = features.downbeat_phase(features.band_flux(bands), onset_fps, chromas,
+                                    chroma_fps, np.asarray(beats))
+    key, minor = features.estimate_key(chromas)
+    return TrackAnalysis(name=track, samplerate=samplerate, channels=channels, length=length,
+                         tempo=tempo, beats=beats, key=key, minor=minor, phase=phase,
+                         silent=silent)
 
 
 def tempo_ratio(target: TrackAnalysis, donor: TrackAnalysis, max_tempo: float) -> float | None:

@@ -28,21 +28,64 @@ VALID_NAMES = ("Actions - One Minute Smile", "Clara Berry And Wooldog - Waltz Fo
 PEAK = 0.9  # peak level of the mixture
 MAJOR = np.array([0, 2, 4, 5, 7, 9, 11, 12])
 PROGRESSIONS = ([0, 5, 3, 4], [0, 3, 4, 4], [5, 3, 0, 4], [0, 4, 5, 3])  # scale degrees
+# Drum patterns of `Song(pattern=...)`: sixteenth-note positions in the bar of the kicks,
+# snares and hi-hats. Without a pattern, the drums play the original groove (kick on beats
+# 1 and 3, snare on 2 and 4, hi-hat on every eighth note).
+PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "rock": ((0, 8), (4, 12), (0, 2, 4, 6, 8, 10, 12, 14)),
+    "dotted": ((0, 3, 6, 10), (4, 12), (0, 2, 4, 6, 8, 10, 12, 14)),  # 3+3+2 kicks
+    "sixteenths": ((0, 7, 8, 10), (4, 12), tuple(range(16))),
+    "offbeat": ((0, 8, 11), (4, 12), (2, 6, 10, 14)),  # hi-hat on the "and"s only
+    "four": ((0, 4, 8, 12), (4, 12), (2, 6, 10, 14)),  # four on the floor
+    "quarters": ((0, 8), (4, 12), (0, 4, 8, 12)),
+}
 
 
 class Song:
-    """The musical plan of a track: tempo, key, chords and pan positions."""
+    """The musical plan of a track: tempo, key, chords and pan positions.
 
-    def __init__(self, rng: np.random.Generator, seconds: float, samplerate: int):
+    By default the tempo is drawn in [90, 140] BPM, the drums play the original groove and
+    the track starts on a downbeat. `tempo` (BPM) sets the tempo, `pattern` (a key of
+    `PATTERNS`) the drum pattern, and `offset` (seconds, less than a bar) cuts the start
+    of the first bar off, so that the first downbeat comes at `first_downbeat`. The random
+    draws are the same whatever these options.
+    """
+
+    def __init__(self, rng: np.random.Generator, seconds: float, samplerate: int,
+                 tempo: float | None = None, pattern: str | None = None,
+                 offset: float = 0.):
         self.rng = rng
         self.samplerate = samplerate
         self.length = int(seconds * samplerate)
         self.beat = 60 / rng.uniform(90, 140)  # seconds per beat
         self.root = 40 + int(rng.integers(0, 12))  # MIDI note of the key (E2 to D#3)
         self.progression = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
+        if tempo is not None:
+            self.beat = 60 / tempo
+        if pattern is not None and pattern not in PATTERNS:
+            raise ValueError(f"Unknown drum pattern {pattern!r}, use one of {list(PATTERNS)}")
+        if not 0 <= offset < 4 * self.beat:
+            raise ValueError(f"offset {offset} must be in [0, {4 * self.beat}) (one bar)")
+        self.pattern = pattern
+        self.offset = offset  # seconds of the first bar before the track starts
+
+    @property
+    def tempo(self) -> float:
+        """Beats per minute."""
+        return 60 / self.beat
+
+    @property
+    def key(self) -> int:
+        """Pitch class (0 = C) of the major key."""
+        return self.root % 12
+
+    @property
+    def first_downbeat(self) -> float:
+        """Time in seconds of the first bar start in the track."""
+        return (4 * self.beat - self.offset) % (4 * self.beat)
 
     def bars(self) -> range:
-        return range(int(self.length / self.samplerate / (4 * self.beat)) + 1)
+        return range(int((self.length / self.samplerate + self.offset) / (4 * self.beat)) + 1)
 
     def chord(self, bar: int) -> list[int]:
         """MIDI notes (a triad, relative to the key's root) of `bar`."""
@@ -56,7 +99,10 @@ def midi_hz(note: float) -> float:
 
 
 def _add(out: np.ndarray, start: float, sound: np.ndarray, samplerate: int) -> None:
-    """Add `sound` (T,) into `out` (T_out,) at `start` seconds, cut at the end of `out`."""
+    """Add `sound` (T,) into `out` (T_out,) at `start` seconds, cut at both ends of `out`."""
+    if start < 0:  # the part of the sound before the track start is cut
+        sound = sound[int(-start * samplerate):]
+        start = 0.
     offset = int(start * samplerate)
     if offset >= len(out):
         return
@@ -90,7 +136,8 @@ def _tone(freq: float, duration: float, samplerate: int, harmonics: int = 4,
 
 
 def _drums(song: Song) -> np.ndarray:
-    """Kick on beats 1 and 3, snare on 2 and 4, hi-hat on every eighth note."""
+    """Kick on beats 1 and 3, snare on 2 and 4, hi-hat on every eighth note (or the
+    song's pattern)."""
     sr, rng = song.samplerate, song.rng
     out = np.zeros(song.length)
     t = np.arange(int(0.25 * sr)) / sr
@@ -98,13 +145,34 @@ def _drums(song: Song) -> np.ndarray:
     snare = (rng.standard_normal(len(t)) * 0.6 + np.sin(2 * np.pi * 190 * t)) * np.exp(-t * 25)
     hat_noise = np.diff(rng.standard_normal(int(0.06 * sr) + 1))  # crude high-pass
     hat = 0.25 * hat_noise * np.exp(-np.arange(len(hat_noise)) / sr * 70)
-    n_beats = int(song.length / sr / song.beat) + 1
+    if song.pattern is not None:
+        return 0.5 * _pattern(song, kick, 0.7 * snare, hat)
+    n_beats = int((song.length / sr + song.offset) / song.beat) + 1
     for beat in range(n_beats):
-        start = beat * song.beat
+        start = beat * song.beat - song.offset
         _add(out, start, kick if beat % 2 == 0 else 0.7 * snare, sr)
         for half in (0., 0.5):
             _add(out, start + half * song.beat, hat * rng.uniform(0.6, 1.), sr)
     return 0.5 * out
+
+
+def _pattern(song: Song, kick: np.ndarray, snare: np.ndarray, hat: np.ndarray) -> np.ndarray:
+    """The drums of `song.pattern`, bar after bar."""
+    kicks, snares, hats = PATTERNS[song.pattern or "rock"]
+    out = np.zeros(song.length)
+    sixteenth = song.beat / 4
+    for bar in song.bars():
+        start = bar * 4 * song.beat - song.offset
+        for step in range(16):
+            at = start + step * sixteenth
+            if step in kicks:
+                _add(out, at, kick, song.samplerate)
+            if step in snares:
+                _add(out, at, snare, song.samplerate)
+            if step in hats:
+                level = song.rng.uniform(0.6, 1.) * (1. if step % 4 == 0 else 0.7)
+                _add(out, at, hat * level, song.samplerate)
+    return out
 
 
 def _bass(song: Song) -> np.ndarray:
@@ -113,7 +181,7 @@ def _bass(song: Song) -> np.ndarray:
     for bar in song.bars():
         root = song.root - 12 + song.chord(bar)[0]
         for eighth in range(8):
-            start = (bar * 4 + eighth / 2) * song.beat
+            start = (bar * 4 + eighth / 2) * song.beat - song.offset
             note = root + (12 if eighth == 7 else 0)
             _add(out, start, _tone(midi_hz(note), song.beat / 2, song.samplerate, 6, 4.),
                  song.samplerate)
@@ -125,7 +193,7 @@ def _other(song: Song) -> np.ndarray:
     out = np.zeros(song.length)
     for bar in song.bars():
         for beat in (0, 2):
-            start = (bar * 4 + beat) * song.beat
+            start = (bar * 4 + beat) * song.beat - song.offset
             for note in song.chord(bar):
                 tone = _tone(midi_hz(song.root + 12 + note), 2 * song.beat, song.samplerate,
                              3, 1.)
@@ -138,12 +206,13 @@ def _melody(song: Song, octave: int, step: float, harmonics: int,
     """A line of chord and scale notes, one every `step` beats, with some rests."""
     rng, sr = song.rng, song.samplerate
     out = np.zeros(song.length)
-    n_notes = int(song.length / sr / (step * song.beat)) + 1
+    n_notes = int((song.length / sr + song.offset) / (step * song.beat)) + 1
     for index in range(n_notes):
         if rng.random() < 0.2:
             continue  # a rest
         start = index * step * song.beat
         chord = song.chord(int(start / (4 * song.beat)))
+        start -= song.offset
         note = chord[int(rng.integers(3))] + int(rng.choice([0, 0, 2, -1]))
         tone = _tone(midi_hz(song.root + 12 * octave + note), step * song.beat * 0.95, sr,
                      harmonics, 1.5, vibrato)
@@ -175,14 +244,23 @@ def _stereo(mono: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.stack([mono * np.sqrt(1 - pan), right * np.sqrt(pan)], axis=1)
 
 
+def synth_song(seed: int, seconds: float, samplerate: int = 44100,
+               sources: tp.Sequence[str] = SOURCES, tempo: float | None = None,
+               pattern: str | None = None,
+               offset: float = 0.) -> tuple[Song, dict[str, np.ndarray]]:
+    """The plan of one track (its tempo, key and first downbeat are known) and its stems
+    (T, 2) float64, scaled so that their sum peaks at PEAK. See `Song` for the options."""
+    rng = np.random.default_rng(seed)
+    song = Song(rng, seconds, samplerate, tempo, pattern, offset)
+    stems = {source: _stereo(_stem(song, source), rng) for source in sources}
+    peak = max(np.abs(sum(stems.values())).max(), 1e-9)  # type: ignore[union-attr]
+    return song, {source: stem * (PEAK / peak) for source, stem in stems.items()}
+
+
 def synth_track(seed: int, seconds: float, samplerate: int = 44100,
                 sources: tp.Sequence[str] = SOURCES) -> dict[str, np.ndarray]:
     """The stems (T, 2) float64 of one track, scaled so that their sum peaks at PEAK."""
-    rng = np.random.default_rng(seed)
-    song = Song(rng, seconds, samplerate)
-    stems = {source: _stereo(_stem(song, source), rng) for source in sources}
-    peak = max(np.abs(sum(stems.values())).max(), 1e-9)  # type: ignore[union-attr]
-    return {source: stem * (PEAK / peak) for source, stem in stems.items()}
+    return synth_song(seed, seconds, samplerate, sources)[1]
 
 
 def write_track(folder: Path, stems: dict[str, np.ndarray], samplerate: int,
