@@ -4,6 +4,7 @@
 #   make test      install, then ruff, mypy and the test suite (with a coverage summary)
 #   make demo      the README's main command: synthetic data, `dora run` trains a tiny
 #                  model, `tools.export` exports it, `demucs` separates a test track
+#   make demo-v4   the same with a tiny Hybrid Transformer Demucs (v4)
 #   make bench     every benchmark under bench/
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test lint typecheck pytest demo bench clean-demo
+.PHONY: install system-deps test lint typecheck pytest demo demo-v4 bench clean-demo
 
 install: $(STAMP) system-deps
 
@@ -58,6 +59,9 @@ test: lint typecheck pytest
 
 demo: install
 	$(PY) -m tools.demo --root $(DEMO)
+
+demo-v4: install
+	$(PY) -m tools.demo --root $(DEMO) --model htdemucs
 
 bench: install
 	@mkdir -p bench/results

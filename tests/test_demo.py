@@ -1,4 +1,5 @@
-"""The README's main command end to end: data, `dora run`, export, `demucs`, scores."""
+"""The README's main commands end to end: data, `dora run`, export, `demucs`, scores
+(`make demo` with a tiny Hybrid Demucs, `make demo-v4` with a tiny HTDemucs)."""
 from __future__ import annotations
 
 import re
@@ -6,17 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from demucs.train import main
 from tools import demo
 
 from helpers import main_error
 
 
 @pytest.mark.slow
-def test_demo_trains_exports_and_separates(tmp_path: Path,
+@pytest.mark.timeout(600)  # a few minutes each on two busy cores
+@pytest.mark.parametrize("model", ["hdemucs", "htdemucs"])
+def test_demo_trains_exports_and_separates(tmp_path: Path, model: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    demo.main(["--root", str(tmp_path), "--epochs", "1"])
+    demo.main(["--root", str(tmp_path), "--epochs", "1", "--model", model])
     out = capsys.readouterr().out
-    sig = demo.signature(demo.training_args(1), demo.environment(tmp_path))
+    sig = demo.signature(demo.training_args(1, model), demo.environment(tmp_path))
     xp = tmp_path / "outputs" / "xps" / sig
     assert (xp / "checkpoint.th").is_file() and (xp / "best.th").is_file()
     assert list((tmp_path / "release_models").glob(f"{sig}*.th"))
@@ -25,6 +29,15 @@ def test_demo_trains_exports_and_separates(tmp_path: Path,
         "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
     scores = re.findall(r"^  (drums|bass|other|vocals|mean)\s+(-?\d+\.\d+)$", out, re.M)
     assert [name for name, _ in scores] == ["drums", "bass", "other", "vocals", "mean"]
+
+
+def test_demo_xps() -> None:
+    """`make demo` keeps its XP (same argv, same signature); `make demo-v4` trains an
+    HTDemucs with otherwise the same settings."""
+    assert main.get_xp(demo.training_args(10)).sig == "0119db99"
+    v3, v4 = demo.training_args(1), demo.training_args(1, "htdemucs")
+    assert main.get_xp(v4).cfg.model == "htdemucs"
+    assert [arg for arg in v4 if not arg.startswith("htdemucs.")][1:] == v3[2:]
 
 
 def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

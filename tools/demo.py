@@ -1,9 +1,11 @@
 """The README's main command: the whole workflow, small, on synthetic music.
 
-    python -m tools.demo [--root demo] [--epochs 10]
+    python -m tools.demo [--root demo] [--epochs 10] [--model hdemucs|htdemucs]
 
 1. writes a synthetic MusDB-HQ-shaped dataset under ROOT/musdb (`tools.synth_dataset`);
-2. trains a tiny Hybrid Demucs on it with `dora run` (the XP lives in ROOT/outputs/xps/SIG);
+2. trains a tiny Hybrid Demucs (v3, `--model hdemucs`, the default) or Hybrid Transformer
+   Demucs (v4, `--model htdemucs`) on it with `dora run` (the XP lives in
+   ROOT/outputs/xps/SIG);
 3. exports it with `python -m tools.export SIG -o ROOT/release_models`;
 4. separates a test mixture with `demucs --repo ROOT/release_models -n SIG`;
 5. prints the nSDR of the separated stems against the true ones.
@@ -32,9 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-def training_args(epochs: int) -> tp.List[str]:
-    """Overrides of the demo XP: a small HDemucs, short segments, a few batches."""
-    return ["model=hdemucs", "hdemucs.channels=8", "dset.segment=4", "dset.shift=2",
+# The tiny model of each demo: its overrides.
+MODELS = {
+    "hdemucs": ["model=hdemucs", "hdemucs.channels=8"],
+    # 8 channels, hence a transformer of width 64 (8 * 2 ** 3), with 2 layers.
+    "htdemucs": ["model=htdemucs", "htdemucs.channels=8", "htdemucs.t_layers=2"],
+}
+
+
+def training_args(epochs: int, model: str = "hdemucs") -> tp.List[str]:
+    """Overrides of the demo XP: a small `model`, short segments, a few batches."""
+    return [*MODELS[model], "dset.segment=4", "dset.shift=2",
             "batch_size=4", f"epochs={epochs}", "max_batches=8", "optim.lr=0.003",
             "augment.repitch.proba=0", "misc.num_workers=1", "test.sdr=false",
             f"test.every={epochs}"]
@@ -89,14 +99,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("demo"),
                         help="Folder for the dataset, the XP, the export and the stems.")
     parser.add_argument("--epochs", type=int, default=10, help="Training epochs.")
+    parser.add_argument("--model", choices=list(MODELS), default="hdemucs",
+                        help="hdemucs: Hybrid Demucs (v3); htdemucs: Hybrid Transformer "
+                             "Demucs (v4).")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Show the full traceback of errors.")
     args = parser.parse_args(argv)
     with report_errors(PROG, args.verbose, also=(subprocess.CalledProcessError, OSError)):
-        demo(args.root.resolve(), args.epochs)
+        demo(args.root.resolve(), args.epochs, args.model)
 
 
-def demo(root: Path, epochs: int) -> None:
+def demo(root: Path, epochs: int, model: str = "hdemucs") -> None:
     begin = time.time()
     root.mkdir(parents=True, exist_ok=True)
     env = environment(root)
@@ -104,7 +117,7 @@ def demo(root: Path, epochs: int) -> None:
     if not (root / "musdb" / "test").is_dir():
         run([python, "-m", "tools.synth_dataset", str(root / "musdb"), "--tracks", "6",
              "--seconds", "12"], REPO, env)
-    train_args = training_args(epochs)
+    train_args = training_args(epochs, model)
     run([python, "-m", "dora", "-P", "demucs", "run", *train_args], root, env)
     sig = signature(train_args, env)
     run([python, "-m", "tools.export", sig, "-o", "release_models"], root, env)
