@@ -1,23 +1,26 @@
 """Benchmark of the automix analysis: quality on tracks of known tempo, key and downbeat,
 memory, and the throughput of `tools.automix`.
 
-    python bench/bench_automix.py --tracks 32 --seconds 30
-    python bench/bench_automix.py --memory --throughput
+    python bench/bench_automix.py --tracks 32 --seconds 30 [-v]
+    python bench/bench_automix.py --no-quality --memory --throughput
 
 Quality: `tools.synth_dataset` songs with a random tempo (60 to 180 BPM), drum pattern,
-key and start (the first downbeat anywhere in the first bar) are analysed; the report gives
-the share of tempos within 4 %, the tempo confusions by ratio (2:1, 3:2, 4:3, both ways),
-the share of exact keys (the major key of the scale) and of first downbeats within 50 ms.
+key and start (the first downbeat anywhere in the first bar) are analysed, then the same
+songs with silent drums; each report gives the share of tempos within 4 %, the tempo
+confusions by ratio (2:1, 3:2, 4:3, both ways), the share of exact keys (the major key of
+the scale) and of first downbeats within 50 ms (`-v`: one line per track).
 
 `--memory` analyses a four-minute track in a fresh process and reports its peak memory
 above the imports. `--throughput` runs the analysis and the remixing of `tools.automix`
 with 1 and 2 workers and reports analysis seconds per minute of audio and remixes per
-minute, extrapolated to a MusDB-sized run (100 tracks of 4 minutes, 6 remixes each).
+minute, extrapolated to a MusDB-sized run (100 tracks of 4 minutes, 6 remixes each); with
+one worker, also from the CPU time, which does not depend on the machine's load.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import resource
 import shutil
 import sys
 import tempfile
@@ -54,8 +57,9 @@ class Truth:
 
 
 def make_song(folder: Path, index: int, seconds: float, samplerate: int,
-              rng: np.random.Generator) -> Truth:
-    """Write a random song of known tempo, key and first downbeat into `folder`."""
+              rng: np.random.Generator, drums: bool = True) -> Truth:
+    """Write a random song of known tempo, key and first downbeat into `folder` (with
+    silent drums unless `drums`)."""
     tempo = float(np.exp(rng.uniform(np.log(60.), np.log(180.))))
     style = STYLES[index % len(STYLES)]
     offset = float(rng.uniform(0., 4 * 60 / tempo))
@@ -64,6 +68,8 @@ def make_song(folder: Path, index: int, seconds: float, samplerate: int,
     song: Song
     song, stems = synth_song(1000 + index, seconds, samplerate, tempo=tempo, pattern=style,
                              offset=offset)
+    if not drums:
+        stems["drums"] = np.zeros_like(stems["drums"])
     write_track(folder, stems, samplerate)
     return Truth(folder.name, song.tempo, song.key, song.first_downbeat, style or "groove")
 
@@ -78,12 +84,12 @@ def tempo_class(estimate: float, truth: float) -> str:
     return "other"
 
 
-def bench_quality(tracks: int, seconds: float, samplerate: int, seed: int,
+def bench_quality(tracks: int, seconds: float, samplerate: int, seed: int, drums: bool,
                   verbose: bool) -> None:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="bench_automix_") as tmp:
         root = Path(tmp)
-        truths = [make_song(root / f"song_{k:03d}", k, seconds, samplerate, rng)
+        truths = [make_song(root / f"song_{k:03d}", k, seconds, samplerate, rng, drums)
                   for k in range(tracks)]
         begin = time.perf_counter()
         analyses = [automix_analysis.analyse_track(root, truth.name, automix.SOURCES)
@@ -95,17 +101,18 @@ def bench_quality(tracks: int, seconds: float, samplerate: int, seed: int,
         label = tempo_class(analysis.tempo, truth.tempo)
         classes[label] = classes.get(label, 0) + 1
         keys += analysis.key == truth.key
-        error = abs(analysis.downbeats()[0] - truth.downbeat)
-        downbeats += error <= DOWNBEAT_TOLERANCE
+        found = analysis.downbeats()[0]
+        downbeats += abs(found - truth.downbeat) <= DOWNBEAT_TOLERANCE
         if verbose:
             print(f"{truth.name} {truth.style:>10} tempo {truth.tempo:6.1f} -> "
                   f"{analysis.tempo:6.1f} ({label}), key {truth.key:2d} -> {analysis.key:2d}, "
-                  f"downbeat {truth.downbeat:5.2f} -> {analysis.downbeats()[0]:5.2f}")
+                  f"downbeat {truth.downbeat:5.2f} -> {found:5.2f}")
     confusions = ", ".join(f"{name} {classes.get(name, 0)}" for name in [*RATIOS, "other"])
-    print(f"analysis quality on {tracks} synthetic tracks of {seconds:g} s: tempo within 4% "
+    print(f"analysis of {tracks} synthetic tracks of {seconds:g} s"
+          f"{'' if drums else ' with silent drums'}: tempo within 4% "
           f"{classes.get('ok', 0) / tracks:.0%} (confusions: {confusions}), exact key "
           f"{keys / tracks:.0%}, first downbeat within 50 ms {downbeats / tracks:.0%}; "
-          f"analysis {elapsed / (tracks * seconds / 60):.2f} s per minute of audio")
+          f"{elapsed / (tracks * seconds / 60):.2f} s per minute of audio")
 
 
 def peak_mb() -> float:
@@ -146,30 +153,59 @@ def _in_process(fn: tp.Callable[..., None], *args: tp.Any) -> tp.Any:
     return value
 
 
+@dataclass
+class Run:
+    """What one `tools.automix` run measured (seconds; CPU: this process and the processes
+    it waited for, i.e. all of it when there are no workers)."""
+    start: float  # workers' start
+    analysis: float
+    analysis_cpu: float
+    render: float
+    render_cpu: float
+    remixes: int
+    peak_mb: float  # this process and its workers together
+
+
+def _cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(fn: tp.Callable[[], tp.Any]) -> tuple[float, float, tp.Any]:
+    wall, cpu = time.perf_counter(), _cpu()
+    result = fn()
+    return time.perf_counter() - wall, _cpu() - cpu, result
+
+
 def _run(musdb: Path, out: Path, workers: int, mixes: int, results: tp.Any) -> None:
-    """In a fresh process: analysis and remix times of `tools.automix` with `workers`,
-    and the peak memory of this process and of its workers."""
+    """In a fresh process: the analysis and the remixes of `tools.automix` with
+    `workers`, timed, and the peak memory of this process and of its workers."""
     root = musdb / "train"
     settings = Settings(sources=list(automix.SOURCES), mixes_per_track=mixes, max_tempo=60,
                         max_pitch=6)
     splits = automix.split_names(root, automix.track_names(root), settings.sources)
     names = [name for members in splits.values() for name in members]
     with Workers(workers) as pool:
-        begin = time.perf_counter()
-        pool.run(time.time, [()] * workers, ["starting"] * workers, lambda *_: None, "start")
-        start = time.perf_counter() - begin
-        begin = time.perf_counter()
-        tracks, _ = automix.analyse_all(root, out, names, settings.sources, pool)
-        analysis = time.perf_counter() - begin
+        start, _, _ = _timed(lambda: pool.run(time.time, [()] * workers, ["starting"] * workers,
+                                              lambda *_: None, "start"))
+        analysis, analysis_cpu, (tracks, _) = _timed(
+            lambda: automix.analyse_all(root, out, names, settings.sources, pool))
         plans = plan_all(tracks, settings, splits["valid"])
         automix.prepare_output(out, plans)
-        begin = time.perf_counter()
-        automix.render_all(root, out, plans, tracks, False, pool)
-        render = time.perf_counter() - begin
+        render, render_cpu, _ = _timed(
+            lambda: automix.render_all(root, out, plans, tracks, False, pool))
         peaks: list[float] = []  # one job per worker: each reports its own peak
         pool.run(peak_mb, [()] * workers, ["measuring"] * workers,
                  lambda _, peak: peaks.append(peak), "peaks")
-    results.put((start, analysis, render, len(plans), peak_mb(), sum(peaks)))
+    memory = peak_mb() + (sum(peaks) if workers > 1 else 0.)
+    results.put(Run(start, analysis, analysis_cpu, render, render_cpu, len(plans), memory))
+
+
+def _musdb_minutes(analysis_per_minute: float, seconds_per_remix: float) -> float:
+    """Minutes of a MusDB-sized run at these rates."""
+    return MUSDB_TRACKS * (MUSDB_MINUTES * analysis_per_minute +
+                           MUSDB_MIXES * seconds_per_remix) / 60
 
 
 def bench_throughput(tracks: int, seconds: float, samplerate: int, mixes: int) -> None:
@@ -180,17 +216,20 @@ def bench_throughput(tracks: int, seconds: float, samplerate: int, mixes: int) -
         minutes = tracks * seconds / 60
         for workers in (1, 2):
             out = Path(tmp) / f"out{workers}"
-            start, analysis, render, remixes, parent, children = _in_process(
-                _run, musdb, out, workers, mixes)
+            run: Run = _in_process(_run, musdb, out, workers, mixes)
             shutil.rmtree(out)
-            per_minute, rate = analysis / minutes, remixes / render * 60
-            total = MUSDB_TRACKS * (MUSDB_MINUTES * per_minute + MUSDB_MIXES / rate * 60)
-            memory = parent + (children if workers > 1 else 0.)
-            print(f"automix with {workers} worker(s) on {tracks} tracks of {seconds:g} s: "
-                  f"analysis {per_minute:.2f} s per minute of audio, {rate:.1f} remixes of 30 s "
-                  f"per minute, peak memory {memory:.0f} MB (workers' start {start:.1f} s); a "
+            print(f"automix with {workers} worker(s), {tracks} tracks of {seconds:g} s: "
+                  f"analysis {run.analysis / minutes:.2f} s per minute of audio, "
+                  f"{run.remixes / run.render * 60:.1f} remixes of 30 s per minute, peak "
+                  f"memory {run.peak_mb:.0f} MB (workers' start {run.start:.1f} s); a "
                   f"MusDB-sized run ({MUSDB_TRACKS} x {MUSDB_MINUTES:g} min, {MUSDB_MIXES} "
-                  f"remixes each) would take about {total / 60:.0f} min")
+                  f"remixes each): about "
+                  f"{_musdb_minutes(run.analysis / minutes, run.render / run.remixes):.0f} min")
+            if workers == 1:  # all the work is in this process: CPU time is load-free
+                cpu = _musdb_minutes(run.analysis_cpu / minutes, run.render_cpu / run.remixes)
+                print(f"  CPU time: analysis {run.analysis_cpu / minutes:.2f} s per minute of "
+                      f"audio, {run.render_cpu / run.remixes:.2f} s per remix; a MusDB-sized "
+                      f"run on 2 idle cores: about {cpu / 2:.0f} min")
 
 
 def main(argv: tp.Sequence[str] | None = None) -> None:
@@ -211,7 +250,9 @@ def main(argv: tp.Sequence[str] | None = None) -> None:
     parser.add_argument("--no-quality", action="store_true", help="skip the quality part")
     args = parser.parse_args(argv)
     if not args.no_quality:
-        bench_quality(args.tracks, args.seconds, args.samplerate, args.seed, args.verbose)
+        for drums in (True, False):
+            bench_quality(args.tracks, args.seconds, args.samplerate, args.seed, drums,
+                          args.verbose)
     if args.memory:
         bench_memory(MUSDB_MINUTES, args.samplerate)
     if args.throughput:

@@ -178,6 +178,21 @@ def test_generated_tracks_of_known_tempo(tmp_path: Path, tempo: float,
     assert analysis.key == song.key
 
 
+def test_silent_drums_leave_the_rhythm_to_the_other_stems(tmp_path: Path) -> None:
+    _, stems = synth_song(5, 16., SR, tempo=96., pattern="rock")
+    write_track(tmp_path / "song", {**stems, "drums": np.zeros_like(stems["drums"])}, SR)
+    analysis = automix.analyse_track(tmp_path, "song", SOURCES)
+    assert analysis.silent == ["drums"]
+    assert abs(analysis.tempo / 96. - 1) < 0.04, analysis.tempo
+
+
+def test_silence_has_no_tempo(tmp_path: Path) -> None:
+    write_track(tmp_path / "quiet", {s: np.zeros((SR, 2)) for s in SOURCES}, SR)
+    analysis = automix.analyse_track(tmp_path, "quiet", SOURCES)
+    assert (analysis.tempo, analysis.beats, analysis.silent) == (0., [], SOURCES)
+    assert automix_analysis.tempo_ratio(analysis, analysis, 15) is None
+
+
 def test_features_do_not_depend_on_the_block_size() -> None:
     _, stems = synth_song(3, 6., SR, pattern="dotted")
     mono = stems["drums"].mean(axis=1) + stems["other"].mean(axis=1)

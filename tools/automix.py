@@ -3,9 +3,10 @@
     MUSDB_PATH=/data/musdbhq AUTOMIX_MUSDB_PATH=/data/automix python -m tools.automix
     python -m tools.automix --musdb /data/musdbhq --out /data/automix --workers 8
 
-For every track of `MUSDB/train`, the stems are analysed: the tempo and the beats with
-librosa's beat tracker on the drums (on the sum of the stems when the drums are silent), and
-the key from the chroma of the pitched stems (every source but drums). Each remix then keeps
+For every track of `MUSDB/train`, the stems are analysed (`tools.automix_analysis`): the
+tempo, the beats and the downbeats from the onsets of the drums (of the sum of the stems
+when the drums are silent), and the key from the chroma of the pitched stems (every source
+but drums). Each remix then keeps
 one stem of a "target" track and borrows each other stem from a DIFFERENT track whose tempo
 is within `--max-tempo` percent and whose key is within `--max-pitch` semitones (drums: tempo
 only). Borrowed stems are time-stretched and pitch-shifted with soundstretch
@@ -32,7 +33,13 @@ then remixes already written with the same plan are kept (so rerunning an interr
 with `--overwrite` resumes it), others of the same name are replaced, nothing else is
 deleted; the manifest keeps the entries of every remix folder present. Each remix is written
 to a hidden temporary folder, then renamed into place; both json files are written
-atomically. The output only depends on the input tracks and the options (the seed included).
+atomically. The analysis of each track is kept in `OUT/.automix-analysis/` as soon as it is
+done and read back by later runs while the stems are unchanged. The output only depends on
+the input tracks and the options (the seed included).
+
+With `--workers N` (N > 1), tracks are analysed and remixed in N spawned processes
+(`tools.automix_workers`), one track at a time each; a worker that dies is reported as one
+line naming the track it was on, and the work already done is kept for the rerun.
 Errors are one line on stderr (exit status 1); `-v` adds the traceback.
 """
 from __future__ import annotations
@@ -376,7 +383,8 @@ def parse_args(argv: tp.Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tempo", type=float, default=15., help="max tempo change, %%")
     parser.add_argument("--max-pitch", type=int, default=2, help="max shift in semitones")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="worker processes (0 or 1: work in this process)")
     parser.add_argument("--int16", action="store_true",
                         help="16-bit wav instead of float32 (loud remixes are scaled down)")
     parser.add_argument("--overwrite", action="store_true",

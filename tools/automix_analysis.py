@@ -1,11 +1,15 @@
 """Analysis of multitrack songs for `tools.automix` (tempo, beats, downbeats and key), and
 the planning of remixes from it.
 
-Tempo and beats come from librosa's beat tracker on the drums (on the sum of the stems when
-the drums are silent); the first downbeat is the beat, among the first four, with the most
-kick-band energy every fourth beat; the key is the best match of the pitched stems' chroma
-with the Krumhansl-Kessler major and minor profiles (a minor key stored as its relative
-major). `tempo_ratio` and `pitch_shift` say how to bring one track to another's tempo and key;
+The stems are read a block at a time (`StemReader`) and reduced at once to a few features
+(`tools.automix_features`): onset band energies of the drums (of the sum of the stems when
+the drums are silent) give the tempo and the beats; the first downbeat is the beat, among
+the first four, whose every fourth beat carries the most kick onsets and harmony changes;
+the key is the best match of the pitched stems' chroma with the Krumhansl-Kessler major
+and minor profiles (a minor key stored as its relative major). The memory an analysis
+takes thus does not grow with the track, beyond a few floats per frame.
+
+`tempo_ratio` and `pitch_shift` say how to bring one track to another's tempo and key;
 `plan_all` chooses the stems of each remix, among the tracks of its split only.
 """
 from __future__ import annotations
@@ -156,10 +160,6 @@ def _mono(block: dict[str, np.ndarray], sources: tp.Sequence[str]) -> np.ndarray
     return np.sum([block[source] for source in sources], axis=0).mean(axis=0)
 
 
-def is_silent(wav: np.ndarray) -> bool:
-    return _level_db(float(np.sum(np.square(wav, dtype=np.float64))), wav.size) < SILENCE_DB
-
-
 def _level_db(energy: float, count: int) -> float:
     rms = math.sqrt(energy / count) if count else 0.
     return 20 * math.log10(rms + 1e-12)
@@ -195,8 +195,7 @@ def _scan(stems: StemReader, rhythm: list[str], pitched: list[str]) -> tuple[
         for source, wav in block.items():
             energy[source] += float(np.sum(np.square(wav, dtype=np.float64)))
         onsets.feed(_mono(block, rhythm))
-        if pitched:
-            chroma.feed(_mono(block, pitched))
+        chroma.feed(_mono(block, pitched))
     return onsets, chroma, energy
 
 
@@ -219,12 +218,13 @@ def analyse_track(root: Path, track: str, sources: tp.Sequence[str]) -> TrackAna
         onsets, chroma, energy = _scan(stems, rhythm, pitched)
         count = stems.length * stems.channels
         silent = [s for s in sources if _level_db(energy[s], count) < SILENCE_DB]
-        if all(source in silent for source in rhythm) and rhythm != list(sources):
+        drums = any(s in UNPITCHED and s not in silent for s in rhythm)
+        if not drums and rhythm != list(sources):
             onsets = _onset_bands(stems)
         samplerate, channels, length = stems.samplerate, stems.channels, stems.length
     bands, chromas = onsets.finish(), chroma.finish()
     onset_fps, chroma_fps = onsets.frame_rate(samplerate), chroma.frame_rate(samplerate)
-    tempo, times = features.estimate_beats(bands, onset_fps)
+    tempo, times = features.estimate_beats(bands, onset_fps, drums)
     beats = complete_beats([round(float(t), 6) for t in times])
     phase = features.downbeat_phase(features.band_flux(bands), onset_fps, chromas,
                                     chroma_fps, np.asarray(beats))

@@ -5,12 +5,14 @@ few numbers used: the energy of a few frequency bands (onsets) and a chroma vect
 harmony changes). A track thus costs (frames x bands) floats, about 100 KB per minute,
 whatever the size of its spectrum, and the audio only needs to be read a block at a time.
 
-Tempo: the autocorrelation of the onset envelope, summed over the first multiples of each
-candidate beat period (a true beat period repeats at 2, 3 and 4 beats, where a period of
-3/4 or 2/3 of it does not), weighted by a log-normal tempo prior; the beat level is then
-chosen among half, the same and double tempo by the strength of the onsets on the beats
-and between them. Beats: dynamic programming (Ellis, 2007) on the onset envelope; the
-tempo reported is the one of the beat intervals (a line fitted to the beat times).
+Tempo: the autocorrelation of the low-band onset envelope (kicks and snares), summed over
+the first multiples of each candidate beat period (a true beat period repeats at 2, 3 and 4
+beats, where a period of 3/4 or 2/3 of it does not), weighted by a log-normal tempo prior.
+The beat level is then checked against the onsets between beats: when nearly all the
+points half-way (or a third of the way) between beats carry onsets too, the beat is faster;
+when every other beat is mostly empty, it is slower. Beats: dynamic programming (Ellis,
+2007) on the onset envelope; the tempo reported is the one of the beat intervals (a line
+fitted to the beat times, a missed beat counted as such).
 
 Everything is plain numpy: nothing is compiled at run time, so that worker processes can
 run side by side without sharing a compilation cache.
@@ -29,7 +31,7 @@ CHROMA_HZ = (55., 2000.)  # frequency range of the chroma
 MIN_BPM, MAX_BPM = 40., 240.
 PRIOR_BPM, PRIOR_OCTAVES = 120., 1.5  # log-normal tempo prior: centre and width
 MULTIPLES = 4  # beat period multiples summed by the tempo salience
-RHYTHM_BANDS = 2  # bands whose onsets decide the tempo (kicks, snares: below 400 Hz)
+RHYTHM_BANDS = 2  # bands whose drum onsets decide the tempo (kicks, snares: below 400 Hz)
 FILLED, EMPTY = 0.8, 0.3  # shares of off-beats with onsets: beats twice faster, slower
 TIGHTNESS = 100.  # how strongly the beat tracker keeps to the tempo
 # Krumhansl-Kessler key profiles, tonic first, matched against the chroma.
@@ -127,9 +129,9 @@ def autocorrelation(onset: np.ndarray, max_lag: int) -> np.ndarray:
     """Unbiased autocorrelation (max_lag + 1,) of `onset` (frames,), 1 at lag 0."""
     x = onset.astype(np.float64) - onset.mean()
     n = len(x)
-    size = 2 ** int(math.ceil(math.log2(2 * n + 1)))
+    size = 2 ** int(math.ceil(math.log2(n + max_lag + 1)))  # no circular wrap-around
     spectrum = np.fft.rfft(x, size)
-    acf = np.fft.irfft(spectrum * np.conj(spectrum), size)[:max_lag + 1]
+    acf = np.fft.irfft(spectrum * np.conj(spectrum), size)[:max_lag + 1]  # 0 beyond n
     acf = acf / np.maximum(1, n - np.arange(max_lag + 1))
     return acf / acf[0] if acf[0] > 0 else np.zeros_like(acf)
 
@@ -162,6 +164,8 @@ def filled_shares(onset: np.ndarray, period: float,
     """On the grid of `period` that carries the strongest onsets, for each fraction f, the
     share of the points f * period after its beats that carry an onset at least half as
     strong as a typical (median) beat."""
+    if len(onset) < 3 * period:  # too short to tell: neither filled nor empty
+        return [0.5] * len(fractions)
     phases = np.arange(0., period, 1.)
     best = phases[int(np.argmax([_grid(onset, period, phase).mean() for phase in phases]))]
     typical = float(np.median(_grid(onset, period, best)))
@@ -254,10 +258,12 @@ def beat_tempo(times: np.ndarray) -> float:
     return 60. / slope if slope > 0 else 0.
 
 
-def estimate_beats(bands: np.ndarray, fps: float) -> tuple[float, np.ndarray]:
-    """(tempo in BPM, beat times in seconds (N,)) from the onset band energies: the tempo
-    from the low bands, the beats from all of them."""
-    low = onset_envelope(bands[:, :RHYTHM_BANDS])
+def estimate_beats(bands: np.ndarray, fps: float,
+                   drums: bool = True) -> tuple[float, np.ndarray]:
+    """(tempo in BPM, beat times in seconds (N,)) from the onset band energies (frames, B):
+    the tempo from the low bands of drums (kicks and snares; the bass notes of other
+    stems would give eighth notes), the beats from all bands."""
+    low = onset_envelope(bands[:, :RHYTHM_BANDS] if drums else bands)
     period = estimate_period(low, fps)
     if period is None:
         return 0., np.zeros(0)
