@@ -105,7 +105,7 @@ class Workers:
             self.conns.append(parent)
         for worker in range(self.count):  # wait until each has imported what it needs
             wait([self.conns[worker], self.processes[worker].sentinel])
-            self._receive(worker, "starting")
+            self._receive(worker, None)
 
 
     def close(self, abort: bool = False) -> None:
@@ -175,8 +175,9 @@ class Workers:
             if errors:  # after keeping the results that came with them
                 raise errors[0]
 
-    def _receive(self, worker: int, label: str) -> tuple[bool, tp.Any]:
-        """The (ok, result or error) of `worker`'s job; a WorkerError if it died."""
+    def _receive(self, worker: int, label: str | None) -> tuple[bool, tp.Any]:
+        """The (ok, result or error) of `worker`'s job (`label`; None: its start); a
+        WorkerError if it died."""
         conn, process = self.conns[worker], self.processes[worker]
         try:
             if conn.poll():
@@ -185,7 +186,7 @@ class Workers:
             pass
         process.join(timeout=5)
         reason = _exit_reason(process.exitcode)
-        if label == "starting":
+        if label is None:
             raise WorkerError(f"A worker process could not start ({reason}); its error is "
                               "printed above. --workers 0 works in the main process.")
         raise WorkerError(
