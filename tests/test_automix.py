@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from demucs.errors import DatasetError
 from demucs.wav import get_wav_datasets
 from helpers import REPO, imported_modules, main_error, require_programs
-from tools import automix, automix_analysis, automix_features
+from tools import automix, automix_analysis, automix_features, automix_workers
 from tools.automix_analysis import RemixPlan, Settings, StemPlan, TrackAnalysis
 from tools.synth_dataset import Song, generate_dataset, synth_song, track_names, write_track
 
@@ -256,6 +256,16 @@ def test_parallel_run_from_an_empty_numba_cache(musdb: Path, tmp_path: Path,
     for analysis in analyses:
         assert summary[analysis.name]["tempo"] == pytest.approx(analysis.tempo)
         assert summary[analysis.name]["key"] == analysis.key
+
+
+@pytest.mark.slow
+def test_each_worker_has_its_own_numba_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/shared/cache")
+    folders: dict[int, str] = {}
+    with automix_workers.Workers(2) as pool:
+        pool.run(os.getenv, [("NUMBA_CACHE_DIR",)] * 2, ["a", "b"], folders.__setitem__, "")
+    assert len(set(folders.values())) == 2 and "/shared/cache" not in folders.values()
+    assert os.environ["NUMBA_CACHE_DIR"] == "/shared/cache"
 
 
 def _analyse_or_die(root: Path, track: str, sources: list[str]) -> TrackAnalysis:

@@ -13,6 +13,7 @@ keeps any library that does from sharing a cache between workers.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -35,9 +36,8 @@ class WorkerError(DemucsError):
     """A worker process died while on a job (killed, out of memory, crashed)."""
 
 
-def _serve(conn: Connection, cache_dir: str) -> None:
+def _serve(conn: Connection) -> None:
     """Worker loop: run each (fn, args) received on `conn` until None, send the results."""
-    os.environ["NUMBA_CACHE_DIR"] = cache_dir
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us on Ctrl-C
     import torch
     torch.set_num_threads(1)
@@ -64,6 +64,21 @@ def _portable(error: Exception) -> Exception:
             return DemucsError(str(error))
     return RuntimeError(f"{type(error).__name__} in a worker process:\n"
                         f"{traceback.format_exc()}")
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> tp.Iterator[None]:
+    """`os.environ` with `values` set, restored on exit."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _exit_reason(code: int | None) -> str:
@@ -97,16 +112,18 @@ class Workers:
         self.tmp = tempfile.TemporaryDirectory(prefix="automix-workers-")
         for index in range(self.count):
             parent, child = context.Pipe()
-            process = context.Process(target=_serve, daemon=True, name=f"automix-{index}",
-                                      args=(child, os.path.join(self.tmp.name, str(index))))
-            process.start()
+            process = context.Process(target=_serve, args=(child,), daemon=True,
+                                      name=f"automix-{index}")
+            # The environment is read when the process starts: its numba cache is its own
+            # from its first import on.
+            with _environ(NUMBA_CACHE_DIR=os.path.join(self.tmp.name, str(index))):
+                process.start()
             child.close()
             self.processes.append(process)
             self.conns.append(parent)
         for worker in range(self.count):  # wait until each has imported what it needs
             wait([self.conns[worker], self.processes[worker].sentinel])
             self._receive(worker, None)
-
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers (at once with `abort`, even busy ones) and remove their
