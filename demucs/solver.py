@@ -16,7 +16,8 @@
 
 The checkpoint is loaded when the solver is built (so `train.get_solver_from_sig(SIG)`
 gives the trained weights and best state); without one, the weights come from
-`continue_pretrained` (a model name in `pretrained_repo` or the remote repository) or
+`continue_pretrained` (a model name in `pretrained_repo` or the remote repository, or the
+path of a `.th` package) or
 `continue_from` (another XP's signature, resolved by `find_xp`, or a checkpoint path).
 
 Each epoch validates the live weights (`main`) then every EMA (`ema_batch_K`,
@@ -224,6 +225,8 @@ def package_overrides(package_model: nn.Module, args: tp.Any) -> list[str]:
         if key != "segment" and _comparable(package_value) != _comparable(value):
             overrides.append(f"{DSET_KWARGS.get(key, f'{name}.{key}')}="
                              f"{hydra_value(package_value)}")
+            if key == "sources" and len(args.weights) != len(package_value):
+                overrides.append(f"weights={hydra_value([1] * len(package_value))}")
     return overrides
 
 

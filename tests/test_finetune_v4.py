@@ -107,6 +107,15 @@ def test_finetune_from_a_package_path(tmp_path: Path) -> None:
     assert same_state(solver.model, float_state(package))
 
 
+def test_finetune_from_a_bag_of_one_model(tmp_path: Path) -> None:
+    """As the released `htdemucs`, a bag holding one model."""
+    package = export(tmp_path / "repo" / "v4tiny.th")
+    (tmp_path / "repo" / "mybag.yaml").write_text("models: ['v4tiny']\n")
+    solver, _ = make_solver("continue_pretrained=mybag", f"pretrained_repo={tmp_path / 'repo'}",
+                            model_only=True)
+    assert same_state(solver.model, float_state(package))
+
+
 @pytest.mark.slow
 def test_finetune_six_sources(data: Path, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,7 +170,7 @@ def test_mismatch_names_keys_shapes_and_overrides(tmp_path: Path) -> None:
 def test_mismatch_of_sources(tmp_path: Path) -> None:
     message = finetune_error(tmp_path, [SIX_ARG])
     assert "decoder.3.conv_tr.weight: package (8, 24, 8, 1), model (8, 16, 8, 1)" in message
-    assert f"set {SIX_ARG} (the package's arguments)" in message
+    assert f"set {SIX_ARG} weights=[1,1,1,1,1,1] (the package's arguments)" in message
 
 
 def test_mismatch_of_model_class(tmp_path: Path) -> None:
@@ -178,7 +187,9 @@ def test_mismatch_through_the_command(data: Path, tmp_path: Path) -> None:
                              f"continue_pretrained={path}"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    line, = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the scan of the dataset
+    assert line.startswith("demucs.train: error: continue_pretrained=")
     assert "crosstransformer.layers.1.cross_attn.in_proj_weight: package (192, 64), " \
            "model missing" in line
     assert line.endswith("set htdemucs.t_layers=2 (the package's arguments).")
