@@ -47,14 +47,25 @@ def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
     return make
 
 
+# Without gradients, a DConv over frequencies runs on this many (batch, frequency) rows at
+# a time: each row is independent, and its wide GLU intermediates then stay small.
+DCONV_ROWS = 64
+
+
 def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
     """Apply a DConv over time, independently for each frequency when `freq`."""
     if not freq:
         return dconv(y)
     B, C, Fr, T = y.shape
-    y = y.permute(0, 2, 1, 3).reshape(-1, C, T)
-    y = dconv(y)
-    return y.view(B, Fr, C, T).permute(0, 2, 1, 3)
+    rows = y.permute(0, 2, 1, 3).reshape(-1, C, T)  # (B * Fr, C, T)
+    del y
+    if torch.is_grad_enabled() or len(rows) <= DCONV_ROWS:
+        out = dconv(rows)
+    else:  # inference: row blocks, written in place of their input
+        for start in range(0, len(rows), DCONV_ROWS):
+            rows[start:start + DCONV_ROWS] = dconv(rows[start:start + DCONV_ROWS])
+        out = rows
+    return out.view(B, Fr, C, T).permute(0, 2, 1, 3)
 
 
 class HEncLayer(nn.Module):
