@@ -23,7 +23,8 @@ from dora.xp import XP
 from demucs import train
 from demucs.errors import ModelLoadingError
 from demucs.htdemucs import HTDemucs
-from demucs.solver import Solver, package_overrides, state_mismatch
+from demucs.solver import Solver
+from demucs.weights import package_overrides, state_mismatch
 from demucs.states import load_model, save_atomic, serialize_model
 from demucs.train import main
 from tools.synth_dataset import generate_dataset
