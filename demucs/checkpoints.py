@@ -14,6 +14,7 @@ our model classes); any other global is refused with a `ModelLoadingError` namin
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import importlib
 import pickle
 import random
@@ -56,6 +57,7 @@ def _lookup(module: str, name: str) -> tp.Any:
     return value
 
 
+@functools.cache
 def _allowed_globals() -> dict[tuple[str, str], tp.Any]:
     allowed: dict[tuple[str, str], tp.Any] = {}
     for entry in ALLOWED_NAMES:
@@ -71,14 +73,14 @@ def _allowed_globals() -> dict[tuple[str, str], tp.Any]:
 
 class _Unpickler(pickle.Unpickler):
     """An unpickler that resolves only allow-listed globals (torch dtypes included)."""
-    allowed: dict[tuple[str, str], tp.Any] = {}
 
     def find_class(self, module: str, name: str) -> tp.Any:
         if module in _compat_pickle.IMPORT_MAPPING:  # python 2 names: `__builtin__.dict`
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
+        allowed = _allowed_globals()
+        if (module, name) in allowed:
+            return allowed[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module.startswith("numpy") and name.endswith("DType"):  # numpy.dtypes.Float32DType
@@ -86,9 +88,9 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
 
 
+@functools.cache
 def _restricted_pickle() -> types.ModuleType:
     module = types.ModuleType("demucs_restricted_pickle")
-    _Unpickler.allowed = _Unpickler.allowed or _allowed_globals()
     module.Unpickler = _Unpickler  # type: ignore[attr-defined]
     module.load = lambda file, **kwargs: _Unpickler(file, **kwargs).load()  # type: ignore
     return module

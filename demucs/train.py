@@ -223,7 +223,6 @@ def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
     """
     from . import wav  # datasets are only needed to train
     from .repitch import wrap_repitch
-    check_dset(cfg.dset)
     parts = []
     if cfg.dset.use_musdb:
         parts.append(wav.get_musdb_wav_datasets(cfg.dset))

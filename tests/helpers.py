@@ -20,8 +20,11 @@ import soundfile as sf
 import torch
 from torch import nn
 
+from dora.xp import XP
+
 from demucs.demucs import Demucs
 from demucs.hdemucs import HDemucs
+from demucs.train import main as xp_main
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -183,3 +186,28 @@ def imported_modules(*modules: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                          capture_output=True, text=True, timeout=120).stdout
     return set(out.split())
+
+
+# ---------------------------------------------------------------------------------------
+# Reference outputs and XPs
+
+
+def assert_tensor_close(ours: torch.Tensor, golden: torch.Tensor, factor: float = 1.0) -> None:
+    """The reference tolerance, `factor` times: max|ours - golden| <= 1e-4 max|golden| + 1e-5."""
+    assert ours.shape == golden.shape, (ours.shape, golden.shape)
+    tol = factor * (1e-4 * golden.abs().max().item() + 1e-5)
+    err = (ours - golden).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
+def normalized(mix: torch.Tensor) -> torch.Tensor:
+    """The reference's input of `apply_model`: the mix normalised by its mono mean/std."""
+    ref = mix.mean(0)
+    return (mix - ref.mean()) / ref.std()
+
+
+def new_xp(argv: tp.Sequence[str]) -> XP:
+    """The XP of `argv`, registered in Dora's folder (as `dora run` would, before training)."""
+    xp = xp_main.get_xp(list(argv))
+    xp_main.init_xp(xp)
+    return xp

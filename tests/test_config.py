@@ -16,6 +16,7 @@ from demucs.demucs import Demucs
 from demucs.errors import ConfigError
 from demucs.hdemucs import HDemucs
 from demucs.train import main
+from helpers import new_xp
 from tools.synth_dataset import generate_dataset
 
 # Keys whose values are ours to choose (dataset locations).
@@ -303,8 +304,7 @@ def fake_solver(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_solver_from_sig(fake_solver: None, tmp_path: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
-    xp = main.get_xp(["optim.optim=adamw", "svd=base"])
-    main.init_xp(xp)
+    xp = new_xp(["optim.optim=adamw", "svd=base"])
     solver = train.get_solver_from_sig(xp.sig)
     assert isinstance(solver, FakeSolver) and solver.loaders is None
     assert isinstance(solver.optimizer, torch.optim.AdamW)

@@ -9,7 +9,7 @@ from matplotlib import image
 
 from demucs.curves import best_epoch, plot_histories, plot_history, sources_of
 from demucs.train import main
-from helpers import main_error
+from helpers import main_error, new_xp
 from tools import plot
 
 History = list[dict[str, tp.Any]]
@@ -63,8 +63,7 @@ def dora_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def fake_xp(argv: list[str], entries: History) -> str:
-    xp = main.get_xp(argv)
-    main.init_xp(xp)
+    xp = new_xp(argv)
     for entry in entries:
         xp.link.push_metrics(entry)
     return xp.sig

@@ -18,7 +18,7 @@ from demucs.repo import check_checksum, split_package_name
 from demucs.states import save_atomic
 from demucs.states import copy_state, load_model, load_package
 from tools import export, test_pretrained
-from helpers import SOURCES, main_error
+from helpers import SOURCES, main_error, new_xp
 from tools.synth_dataset import generate_dataset
 
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=5", "model_segment=1",
@@ -40,8 +40,7 @@ def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_xp(argv: list[str], epochs_done: int, checkpoint: bool = True) -> tuple[str, tp.Any]:
     """An XP whose checkpoint says it trained `epochs_done` epochs, with a best state
     different from its last state. Returns its signature and the solver that wrote it."""
-    xp = train.main.get_xp(argv)
-    train.main.init_xp(xp)
+    xp = new_xp(argv)
     if not checkpoint:
         return xp.sig, None
     with xp.enter(stack=True):

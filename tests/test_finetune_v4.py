@@ -29,7 +29,7 @@ from demucs.states import load_model, save_atomic, serialize_model
 from demucs.train import main
 from tools.synth_dataset import generate_dataset
 
-from helpers import SOURCES, same_state
+from helpers import SOURCES, new_xp, same_state
 
 SIX = [*SOURCES, "guitar", "piano"]
 SIX_ARG = "dset.sources=[drums,bass,other,vocals,guitar,piano]"
@@ -58,8 +58,7 @@ def xp_folder(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 
 
 def make_solver(*argv: str, model_only: bool = False) -> tuple[Solver, XP]:
-    xp = main.get_xp(TINY + list(argv))
-    main.init_xp(xp)
+    xp = new_xp(TINY + list(argv))
     with xp.enter():
         return train.get_solver(xp.cfg, model_only=model_only), xp
 

@@ -15,6 +15,7 @@ import yaml
 
 from demucs.apply import BagOfModels, apply_model
 from demucs.states import load_model
+from helpers import assert_tensor_close, normalized
 
 CASES = ["pub_81de367c", "pub_80a68df8", "pub_e51eebcc", "pub_9357e12e", "pub_default_hdemucs",
          "pub_hd_wiener", "pub_hd_spec_only", "pub_hd_chtime_d5", "pub_demucs_lstm"]
@@ -23,18 +24,6 @@ CASES = ["pub_81de367c", "pub_80a68df8", "pub_e51eebcc", "pub_9357e12e", "pub_de
 # tolerance, and the golden itself lies 1.3 tolerances away from a float64 evaluation.
 # This case alone gets 2.5x the tolerance on its chunked output.
 NOISY = {("pub_hd_wiener", "apply_split_overlap025"): 2.5}
-
-
-def assert_close(ours: torch.Tensor, golden: torch.Tensor, factor: float = 1.0) -> None:
-    assert ours.shape == golden.shape, (ours.shape, golden.shape)
-    tol = factor * (1e-4 * golden.abs().max().item() + 1e-5)
-    err = (ours - golden).abs().max().item()
-    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
-
-
-def normalized(mix: torch.Tensor) -> torch.Tensor:
-    ref = mix.mean(0)
-    return (mix - ref.mean()) / ref.std()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def test_forward(name: str, golden: Path, models: Models) -> None:
     io = torch.load(golden / f"{name}.io.pt")
     with torch.no_grad():
         out = models[name](io["mix"][None])[0]
-    assert_close(out, io["forward"])
+    assert_tensor_close(out, io["forward"])
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -70,7 +59,7 @@ def test_apply_split(name: str, golden: Path, models: Models) -> None:
     io = torch.load(golden / f"{name}.io.pt")
     out = apply_model(models[name], normalized(io["mix"])[None], shifts=0, split=True,
                       overlap=0.25)[0]
-    assert_close(out, io["apply_split_overlap025"],
+    assert_tensor_close(out, io["apply_split_overlap025"],
                  NOISY.get((name, "apply_split_overlap025"), 1.0))
 
 
@@ -80,7 +69,7 @@ def test_apply_shifts(name: str, golden: Path, models: Models) -> None:
     random.seed(1234)
     out = apply_model(models[name], normalized(io["mix"])[None], shifts=2, split=True,
                       overlap=0.25)[0]
-    assert_close(out, io["apply_shifts2_seed1234"])
+    assert_tensor_close(out, io["apply_shifts2_seed1234"])
 
 
 def test_trace_locates_layers(golden: Path, models: Models) -> None:
@@ -100,7 +89,7 @@ def test_trace_locates_layers(golden: Path, models: Models) -> None:
         hook.remove()
     assert set(trace) <= set(acts)
     for key, value in trace.items():
-        assert_close(acts[key].half().float(), value.float(), factor=20)
+        assert_tensor_close(acts[key].half().float(), value.float(), factor=20)
 
 
 @pytest.mark.parametrize("package, io_name, factor", [
@@ -113,7 +102,7 @@ def test_half_and_diffq_packages(golden: Path, package: str, io_name: str,
     io = torch.load(golden / f"{io_name}.io.pt")
     with torch.no_grad():
         out = model(io["mix"][None])[0]
-    assert_close(out, io["forward"], factor)
+    assert_tensor_close(out, io["forward"], factor)
 
 
 def test_bag_is_weighted_average_of_members(golden: Path, models: Models) -> None:
@@ -134,5 +123,5 @@ def test_bag_is_weighted_average_of_members(golden: Path, models: Models) -> Non
     weights = torch.tensor(spec["weights"])  # (models, S)
     singles = torch.stack([apply_model(m, mix, shifts=0)[0] for m in members])
     expected = (weights[:, :, None, None] * singles).sum(0) / weights.sum(0)[:, None, None]
-    assert_close(out, expected)
-    assert_close(singles[0], io["apply_split_overlap025"])
+    assert_tensor_close(out, expected)
+    assert_tensor_close(singles[0], io["apply_split_overlap025"])

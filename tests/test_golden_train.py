@@ -36,7 +36,7 @@ from demucs.errors import ModelLoadingError
 from demucs.solver import Solver, is_maximized
 from demucs.states import load_model, load_package
 from demucs.train import main
-from helpers import SOURCES, same_state
+from helpers import SOURCES, new_xp, same_state
 from tools import export
 
 History = list[dict[str, tp.Any]]
@@ -72,12 +72,6 @@ def outputs(tones: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.chdir(tones)
     monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
     return tmp_path / "outputs"
-
-
-def new_xp(argv: list[str]) -> XP:
-    xp = main.get_xp(argv)
-    main.init_xp(xp)
-    return xp
 
 
 def run_xp(argv: list[str]) -> History:

@@ -12,7 +12,7 @@ import torch
 from demucs import train
 from demucs.apply import apply_model
 from demucs.train import main
-from helpers import tiny_hdemucs
+from helpers import new_xp, tiny_hdemucs
 from tools.synth_dataset import generate_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,8 +33,7 @@ def dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("amp", ["null", "bf16", "fp16"])
 def test_training_on_cuda(dataset: Path, amp: str) -> None:
-    xp = main.get_xp(TINY + [f"optim.amp={amp}"])
-    main.init_xp(xp)
+    xp = new_xp(TINY + [f"optim.amp={amp}"])
     with xp.enter():
         train.run(xp.cfg)
         solver = train.get_solver(xp.cfg, model_only=True)  # resumes the finished XP

@@ -23,7 +23,7 @@ from demucs.checkpoints import load_checkpoint
 from demucs.solver import Solver
 from demucs.states import load_model
 from demucs.train import main
-from helpers import SOURCES, same_state
+from helpers import SOURCES, new_xp, same_state
 from tools.synth_dataset import generate_dataset
 
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
@@ -50,8 +50,7 @@ def xp_folder(musdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 def make_solver(*argv: str, model_only: bool = False) -> tuple[Solver, XP]:
-    xp = main.get_xp(TINY + list(argv))
-    main.init_xp(xp)
+    xp = new_xp(TINY + list(argv))
     with xp.enter():
         return train.get_solver(xp.cfg, model_only=model_only), xp
 
@@ -192,8 +191,7 @@ def test_continue_from_errors() -> None:
         make_solver(f"continue_from={'deadbeef'}", model_only=True)
     with pytest.raises(ConfigError, match="unknown XP signature '00001234'"):
         make_solver("continue_from=00001234", model_only=True)  # Hydra reads 1234
-    untrained = main.get_xp(TINY + ["epochs=3"])
-    main.init_xp(untrained)
+    untrained = new_xp(TINY + ["epochs=3"])
     with pytest.raises(ConfigError, match=f"XP {untrained.sig} has no checkpoint.*"
                                           f"dora run -f {untrained.sig}"):
         make_solver(f"continue_from={untrained.sig}", model_only=True)
