@@ -1,4 +1,6 @@
-"""`dora run` trains for real, in subprocesses: files, exact resume after a kill, DDP.
+"""`dora run` trains for real, in subprocesses: files, exact resume after a kill, export
+and separation with the `demucs` command (a tiny Hybrid Demucs, and, marked slow, a tiny
+Hybrid Transformer Demucs), DDP.
 
 Each XP runs from its own temporary folder (Dora's `outputs/` is relative to it), with the
 synthetic dataset given through MUSDB_PATH and METADATA_PATH, as users do.
@@ -16,20 +18,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 
 from demucs.grids._explorers import summarize
-from helpers import SOURCES, on_ci
+from helpers import REPO, SOURCES, on_ci
 from tools.synth_dataset import generate_dataset
 
 # Everything random is on: repitch (when soundstretch is there), remix, scale, flips,
 # shifts, the SVD penalty drawn with probability 1/2, an EMA, a data loader worker.
-ARGS = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
-        "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
-        "misc.num_workers=1", "test.sdr=false", "augment.remix.group_size=2",
-        "ema.batch=[0.9]", "svd.penalty=1e-4", "svd.min_size=0", "svd.proba=0.5"]
+HDEMUCS = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024"]
+# Hybrid Transformer Demucs (v4): it trains, and is exported, at its training length
+# (use_train_segment: dset.segment - dset.shift = 1 s); the SVD penalty covers its
+# transformer's linear layers too.
+HTDEMUCS = ["model=htdemucs", "htdemucs.channels=8", "htdemucs.t_layers=1",
+            "htdemucs.nfft=1024"]
+TRAINING = ["dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
+            "misc.num_workers=1", "test.sdr=false", "augment.remix.group_size=2",
+            "ema.batch=[0.9]", "svd.penalty=1e-4", "svd.min_size=0", "svd.proba=0.5"]
 if shutil.which("soundstretch") is None and not on_ci():  # CI has it: repitch must run
-    ARGS.append("augment.repitch.proba=0")
+    TRAINING.append("augment.repitch.proba=0")
+ARGS = [*HDEMUCS, *TRAINING]
 
 # Runs the training like `python -m demucs.train`, but SIGKILLs itself right after the
 # first checkpoint is written: a training killed between two epochs.
@@ -90,18 +99,21 @@ def assert_same_tensors(first: tp.Any, second: tp.Any, where: str = "") -> None:
         assert first == second, where
 
 
-@pytest.fixture(scope="module")
-def runs(dataset: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
-         ) -> dict[str, tp.Any]:
+@pytest.fixture(scope="module", params=[
+    pytest.param(ARGS, id="hdemucs"),
+    pytest.param([*HTDEMUCS, *TRAINING], id="htdemucs", marks=pytest.mark.slow)])
+def runs(request: pytest.FixtureRequest, dataset: dict[str, str],
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, tp.Any]:
     """A full `dora run`, and the same XP killed after one epoch then resumed."""
+    argv: list[str] = request.param
     root = tmp_path_factory.mktemp("runs")
     with ThreadPoolExecutor(2) as pool:
         full = pool.submit(run, root / "full", dataset, "-m", "dora", "-P", "demucs", "run",
-                           *ARGS)
+                           *argv)
         killed = pool.submit(run, root / "killed", dataset, "-c",
-                             KILLED_AFTER_FIRST_CHECKPOINT, *ARGS)
+                             KILLED_AFTER_FIRST_CHECKPOINT, *argv)
         results = {"full": full.result(), "killed": killed.result()}
-    results["resumed"] = run(root / "killed", dataset, "-m", "demucs.train", *ARGS)
+    results["resumed"] = run(root / "killed", dataset, "-m", "demucs.train", *argv)
     return {"root": root, **results}
 
 
@@ -134,6 +146,26 @@ def test_killed_training_resumes_exactly(runs: dict[str, tp.Any]) -> None:
     for key in ["state", "best_state", "optimizer", "ema_batch_0", "history", "penalty_rng"]:
         assert_same_tensors(full[key], again[key], key)
     assert_same_tensors(full["rng"]["torch"], again["rng"]["torch"])
+
+
+def test_exported_model_separates(runs: dict[str, tp.Any], dataset: dict[str, str]) -> None:
+    """As in `tools.demo`: `tools.export` packages the trained XP into a repo folder and
+    `demucs --repo FOLDER -n SIG` separates a test track with it into its 4 stems."""
+    cwd = runs["root"] / "full"
+    sig = xp_folder(cwd).name
+    track = sorted((Path(dataset["MUSDB_PATH"]) / "test").iterdir())[0] / "mixture.wav"
+    env = {**dataset, "PYTHONPATH": str(REPO)}  # tools/ is a folder of scripts
+    for command in [["tools.export", sig, "-o", "release_models"],
+                    ["demucs", "--repo", "release_models", "-n", sig, str(track), "-o", "out"]]:
+        result = run(cwd, env, "-m", *command)
+        assert result.returncode == 0, result.stderr[-3000:]
+    stems = cwd / "out" / sig / "mixture"
+    assert sorted(path.name for path in stems.iterdir()) == sorted(f"{s}.wav" for s in SOURCES)
+    mixture = sf.info(str(track))
+    for source in SOURCES:
+        info = sf.info(str(stems / f"{source}.wav"))
+        assert (info.samplerate, info.frames, info.channels) == (
+            mixture.samplerate, mixture.frames, mixture.channels), source
 
 
 @pytest.mark.slow
