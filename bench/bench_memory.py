@@ -3,7 +3,10 @@
 `apply_model` (shifts 1, split, overlap 0.25, segment 44 s, random weights) on `--seconds`
 of stereo noise, each length in its own process: the peak resident memory above the
 memory before separating (input track and model included), against the original Demucs
-v3, which peaks at about 2.7 GB above its start for 120 s on this machine type.
+v3, which peaks at about 2.7 GB above its start for 120 s on this machine type. Each
+length is measured with glibc's default allocator settings and with the mmap threshold
+the `demucs` command sets (`demucs.utils.return_freed_memory`). `--floor` measures one
+forward pass on a full 44 s segment instead, the floor set by the model's activations.
 
     python bench/bench_memory.py [--seconds 120 600] [--threads 2]
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_separation import build  # noqa: E402  (the 81de367c configuration)
 
 ORIGINAL_120S_MB = 2.7 * 1024
+ALLOCATORS = {"glibc": "glibc defaults", "demucs": "as the demucs command (mmap >= 8 MB)"}
 
 
 def rss_mb() -> float:
@@ -36,8 +40,11 @@ def current_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
-def measure(seconds: float) -> dict[str, float]:
+def measure(seconds: float, lean_allocator: bool, floor: bool = False) -> dict[str, float]:
     from demucs.apply import apply_model
+    from demucs.utils import return_freed_memory
+    if lean_allocator:
+        return_freed_memory()
     model = build("hdemucs").eval()
     mix = torch.randn(1, 2, int(seconds * 44100))
     random.seed(0)
@@ -45,32 +52,46 @@ def measure(seconds: float) -> dict[str, float]:
         apply_model(model, mix[..., :44100], shifts=1, split=True, overlap=0.25)
     start = current_mb()
     begin = time.perf_counter()
-    out = apply_model(model, mix, shifts=1, split=True, overlap=0.25)
+    if floor:
+        with torch.no_grad():
+            out = model(mix)
+    else:
+        out = apply_model(model, mix, shifts=1, split=True, overlap=0.25)
     elapsed = time.perf_counter() - begin
     output = out.numel() * out.element_size() / 2 ** 20
     return {"peak": rss_mb() - start, "output": output, "seconds": elapsed}
+
+
+def run_one(seconds: float, threads: int, allocator: str, floor: bool) -> dict[str, float]:
+    command = [sys.executable, __file__, "--one", str(seconds), "--threads", str(threads),
+               "--allocator", allocator] + (["--floor"] if floor else [])
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: tp.Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, nargs="+", default=[120., 600.])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--floor", action="store_true",
+                        help="one forward pass on a 44 s segment instead of --seconds")
+    parser.add_argument("--allocator", choices=ALLOCATORS, nargs="+", default=list(ALLOCATORS))
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one is not None:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, args.allocator == ["demucs"], args.floor)))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, 81de367c config, segment 44 s")
-    for seconds in args.seconds:
-        command = [sys.executable, __file__, "--one", str(seconds), "--threads",
-                   str(args.threads)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-        ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original's 2.7 GB)"
-                 if seconds == 120 else "")
-        print(f"{seconds:5.0f} s: peak +{result['peak']:6.0f} MB{ratio}, of which output "
-              f"{result['output']:4.0f} MB; {result['seconds']:.0f} s to separate")
+    for seconds in [44.] if args.floor else args.seconds:
+        for allocator in args.allocator:
+            result = run_one(seconds, args.threads, allocator, args.floor)
+            ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original's 2.7 GB)"
+                     if seconds == 120 else "")
+            what = "one forward" if args.floor else "apply_model"
+            print(f"{seconds:5.0f} s, {what}, {ALLOCATORS[allocator]}: peak "
+                  f"+{result['peak']:6.0f} MB{ratio}, of which output {result['output']:4.0f} "
+                  f"MB; {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tqdm
 from torch import nn
 from torch.nn import functional as F
 
-from .utils import DummyPoolExecutor, center_trim
+from .utils import DummyPoolExecutor, center_trim, trim_heap
 
 
 def max_allowed_segment(model: tp.Any) -> float:
@@ -243,7 +243,6 @@ def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> t
     if stride <= 0:
         raise ValueError(f"overlap={kwargs['overlap']} leaves no stride between segments.")
     out = torch.zeros(batch, len(model.sources), channels, length, device=mix.device)
-    sum_weight = torch.zeros(length, device=mix.device)
     weight = _transition_weight(segment, kwargs["transition_power"], kwargs["device"])
     futures: tp.Iterable = [(pool.submit(apply_model, model, TensorChunk(mix, offset, segment),
                                          **kwargs), offset)
@@ -255,10 +254,29 @@ def _apply_split(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any]) -> t
         chunk_out = future.result()  # (B, S, C, chunk_length)
         chunk_length = chunk_out.shape[-1]
         window = weight[:chunk_length]
-        out[..., offset:offset + segment] += (window * chunk_out).to(mix.device)
-        sum_weight[offset:offset + segment] += window.to(mix.device)
+        out[..., offset:offset + segment] += chunk_out.mul_(window).to(mix.device)
         del chunk_out
-    return out.div_(sum_weight)  # in place: no second output-sized buffer
+        trim_heap()  # what the chunk freed goes back before the next one
+    return _divide_by_window_sums(out, weight.to(mix.device), stride)
+
+
+def _divide_by_window_sums(out: torch.Tensor, weight: torch.Tensor, stride: int
+                           ) -> torch.Tensor:
+    """Divide `out` in place by the sum of the windows laid every `stride` samples.
+
+    The sums are made one region of `len(weight)` samples at a time, adding the windows in
+    the order the chunks were (the same float sums as one track-long sum buffer).
+    """
+    length, segment = out.shape[-1], len(weight)
+    for start in range(0, length, segment):
+        end = min(length, start + segment)
+        sums = torch.zeros(end - start, device=out.device)
+        first = max(0, start - segment + stride) // stride * stride  # overlaps `start`
+        for offset in range(first, end, stride):
+            low, high = max(start, offset), min(end, offset + segment)
+            sums[low - start:high - start] += weight[low - offset:high - offset]
+        out[..., start:end].div_(sums)
+    return out
 
 
 def _apply_once(model: tp.Any, mix: MixLike, device: torch.device,

@@ -43,6 +43,13 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`x * scale + shift`; without gradients in place of `x`, a tensor the caller owns."""
+    if torch.is_grad_enabled():
+        return x * scale + shift
+    return x.mul_(scale).add_(shift)
+
+
 class HybridSpectrogram:
     """The spectrogram side shared by HDemucs and HTDemucs: STFT and inverse aligned with
     the time branch, the freq branch input, and the masks (complex-as-channels, mixture
@@ -80,16 +87,36 @@ class HybridSpectrogram:
     def _ispec(self, z: torch.Tensor, length: int, scale: int = 0) -> torch.Tensor:
         """Inverse of `_spec`: complex (..., F, frames) -> (..., length)."""
         hl = self.hop_length // (4 ** scale)
-        z = F.pad(z, (0, 0, 0, 1))
         if not self.hybrid:
-            return ispectro(z, hl, length)
-        z = F.pad(z, (2, 2))
+            return ispectro(F.pad(z, (0, 0, 0, 1)), hl, length)
+        z = F.pad(z, (2, 2, 0, 1))  # the last frequency, and the frames `_spec` dropped
         pad = hl // 2 * 3
         if self.hybrid_old:
             x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)))
             return x[..., :length]
         x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
         return x[..., pad:pad + length]
+
+    def _waveforms(self, mix: torch.Tensor, m: torch.Tensor,
+                   add_to: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`add_to` (B, S, C, T) plus the waveforms of the freq branch output `m`
+        (B, S, C', Fr, frames) for the mixture `mix` (B, C, T): `_mask`, then `_ispec`.
+
+        The mixture spectrogram is computed again here (the same values) rather than kept
+        through the U-Nets. Without gradients, and unless Wiener filtering couples the
+        sources, one source at a time, summed in place into `add_to`: the complex
+        spectrograms of all sources and their inverse transforms never exist together.
+        """
+        z, length = self._spec(mix), mix.shape[-1]
+        niters = self.end_iters if self.training else self.wiener_iters
+        coupled = not self.cac and niters >= 0 and (niters > 0 or self.wiener_residual)
+        if torch.is_grad_enabled() or coupled or add_to is None:
+            x = self._ispec(self._mask(z, m), length)
+            return x if add_to is None else add_to + x
+        for source in range(m.shape[1]):
+            add_to[:, source] += self._ispec(self._mask(z, m[:, source:source + 1]),
+                                             length)[:, 0]
+        return add_to
 
     def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
         """Input of the freq branch: the magnitude, or real and imaginary parts as
@@ -336,8 +363,7 @@ class HDemucs(HybridSpectrogram, nn.Module):
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
         length = mix.shape[-1]
-        z = self._spec(mix)
-        x = self._magnitude(z)
+        x = self._magnitude(self._spec(mix))
         B, C, Fq, T = x.shape
 
         # The freq branch input is always normalised.
@@ -353,15 +379,11 @@ class HDemucs(HybridSpectrogram, nn.Module):
         x, xt = self._encode_decode(x, xt)
 
         S = len(self.sources)
-        x = x.view(B, S, -1, Fq, T)
-        x = x * std[:, None] + mean[:, None]
-        zout = self._mask(z, x)
-        x = self._ispec(zout, length)
-        if self.hybrid:
-            xt = xt.view(B, S, -1, length)
-            xt = xt * stdt[:, None] + meant[:, None]
-            x = xt + x
-        return x
+        x = scale_shift(x.view(B, S, -1, Fq, T), std[:, None], mean[:, None])
+        if not self.hybrid:
+            return self._waveforms(mix, x)
+        xt = scale_shift(xt.view(B, S, -1, length), stdt[:, None], meant[:, None])
+        return self._waveforms(mix, x, add_to=xt)
 
     def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
                        ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
@@ -399,16 +421,16 @@ class HDemucs(HybridSpectrogram, nn.Module):
             xt = torch.zeros_like(x)
         offset = self.depth - len(self.tdecoder) if self.hybrid else self.depth
         for idx, decode in enumerate(self.decoder):
-            skip = saved.pop(-1)
-            x, pre = decode(x, skip, lengths.pop(-1))
+            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
             # `pre` is the input of the last transposed conv, where the branches split.
             if self.hybrid and idx >= offset:
                 tdec = self.tdecoder[idx - offset]
                 length_t = lengths_t.pop(-1)
                 if tdec.empty:
-                    xt, _ = tdec(pre[:, :, 0], None, length_t)
+                    xt = tdec(pre[:, :, 0], None, length_t)[0]
                 else:
-                    xt, _ = tdec(xt, saved_t.pop(-1), length_t)
+                    xt = tdec(xt, saved_t.pop(-1), length_t)[0]
+            del pre  # not kept alive through the next, larger, layer
         assert not saved and not saved_t and not lengths_t
         return x, xt
 

@@ -49,7 +49,7 @@ def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
 
 # Without gradients, a DConv over frequencies runs on this many (batch, frequency) rows at
 # a time: each row is independent, and its wide GLU intermediates then stay small.
-DCONV_ROWS = 64
+DCONV_ROWS = 16
 
 
 def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
@@ -66,6 +66,92 @@ def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tenso
             rows[start:start + DCONV_ROWS] = dconv(rows[start:start + DCONV_ROWS])
         out = rows
     return out.view(B, Fr, C, T).permute(0, 2, 1, 3)
+
+
+# Without gradients, a rewrite convolution and its GLU run on blocks of time steps whose
+# double-width convolution output stays under this size: that output is never whole.
+REWRITE_BLOCK_BYTES = 4 * 2 ** 20
+
+
+def _lean(norm: nn.Module) -> bool:
+    """Inference with a layer whose norm is the identity: the memory-lean path applies.
+
+    Every step of that path is per time step (convolutions with their context read
+    explicitly), so it computes what the whole-tensor path does, without its
+    intermediates; a group norm needs whole-tensor statistics and keeps the usual path.
+    """
+    return not torch.is_grad_enabled() and isinstance(norm, nn.Identity)
+
+
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    """GELU of a tensor the layer owns: in place of it without gradients."""
+    return F.gelu(y) if torch.is_grad_enabled() else torch.ops.aten.gelu_(y)
+
+
+def _per_time_step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for a layer that treats each time step (last axis) on its own, such as
+    the (k, 1) convolutions of the freq branch; without gradients, on blocks of time
+    steps written into the output, which avoids the convolutions' whole-size buffers."""
+    length = x.shape[-1]
+    if torch.is_grad_enabled() or length == 1:
+        return layer(x)
+    first = layer(x[..., :1])
+    step = max(1, REWRITE_BLOCK_BYTES // (first.numel() * first.element_size()))
+    out = first.new_empty(*first.shape[:-1], length)
+    out[..., :1] = first
+    for start in range(1, length, step):
+        out[..., start:start + step] = layer(x[..., start:start + step])
+    return out
+
+
+def _transposed_in_blocks(conv_tr: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """`conv_tr(y)` for a ConvTranspose1d of the time branch; without gradients, on
+    blocks of input steps whose outputs overlap-add into the result, the bias added
+    once at the end, which avoids the whole-size column buffer of the convolution."""
+    assert isinstance(conv_tr, nn.ConvTranspose1d)
+    stride, kernel = conv_tr.stride[0], conv_tr.kernel_size[0]
+    length = y.shape[-1]
+    step_bytes = conv_tr.out_channels * kernel * y.shape[0] * y.element_size()
+    step = max(1, REWRITE_BLOCK_BYTES // step_bytes)
+    if torch.is_grad_enabled() or step >= length or conv_tr.padding[0] != 0:
+        return conv_tr(y)
+    out = y.new_zeros(y.shape[0], conv_tr.out_channels, (length - 1) * stride + kernel)
+    for start in range(0, length, step):
+        block = F.conv_transpose1d(y[..., start:start + step], conv_tr.weight, None, stride)
+        out[..., start * stride:start * stride + block.shape[-1]] += block
+    if conv_tr.bias is not None:
+        out += conv_tr.bias[:, None]
+    return out
+
+
+def _rewrite_glu(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
+                 skip: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GLU(norm(conv(x + skip))) over channels: (B, C, [Fr,] T) -> same shape.
+
+    On the lean path, blocks of time steps are computed one after the other, each with
+    the `context` steps around it (zeros beyond the ends, as the convolution pads), so
+    neither `x + skip` nor the double-width convolution output exists as a whole.
+    """
+    if not _lean(norm):
+        return F.glu(norm(conv(x if skip is None else x + skip)), dim=1)
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+    length = x.shape[-1]
+    context = int(conv.padding[-1])
+    step_bytes = conv.out_channels * x[:, 0, ..., 0].numel() * x.element_size()
+    step = max(1, REWRITE_BLOCK_BYTES // step_bytes)
+    convolve = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
+    padding = [int(pad) for pad in conv.padding[:-1]] + [0]  # time: real neighbours
+    out = x.new_empty(x.shape[0], conv.out_channels // 2, *x.shape[2:])
+    for start in range(0, length, step):
+        end = min(length, start + step)
+        low, high = max(0, start - context), min(length, end + context)
+        block = x[..., low:high]
+        if skip is not None:
+            block = block + skip[..., low:high]
+        block = F.pad(block, (context - (start - low), context - (high - end)))
+        block = convolve(block, conv.weight, conv.bias, 1, padding)
+        out[..., start:end] = F.glu(block, dim=1)
+    return out
 
 
 class HEncLayer(nn.Module):
@@ -128,7 +214,7 @@ class HEncLayer(nn.Module):
             le = x.shape[-1]
             if le % self.stride != 0:
                 x = F.pad(x, (0, self.stride - (le % self.stride)))
-        y = self.conv(x)
+        y = _per_time_step(self.conv, x) if self.freq else self.conv(x)
         if self.empty:
             return y
         if inject is not None:
@@ -138,11 +224,11 @@ class HEncLayer(nn.Module):
             if inject.dim() == 3 and y.dim() == 4:
                 inject = inject[:, :, None]
             y = y + inject
-        y = F.gelu(self.norm1(y))
+        y = _gelu(self.norm1(y))
         if self.dconv is not None:
             y = _dconv_on_freq(self.dconv, y, self.freq)
         if self.rewrite is not None:
-            return F.glu(self.norm2(self.rewrite(y)), dim=1)
+            return _rewrite_glu(self.rewrite, self.norm2, y)
         return y
 
 
@@ -295,11 +381,14 @@ class HDecLayer(nn.Module):
             y = x
         else:
             assert skip is not None
-            x = x + skip
-            y = F.glu(self.norm1(self.rewrite(x)), dim=1) if self.rewrite is not None else x
+            if self.rewrite is not None:
+                y = _rewrite_glu(self.rewrite, self.norm1, x, skip)
+            else:
+                y = x + skip
             if self.dconv is not None:
                 y = _dconv_on_freq(self.dconv, y, self.freq)
-        z = self.norm2(self.conv_tr(y))
+        z = self.norm2(_per_time_step(self.conv_tr, y) if self.freq
+                       else _transposed_in_blocks(self.conv_tr, y))
         if self.freq:
             if self.pad:
                 z = z[..., self.pad:-self.pad, :]
@@ -307,5 +396,5 @@ class HDecLayer(nn.Module):
             assert length is not None
             z = z[..., self.pad:self.pad + length]
         if not self.last:
-            z = F.gelu(z)
+            z = _gelu(z)
         return z, y

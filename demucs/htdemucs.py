@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .demucs import rescale_module
 from .errors import ConfigError
-from .hdemucs import HybridSpectrogram
+from .hdemucs import HybridSpectrogram, scale_shift
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .transformer import CrossTransformerEncoder, check_dense_attention
 from .utils import capture_init
@@ -329,17 +329,15 @@ class HTDemucs(HybridSpectrogram, nn.Module):
         """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
         length = mix.shape[-1]
         mix = self._fit_training_length(mix)
-        z = self._spec(mix)
-        x, mean, std = _normalize(self._magnitude(z), dims=(1, 2, 3))
+        x, mean, std = _normalize(self._magnitude(self._spec(mix)), dims=(1, 2, 3))
         xt, meant, stdt = _normalize(mix, dims=(1, 2))
 
         x, xt = self._encode_decode(x, xt)
 
         B, S = x.shape[0], len(self.sources)
-        x = x.view(B, S, -1, *x.shape[-2:]) * std[:, None] + mean[:, None]  # (B, S, C, Fr, T)
-        x = self._ispec(self._mask(z, x), mix.shape[-1])
-        xt = xt.view(B, S, -1, mix.shape[-1]) * stdt[:, None] + meant[:, None]
-        return (xt + x)[..., :length]
+        x = scale_shift(x.view(B, S, -1, *x.shape[-2:]), std[:, None], mean[:, None])
+        xt = scale_shift(xt.view(B, S, -1, mix.shape[-1]), stdt[:, None], meant[:, None])
+        return self._waveforms(mix, x, add_to=xt)[..., :length]
 
     def _fit_training_length(self, mix: torch.Tensor) -> torch.Tensor:
         """With `use_train_segment`: record the training length in training, pad to it in
