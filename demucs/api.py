@@ -176,10 +176,6 @@ class Separator:
         progress: show a progress bar per model and pass.
         callback: called with a dict before and after each segment (see the module doc).
         callback_arg: entries added to every dict given to `callback`.
-
-    Applications separating long tracks on the CPU may call
-    `demucs.utils.return_freed_memory()` once, as the `demucs` command does: it keeps the
-    process's memory from growing through heap fragmentation (see bench/README.md).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[PathLike] = None,

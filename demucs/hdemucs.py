@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from .demucs import rescale_module
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .spec import ispectro, spectro
-from .utils import capture_init
+from .utils import capture_init, trim_heap
 from .wiener import mixture_phase_filter, wiener
 
 
@@ -43,6 +43,13 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
+def release_freed_memory() -> None:
+    """Between two layers without gradients: the memory the layer freed goes back to the
+    system (`trim_heap`) rather than staying in a fragmented heap."""
+    if not torch.is_grad_enabled():
+        trim_heap()
+
+
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """`x * scale + shift`; without gradients in place of `x`, a tensor the caller owns."""
     if torch.is_grad_enabled():
@@ -51,13 +58,16 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 
 class HybridSpectrogram:
-    """The spectrogram side shared by HDemucs and HTDemucs: STFT and inverse aligned with
-    the time branch, the freq branch input, and the masks (complex-as-channels, mixture
-    phase or Wiener filtering).
+    """What HDemucs and HTDemucs share: STFT and inverse aligned with the time branch,
+    the freq branch input, the masks (complex-as-channels, mixture phase or Wiener
+    filtering), and the decoders of both branches.
 
     Needs the attributes `nfft`, `hop_length`, `cac`, `wiener_iters`, `end_iters`,
-    `wiener_residual`, `hybrid`, `hybrid_old` and `training` (from `nn.Module`).
+    `wiener_residual`, `hybrid`, `hybrid_old`, `decoder`, `tdecoder` (when hybrid) and
+    `training` (from `nn.Module`).
     """
+    decoder: nn.ModuleList
+    tdecoder: nn.ModuleList
     nfft: int
     hop_length: int
     cac: bool
@@ -96,6 +106,31 @@ class HybridSpectrogram:
             return x[..., :length]
         x = ispectro(z, hl, length=hl * int(math.ceil(length / hl)) + 2 * pad)
         return x[..., pad:pad + length]
+
+    def _decode(self, x: torch.Tensor, xt: torch.Tensor, saved: tp.List[torch.Tensor],
+                saved_t: tp.List[torch.Tensor], lengths: tp.List[int],
+                lengths_t: tp.List[int]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Both decoders, innermost layer first, consuming the skips and lengths the
+        encoders saved; returns the outputs of the freq and time branches.
+
+        The time decoder has the innermost layers fewer: its first layer takes `pre`, the
+        input of the last transposed convolution of the freq layer where the branches
+        split. Outside of that layer the two branches are independent and the time layer
+        runs first, so that its skip and state are gone before the freq layer, the larger.
+        """
+        tdecoders = list(self.tdecoder) if self.hybrid else []
+        offset = len(self.decoder) - len(tdecoders)
+        for idx, decode in enumerate(self.decoder):
+            tdec = tdecoders[idx - offset] if idx >= offset else None
+            if tdec is not None and not tdec.empty:
+                xt = tdec(xt, saved_t.pop(-1), lengths_t.pop(-1))[0]
+            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
+            if tdec is not None and tdec.empty:
+                xt = tdec(pre[:, :, 0], None, lengths_t.pop(-1))[0]
+            del pre  # not kept alive through the next, larger, layer
+            release_freed_memory()
+        assert not saved and not saved_t and not lengths_t
+        return x, xt
 
     def _waveforms(self, mix: torch.Tensor, m: torch.Tensor,
                    add_to: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -414,25 +449,13 @@ class HDemucs(HybridSpectrogram, nn.Module):
                 emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
                 x = x + self.freq_emb_scale * emb
             saved.append(x)
+            release_freed_memory()
 
         # The decoders start from zeros: the signal comes through the skips.
         x = torch.zeros_like(x)
         if self.hybrid:
             xt = torch.zeros_like(x)
-        offset = self.depth - len(self.tdecoder) if self.hybrid else self.depth
-        for idx, decode in enumerate(self.decoder):
-            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
-            # `pre` is the input of the last transposed conv, where the branches split.
-            if self.hybrid and idx >= offset:
-                tdec = self.tdecoder[idx - offset]
-                length_t = lengths_t.pop(-1)
-                if tdec.empty:
-                    xt = tdec(pre[:, :, 0], None, length_t)[0]
-                else:
-                    xt = tdec(xt, saved_t.pop(-1), length_t)[0]
-            del pre  # not kept alive through the next, larger, layer
-        assert not saved and not saved_t and not lengths_t
-        return x, xt
+        return self._decode(x, xt, saved, saved_t, lengths, lengths_t)
 
 
 __all__ = ["HDemucs", "HDecLayer", "HEncLayer", "MultiWrap", "ScaledEmbedding", "pad1d"]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .demucs import rescale_module
 from .errors import ConfigError
-from .hdemucs import HybridSpectrogram, scale_shift
+from .hdemucs import HybridSpectrogram, release_freed_memory, scale_shift
 from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
 from .transformer import CrossTransformerEncoder, check_dense_attention
 from .utils import capture_init
@@ -377,22 +377,10 @@ class HTDemucs(HybridSpectrogram, nn.Module):
                 emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
                 x = x + self.freq_emb_scale * emb
             saved.append(x)
+            release_freed_memory()
 
-        x, xt = self._bottleneck(x, xt)
         # Unlike HDemucs, the decoders start from the transformer output.
-        offset = self.depth - len(self.tdecoder)
-        for idx, decode in enumerate(self.decoder):
-            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
-            # `pre` is the input of the last transposed conv, where the branches split.
-            if idx >= offset:
-                tdec = self.tdecoder[idx - offset]
-                length_t = lengths_t.pop(-1)
-                if tdec.empty:
-                    xt, _ = tdec(pre[:, :, 0], None, length_t)
-                else:
-                    xt, _ = tdec(xt, saved_t.pop(-1), length_t)
-        assert not saved and not saved_t and not lengths_t
-        return x, xt
+        return self._decode(*self._bottleneck(x, xt), saved, saved_t, lengths, lengths_t)
 
     def _bottleneck(self, x: torch.Tensor, xt: torch.Tensor
                     ) -> tp.Tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,6 @@ from .apply import BagOfModels
 from .audio import SAVE_SUFFIXES, check_mp3_options, pcm_subtype, save_audio
 from .errors import DemucsError, exit_with_error, one_line, print_error, report_errors
 from .pretrained import add_model_flags, list_models, model_label
-from .utils import return_freed_memory
 
 Stems = tp.Dict[str, torch.Tensor]
 
@@ -283,7 +282,6 @@ def separate(args: argparse.Namespace, prog: str) -> tp.List[Path]:
             failed.append(track)
     if not pending:
         return failed
-    return_freed_memory()
     separator = load_separator(args)
     check_outputs(args, args.tracks, output_stems(args, separator.sources))
     print(f"Separated tracks will be stored in {(args.out / model_label(args.name)).resolve()}")

@@ -58,38 +58,25 @@ def unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     return a.as_strided([*shape, n_frames, kernel_size], strides)
 
 
-# Separating a long track allocates and frees many buffers of a few MB to a few hundred
-# MB. glibc serves those under 32 MB from its heap, where freed blocks stay resident
-# between longer-lived ones: a fragmented heap that grows from segment to segment, up to
-# +50 % of the peak. Served by mmap from this size on, they go back to the system when
-# freed (bench/README.md, `bench_memory.py`: the figures).
-MMAP_THRESHOLD = 8 * 2 ** 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-
-
 @functools.lru_cache(maxsize=None)
 def _glibc() -> tp.Optional[ctypes.CDLL]:
-    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    """The C library when it is glibc (it has `malloc_trim`), else None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Have the C allocator map every allocation of `threshold` bytes or more on its
-    own, so that it goes back to the system as soon as it is freed.
-
-    Process-wide: programs that separate long tracks call it once (the `demucs` command
-    does); training keeps glibc's defaults. Returns False where the C library is not glibc.
-    """
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc; a no-op elsewhere)."""
+    """Give the C heap's free pages back to the system (glibc; a no-op elsewhere).
+
+    Separating a long track allocates and frees many buffers of a few MB to a few hundred
+    MB. glibc serves those under 32 MB from its heap, where freed blocks stay resident
+    between longer-lived ones: a fragmented heap that grows from segment to segment and
+    adds up to half to the peak memory. The models call this after each layer when
+    running without gradients, and `apply_model` after each chunk (bench/README.md).
+    """
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
