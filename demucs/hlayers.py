@@ -68,9 +68,10 @@ def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tenso
     return out.view(B, Fr, C, T).permute(0, 2, 1, 3)
 
 
-# Without gradients, a rewrite convolution and its GLU run on blocks of time steps whose
-# double-width convolution output stays under this size: that output is never whole.
-REWRITE_BLOCK_BYTES = 4 * 2 ** 20
+# Without gradients, the convolutions of the layers run on blocks of time steps whose
+# outputs stay under this size: the double-width output of a rewrite convolution, and the
+# column buffers of the other convolutions, never exist for the whole input.
+BLOCK_BYTES = 4 * 2 ** 20
 
 
 def _lean(norm: nn.Module) -> bool:
@@ -96,7 +97,7 @@ def _per_time_step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or length == 1:
         return layer(x)
     first = layer(x[..., :1])
-    step = max(1, REWRITE_BLOCK_BYTES // (first.numel() * first.element_size()))
+    step = max(1, BLOCK_BYTES // (first.numel() * first.element_size()))
     out = first.new_empty(*first.shape[:-1], length)
     out[..., :1] = first
     for start in range(1, length, step):
@@ -112,7 +113,7 @@ def _transposed_in_blocks(conv_tr: nn.Module, y: torch.Tensor) -> torch.Tensor:
     stride, kernel = conv_tr.stride[0], conv_tr.kernel_size[0]
     length = y.shape[-1]
     step_bytes = conv_tr.out_channels * kernel * y.shape[0] * y.element_size()
-    step = max(1, REWRITE_BLOCK_BYTES // step_bytes)
+    step = max(1, BLOCK_BYTES // step_bytes)
     if torch.is_grad_enabled() or step >= length or conv_tr.padding[0] != 0:
         return conv_tr(y)
     out = y.new_zeros(y.shape[0], conv_tr.out_channels, (length - 1) * stride + kernel)
@@ -138,7 +139,7 @@ def _rewrite_glu(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
     length = x.shape[-1]
     context = int(conv.padding[-1])
     step_bytes = conv.out_channels * x[:, 0, ..., 0].numel() * x.element_size()
-    step = max(1, REWRITE_BLOCK_BYTES // step_bytes)
+    step = max(1, BLOCK_BYTES // step_bytes)
     convolve = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
     padding = [int(pad) for pad in conv.padding[:-1]] + [0]  # time: real neighbours
     out = x.new_empty(x.shape[0], conv.out_channels // 2, *x.shape[2:])

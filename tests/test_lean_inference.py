@@ -22,7 +22,7 @@ from test_htdemucs import tiny_htdemucs
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of a few time steps and rows, with remainders, even on tiny models."""
-    monkeypatch.setattr(hlayers, "REWRITE_BLOCK_BYTES", 1000)
+    monkeypatch.setattr(hlayers, "BLOCK_BYTES", 1000)
     monkeypatch.setattr(hlayers, "DCONV_ROWS", 3)
 
 
