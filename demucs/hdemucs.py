@@ -43,10 +43,16 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
-def release_freed_memory() -> None:
-    """Between two layers without gradients: the memory the layer freed goes back to the
-    system (`trim_heap`) rather than staying in a fragmented heap."""
-    if not torch.is_grad_enabled():
+# Below this size of a layer's output, what the layer freed is too little to be worth
+# giving back (trimming costs page faults later): the inner layers never trim.
+TRIM_BYTES = 16 * 2 ** 20
+
+
+def release_freed_memory(output: torch.Tensor) -> None:
+    """Between two layers without gradients, after a large one (judged by its `output`):
+    the memory the layer freed goes back to the system (`trim_heap`) rather than staying
+    in a fragmented heap."""
+    if not torch.is_grad_enabled() and output.nbytes >= TRIM_BYTES:
         trim_heap()
 
 
@@ -128,7 +134,7 @@ class HybridSpectrogram:
             if tdec is not None and tdec.empty:
                 xt = tdec(pre[:, :, 0], None, lengths_t.pop(-1))[0]
             del pre  # not kept alive through the next, larger, layer
-            release_freed_memory()
+            release_freed_memory(x)
         assert not saved and not saved_t and not lengths_t
         return x, xt
 
@@ -449,7 +455,7 @@ class HDemucs(HybridSpectrogram, nn.Module):
                 emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
                 x = x + self.freq_emb_scale * emb
             saved.append(x)
-            release_freed_memory()
+            release_freed_memory(x)
 
         # The decoders start from zeros: the signal comes through the skips.
         x = torch.zeros_like(x)

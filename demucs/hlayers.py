@@ -68,20 +68,19 @@ def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tenso
     return out.view(B, Fr, C, T).permute(0, 2, 1, 3)
 
 
-# Without gradients, the convolutions of the layers run on blocks of time steps whose
-# outputs stay under this size: the double-width output of a rewrite convolution, and the
-# column buffers of the other convolutions, never exist for the whole input.
+# Without gradients, a convolution whose whole output (double-width for a rewrite, the
+# column buffer for a transposed one) would take `LEAN_BYTES` or more runs on blocks of
+# time steps whose outputs stay under `BLOCK_BYTES`: the whole never exists. Smaller ones
+# (chunks of a few seconds) run whole, which is faster.
+LEAN_BYTES = 64 * 2 ** 20
 BLOCK_BYTES = 4 * 2 ** 20
 
 
-def _lean(norm: nn.Module) -> bool:
-    """Inference with a layer whose norm is the identity: the memory-lean path applies.
-
-    Every step of that path is per time step (convolutions with their context read
-    explicitly), so it computes what the whole-tensor path does, without its
-    intermediates; a group norm needs whole-tensor statistics and keeps the usual path.
-    """
-    return not torch.is_grad_enabled() and isinstance(norm, nn.Identity)
+def _in_blocks(step_bytes: int, length: int) -> int:
+    """Time steps per block for outputs of `step_bytes` per step (0: run whole)."""
+    if torch.is_grad_enabled() or step_bytes * length < LEAN_BYTES:
+        return 0
+    return max(1, BLOCK_BYTES // step_bytes)
 
 
 def _gelu(y: torch.Tensor) -> torch.Tensor:
@@ -97,7 +96,9 @@ def _per_time_step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or length == 1:
         return layer(x)
     first = layer(x[..., :1])
-    step = max(1, BLOCK_BYTES // (first.numel() * first.element_size()))
+    step = _in_blocks(first.numel() * first.element_size(), length)
+    if not step:
+        return layer(x)
     out = first.new_empty(*first.shape[:-1], length)
     out[..., :1] = first
     for start in range(1, length, step):
@@ -112,9 +113,8 @@ def _transposed_in_blocks(conv_tr: nn.Module, y: torch.Tensor) -> torch.Tensor:
     assert isinstance(conv_tr, nn.ConvTranspose1d)
     stride, kernel = conv_tr.stride[0], conv_tr.kernel_size[0]
     length = y.shape[-1]
-    step_bytes = conv_tr.out_channels * kernel * y.shape[0] * y.element_size()
-    step = max(1, BLOCK_BYTES // step_bytes)
-    if torch.is_grad_enabled() or step >= length or conv_tr.padding[0] != 0:
+    step = _in_blocks(conv_tr.out_channels * kernel * y.shape[0] * y.element_size(), length)
+    if not step or step >= length or conv_tr.padding[0] != 0:
         return conv_tr(y)
     out = y.new_zeros(y.shape[0], conv_tr.out_channels, (length - 1) * stride + kernel)
     for start in range(0, length, step):
@@ -129,17 +129,17 @@ def _rewrite_glu(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
                  skip: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """GLU(norm(conv(x + skip))) over channels: (B, C, [Fr,] T) -> same shape.
 
-    On the lean path, blocks of time steps are computed one after the other, each with
-    the `context` steps around it (zeros beyond the ends, as the convolution pads), so
-    neither `x + skip` nor the double-width convolution output exists as a whole.
+    Without gradients and for a large input, blocks of time steps are computed one after
+    the other, each with the `context` steps around it (zeros beyond the ends, as the
+    convolution pads), so neither `x + skip` nor the double-width convolution output
+    exists as a whole. A group norm needs whole-tensor statistics: it runs whole.
     """
-    if not _lean(norm):
-        return F.glu(norm(conv(x if skip is None else x + skip)), dim=1)
     assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
     length = x.shape[-1]
+    step = _in_blocks(conv.out_channels * x[:, 0, ..., 0].numel() * x.element_size(), length)
+    if not step or not isinstance(norm, nn.Identity):
+        return F.glu(norm(conv(x if skip is None else x + skip)), dim=1)
     context = int(conv.padding[-1])
-    step_bytes = conv.out_channels * x[:, 0, ..., 0].numel() * x.element_size()
-    step = max(1, BLOCK_BYTES // step_bytes)
     convolve = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
     padding = [int(pad) for pad in conv.padding[:-1]] + [0]  # time: real neighbours
     out = x.new_empty(x.shape[0], conv.out_channels // 2, *x.shape[2:])

@@ -377,7 +377,7 @@ class HTDemucs(HybridSpectrogram, nn.Module):
                 emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
                 x = x + self.freq_emb_scale * emb
             saved.append(x)
-            release_freed_memory()
+            release_freed_memory(x)
 
         # Unlike HDemucs, the decoders start from the transformer output.
         return self._decode(*self._bottleneck(x, xt), saved, saved_t, lengths, lengths_t)

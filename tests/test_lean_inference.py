@@ -23,6 +23,7 @@ from test_htdemucs import tiny_htdemucs
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of a few time steps and rows, with remainders, even on tiny models."""
     monkeypatch.setattr(hlayers, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(hlayers, "LEAN_BYTES", 0)
     monkeypatch.setattr(hlayers, "DCONV_ROWS", 3)
 
 
