@@ -114,7 +114,7 @@ def _transposed_in_blocks(conv_tr: nn.Module, y: torch.Tensor) -> torch.Tensor:
     stride, kernel = conv_tr.stride[0], conv_tr.kernel_size[0]
     length = y.shape[-1]
     step = _in_blocks(conv_tr.out_channels * kernel * y.shape[0] * y.element_size(), length)
-    if not step or step >= length or conv_tr.padding[0] != 0:
+    if not step or conv_tr.padding[0] != 0:
         return conv_tr(y)
     out = y.new_zeros(y.shape[0], conv_tr.out_channels, (length - 1) * stride + kernel)
     for start in range(0, length, step):
