@@ -8,6 +8,10 @@ the STFT and masks staying float32) on the CPU, and on CUDA when present (bf16 a
 Each measurement runs in its own process, so that peaks do not mix.
 
     python bench/bench_train.py [--batch 4] [--seconds 7.8] [--steps 2] [--threads 2]
+        [--models hdemucs demucs] [--devices cpu cuda] [--amps float32 bf16 fp16]
+
+Run from outside the repository with another `demucs` on the path (bench/README.md), the
+same figures come from that implementation.
 """
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ import sys
 import time
 import typing as tp
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_separation import build  # noqa: E402  (the same two configurations)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,13 +67,19 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
     return {"step": step, "examples": batch / step, "memory": peak - start}
 
 
-def run_one(args: argparse.Namespace, name: str, amp: str, device: str) -> dict[str, float]:
-    """`measure` in a fresh process (clean peak memory)."""
+def run_one(args: argparse.Namespace, name: str, amp: str,
+            device: str) -> tp.Optional[dict[str, float]]:
+    """`measure` in a fresh process (clean peak memory); None (and the error printed) if
+    that process failed."""
     command = [sys.executable, __file__, "--one", name, amp, device,
                "--batch", str(args.batch), "--seconds", str(args.seconds),
                "--steps", str(args.steps), "--threads", str(args.threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        lines = (done.stderr.strip() or "no output").splitlines()
+        print(f"{name:8s} {device:4s} {amp:7s} failed: {lines[-1]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: tp.Optional[list[str]] = None) -> None:
@@ -78,6 +89,11 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=["hdemucs", "demucs"])
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                        default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--amps", nargs="+", choices=["float32", "bf16", "fp16"],
+                        default=["float32", "bf16", "fp16"],
+                        help="fp16 runs on CUDA only; the first one is the reference")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "AMP", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -86,15 +102,18 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
         name, amp, device = args.one
         print(json.dumps(measure(name, amp, device, args.batch, args.seconds, args.steps)))
         return
-    runs = [("cpu", "float32"), ("cpu", "bf16")]
-    if torch.cuda.is_available():
-        runs += [("cuda", "float32"), ("cuda", "bf16"), ("cuda", "fp16")]
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x "
-          f"{args.seconds} s")
+    runs = [(device, amp) for device in args.devices for amp in args.amps
+            if not (device == "cpu" and amp == "fp16")]
+    where = Path(__import__("demucs").__file__).parent
+    gpu = f", {torch.cuda.get_device_name()}" if "cuda" in args.devices else ""
+    print(f"demucs from {where}, torch {torch.__version__}, {args.threads} threads{gpu}, "
+          f"batch {args.batch} x {args.seconds} s")
     for name in args.models:
         base: dict[str, dict[str, float]] = {}
         for device, amp in runs:
             result = run_one(args, name, amp, device)
+            if result is None:
+                continue
             base.setdefault(device, result)
             speed = result["examples"] / base[device]["examples"]
             memory = result["memory"] / max(base[device]["memory"], 1.)

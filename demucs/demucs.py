@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .norm import GroupNorm
 from .utils import capture_init, center_trim, unfold
 
 
@@ -97,7 +98,8 @@ class LayerScale(nn.Module):
         self.scale.data[:] = init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale[:, None] * x
+        # In x's dtype: under mixed precision the residual stream stays in half precision.
+        return self.scale[:, None].to(x.dtype) * x
 
 
 class LocalState(nn.Module):
@@ -191,7 +193,7 @@ class DConv(nn.Module):
         act: tp.Type[nn.Module] = nn.GELU if gelu else nn.ReLU
 
         def norm_fn(dim: int) -> nn.Module:
-            return nn.GroupNorm(1, dim) if norm else nn.Identity()
+            return GroupNorm(1, dim) if norm else nn.Identity()
 
         self.layers = nn.ModuleList([])
         for d in range(self.depth):
@@ -304,7 +306,7 @@ class Demucs(nn.Module):
         for index in range(depth):
             def norm_fn(dim: int, index: int = index) -> nn.Module:
                 if index >= norm_starts:
-                    return nn.GroupNorm(norm_groups, dim)
+                    return GroupNorm(norm_groups, dim)
                 return nn.Identity()
 
             dconv_kw = dict(depth=dconv_depth, init=dconv_init, compress=dconv_comp,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .demucs import DConv
+from .norm import GroupNorm
 
 class ScaledEmbedding(nn.Module):
     """Embedding with a larger effective learning rate (weights stored divided by `scale`).
@@ -43,7 +44,7 @@ class ScaledEmbedding(nn.Module):
 
 def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
     def make(dim: int) -> nn.Module:
-        return nn.GroupNorm(groups, dim) if norm else nn.Identity()
+        return GroupNorm(groups, dim) if norm else nn.Identity()
     return make
 
 

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from .demucs import LayerScale
 from .errors import ConfigError
 from .hlayers import ScaledEmbedding
+from .norm import GroupNorm
 
 Activation = tp.Callable[[torch.Tensor], torch.Tensor]
 SCALED_EMB_WEIGHT = 0.2  # weight of the learnt ('scaled') positional embedding
@@ -106,7 +107,7 @@ def create_sin_embedding_cape(length: int, dim: int, batch_size: int, mean_norma
 # Layers
 
 
-class ChannelLastGroupNorm(nn.GroupNorm):
+class ChannelLastGroupNorm(GroupNorm):
     """GroupNorm of (B, T, C) sequences: with one group, normalises over T and C."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class ChannelLastLayerScale(LayerScale):
     """LayerScale of (..., C) tensors."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x
+        return self.scale.to(x.dtype) * x
 
 
 def check_dense_attention(sparse_self_attn: bool, sparse_cross_attn: bool) -> None:

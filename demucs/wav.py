@@ -394,10 +394,16 @@ class Wavset(torch.utils.data.Dataset):
 # Builders from the `dset` config
 
 def _musdb_valid_tracks() -> list[str]:
-    """The official MusDB validation tracks, as shipped with the `musdb` package."""
-    import musdb
+    """The official MusDB validation tracks, as shipped with the `musdb` package (read
+    without importing it: its import needs ffmpeg, which training on wav files does not)."""
+    import importlib.util
+
     import yaml
-    setup_path = Path(musdb.__file__).parent / "configs" / "mus.yaml"
+    spec = importlib.util.find_spec("musdb")
+    if spec is None or spec.origin is None:
+        raise ConfigError("The `musdb` package is not installed: it lists the MusDB "
+                          "validation tracks. Install it with `pip install musdb`.")
+    setup_path = Path(spec.origin).parent / "configs" / "mus.yaml"
     setup = yaml.safe_load(setup_path.read_text())
     return list(setup["validation_tracks"])
 

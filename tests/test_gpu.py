@@ -4,15 +4,18 @@ a GPU machine: `pytest tests/test_gpu.py`)."""
 from __future__ import annotations
 
 import random
+import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from demucs import train
+from demucs import norm, train
 from demucs.apply import apply_model
 from demucs.train import main
 from helpers import new_xp, tiny_hdemucs
+from test_htdemucs import tiny_htdemucs
 from tools.synth_dataset import generate_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,6 +23,8 @@ TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=
         "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
         "misc.num_workers=0", "test.sdr=false", "augment.remix.group_size=2",
         "augment.repitch.proba=0", "ema.batch=[0.9]"]
+TINY_V4 = ["model=htdemucs", "htdemucs.channels=8", "htdemucs.t_layers=1",
+           "htdemucs.nfft=1024"] + TINY[4:]
 
 
 @pytest.fixture
@@ -31,9 +36,10 @@ def dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("amp", ["null", "bf16", "fp16"])
-def test_training_on_cuda(dataset: Path, amp: str) -> None:
-    xp = new_xp(TINY + [f"optim.amp={amp}"])
+@pytest.mark.parametrize("argv,amp", [(TINY, "null"), (TINY, "bf16"), (TINY, "fp16"),
+                                      (TINY_V4, "bf16")], ids=["f32", "bf16", "fp16", "v4-bf16"])
+def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
+    xp = new_xp(argv + [f"optim.amp={amp}"])
     with xp.enter():
         train.run(xp.cfg)
         solver = train.get_solver(xp.cfg, model_only=True)  # resumes the finished XP
@@ -46,8 +52,13 @@ def test_training_on_cuda(dataset: Path, amp: str) -> None:
             if value.is_floating_point()} == {torch.float32}
 
 
-def test_separation_cuda_equals_cpu() -> None:
-    model = tiny_hdemucs().eval()
+@pytest.mark.parametrize("make", [tiny_hdemucs, tiny_htdemucs], ids=["hdemucs", "htdemucs"])
+def test_separation_cuda_equals_cpu(make: tp.Callable[[], torch.nn.Module],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # cuDNN convolutions default to TF32 (10-bit mantissa, errors near 1e-3): compare in
+    # full float32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = make().eval()
     mix = torch.randn(1, 2, 3 * 44100)
     random.seed(0)
     on_cpu = apply_model(model, mix, shifts=1, split=True, overlap=0.25)
@@ -55,3 +66,25 @@ def test_separation_cuda_equals_cpu() -> None:
     on_cuda = apply_model(model, mix, shifts=1, split=True, overlap=0.25, device="cuda")
     assert on_cuda.device.type == "cpu"  # the result comes back where the mix is
     assert (on_cuda - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_fast_group_norm_on_cuda(groups: int) -> None:
+    """The norms' CUDA path (parallel statistics) against PyTorch's kernel."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 48, 20000, device="cuda") * 3 + 1).requires_grad_()
+    module = norm.GroupNorm(groups, 48).cuda()
+    torch.nn.init.normal_(module.weight)
+    out = module(x)
+    assert "GroupNorm" in type(out.grad_fn).__name__  # the fast path
+    reference = F.group_norm(x, groups, module.weight, module.bias)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, module.weight, module.bias), grad)
+    theirs = torch.autograd.grad(reference, (x, module.weight, module.bias), grad)
+    for a, b in zip(ours, theirs):
+        assert (a - b).norm() <= 1e-4 * b.norm()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = module(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference, atol=5e-2, rtol=2e-2)

@@ -1,0 +1,79 @@
+"""GroupNorm, with statistics that parallelise when there are few groups.
+
+PyTorch's CUDA group norm reduces each (example, group) row with a single thread block:
+with GroupNorm(1, C) on a batch of 4 that is 4 blocks for the whole tensor, and the
+norms of an HTDemucs took a third of its bf16 training step on an H100. `group_norm`
+computes the statistics with an ordinary reduction (spread over the GPU whatever the row
+count), normalises in one fused pass and reuses PyTorch's group norm backward. It gives
+the same values as `F.group_norm` up to float rounding; elsewhere (CPU, many rows) it is
+`F.group_norm` itself, so CPU results are unchanged bit for bit.
+
+Under mixed precision the output keeps the input's dtype (bf16 / fp16): the statistics
+and the normalisation run in float32, but the (large) output is stored in half precision,
+where autocast's `F.group_norm` would store it in float32.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FAST_DEVICES = ("cuda",)  # device types that take the fast statistics
+FAST_ROWS = 512  # below this many (example, group) rows; above, PyTorch's kernel is fine
+
+
+class _GroupNorm(torch.autograd.Function):
+    """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,)."""
+
+    @staticmethod
+    def forward(ctx: tp.Any, x: torch.Tensor, groups: int, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        rows = x.reshape(batch, groups, -1).float()  # a copy for half inputs only
+        var, mean = torch.var_mean(rows, dim=-1, correction=0)  # (N, G)
+        del rows
+        rstd = (var + eps).rsqrt_()
+        per_group = channels // groups
+        scale = rstd.repeat_interleave(per_group, dim=1) * weight.float()  # (N, C)
+        shift = bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
+        flat = x.reshape(batch, channels, -1)
+        out = torch.addcmul(shift[..., None], flat, scale[..., None]).to(x.dtype)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.groups = groups
+        return out.view_as(x)
+
+    @staticmethod
+    def backward(ctx: tp.Any, grad: torch.Tensor) -> tuple[tp.Optional[torch.Tensor], ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        batch, channels = x.shape[:2]
+        length = x[0, 0].numel()
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad.float().contiguous(), x.float().contiguous(), mean, rstd, weight.float(),
+            batch, channels, length, ctx.groups, needs)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+            grad_b = grad_b.to(weight.dtype)
+        return grad_x, None, grad_w, grad_b, None
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
+               bias: tp.Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """`F.group_norm(x, groups, weight, bias, eps)` of `x` (N, C, ...)."""
+    fast = (x.device.type in FAST_DEVICES and x.shape[0] * groups < FAST_ROWS
+            and weight is not None and bias is not None and x.numel() > 0)
+    if not fast:
+        return F.group_norm(x, groups, weight, bias, eps)
+    assert weight is not None and bias is not None
+    return _GroupNorm.apply(x, groups, weight, bias, eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (same arguments and state) computed by `group_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

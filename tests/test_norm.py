@@ -1,0 +1,103 @@
+"""The group norm with parallel statistics (the path CUDA takes), checked on the CPU by
+forcing it, and the real-edge-bins rule of the inverse STFT that makes CUDA match CPU."""
+from __future__ import annotations
+
+import typing as tp
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from demucs import norm
+from demucs.spec import _real_edge_bins, ispectro
+from helpers import tiny_hdemucs
+
+
+@pytest.fixture
+def fast_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(norm, "FAST_DEVICES", ("cpu",))
+
+
+def grads(output: torch.Tensor, inputs: tuple[torch.Tensor, ...],
+          seed: int = 1) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(seed)
+    return torch.autograd.grad(output, inputs, torch.randn_like(output))
+
+
+@pytest.mark.parametrize("groups,shape", [(1, (4, 48, 1000)), (4, (2, 16, 30, 20)),
+                                          (2, (3, 8, 5)), (1, (1, 6, 1))])
+def test_fast_group_norm_equals_pytorch(fast_on_cpu: None, groups: int,
+                                        shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3 + 1).requires_grad_()
+    weight = torch.randn(shape[1], requires_grad=True)
+    bias = torch.randn(shape[1], requires_grad=True)
+    ours = norm.group_norm(x, groups, weight, bias)
+    theirs = F.group_norm(x, groups, weight, bias)
+    assert ours.grad_fn is not None and "GroupNorm" in type(ours.grad_fn).__name__
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads(ours, (x, weight, bias)), grads(theirs, (x, weight, bias))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_group_norm_keeps_half_precision(fast_on_cpu: None) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4000).bfloat16().requires_grad_()
+    module = norm.GroupNorm(1, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16  # stored in half precision, computed in float32
+    reference = F.group_norm(x.float(), 1, module.weight, module.bias)
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=1e-2)
+    grad_x, grad_w = grads(out, (x, module.weight))
+    assert grad_x.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+
+
+def test_cpu_keeps_pytorch_group_norm() -> None:
+    """Off the fast devices, the module is `nn.GroupNorm` bit for bit (golden histories)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 300)
+    module = norm.GroupNorm(4, 16)
+    torch.nn.init.normal_(module.weight)
+    assert torch.equal(module(x), F.group_norm(x, 4, module.weight, module.bias))
+    assert isinstance(module, torch.nn.GroupNorm)
+    assert set(module.state_dict()) == {"weight", "bias"}
+
+
+def test_models_through_the_fast_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HDemucs with group norms everywhere (encoder, decoder and DConv) gives the same
+    output and gradients with the fast statistics."""
+    model = tiny_hdemucs(norm_starts=0, channels=8)
+    assert any(isinstance(m, norm.GroupNorm) for m in model.modules())
+    mix = torch.randn(2, 2, 44100)
+    reference = model(mix)
+    weights = tuple(model.parameters())
+    expected = grads(reference, weights)
+    monkeypatch.setattr(norm, "FAST_DEVICES", ("cpu",))
+    calls: list[int] = []
+    apply = norm._GroupNorm.apply
+
+    def counted(*args: tp.Any) -> torch.Tensor:
+        calls.append(1)
+        return apply(*args)
+    monkeypatch.setattr(norm._GroupNorm, "apply", counted)
+    out = model(mix)
+    assert calls  # the norms took the fast path
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads(out, weights), expected):  # float rounding, amplified by norms
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6
+
+
+def test_inverse_stft_ignores_imaginary_edge_bins_on_cpu() -> None:
+    """The CPU inverse FFT ignores the imaginary parts of the 0 Hz and Nyquist bins;
+    `ispectro` zeroes them on other devices (cuFFT uses them), so all devices agree."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 1025, 40, dtype=torch.complex64, requires_grad=True)
+    real = _real_edge_bins(z.view(-1, 1025, 40))
+    assert real.imag[:, 0].abs().max() == 0 and real.imag[:, -1].abs().max() == 0
+    assert torch.equal(real[:, 1:-1], z.view(-1, 1025, 40)[:, 1:-1])
+    assert z.imag[..., 0, :].abs().max() > 0  # the input is left untouched
+    assert torch.equal(ispectro(z, 512), ispectro(real.view_as(z), 512))
+    grad, = torch.autograd.grad(ispectro(z, 512).sum(), z)
+    assert grad.imag[..., 0, :].abs().max() == 0 and grad.imag[..., -1, :].abs().max() == 0
