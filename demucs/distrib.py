@@ -7,6 +7,7 @@ identity, so the training loop has a single code path.
 """
 from __future__ import annotations
 
+import os
 import typing as tp
 
 import torch
@@ -18,8 +19,18 @@ from torch.utils.data.distributed import DistributedSampler
 
 
 def init() -> None:
-    """Join the process group of the XP's workers (nothing to do with a single worker)."""
-    dora_distrib.init("nccl" if torch.cuda.is_available() else "gloo")
+    """Join the process group of the XP's workers (nothing to do with a single worker).
+
+    CPU workers on one machine share its cores: unless OMP_NUM_THREADS says otherwise,
+    each gets its share of torch's threads (otherwise every worker would start one thread
+    per core, and they would slow each other down several times over).
+    """
+    cuda = torch.cuda.is_available()
+    dora_distrib.init("nccl" if cuda else "gloo")
+    if is_distributed() and not cuda and "OMP_NUM_THREADS" not in os.environ:
+        spec = dora_distrib.get_distrib_spec()
+        local_workers = max(1, spec.world_size // spec.num_nodes)
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_workers))
 
 
 def rank() -> int:

@@ -1,0 +1,205 @@
+"""A real distributed training: `python -m dora -P demucs run -d --ddp_workers 2 ARGV`, as
+a user types it. Dora starts two worker processes that join a gloo process group (NCCL
+where there are two GPUs or more) and train a tiny Hybrid Demucs together.
+
+What the workers do inside is recorded by a probe: a `sitecustomize` module put on the
+workers' PYTHONPATH that wraps (never replaces) three functions of `demucs.solver` and, at
+the end of `Solver.train`, saves what this worker holds. It shows what the files of the XP
+cannot: that both workers end with the same weights, that each saw its own examples, that
+the logged metrics are the averages over both, and that only rank 0 wrote files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import typing as tp
+from pathlib import Path
+
+import pytest
+import torch
+
+from demucs.checkpoints import load_checkpoint
+from demucs.states import load_model
+from tools.synth_dataset import generate_dataset
+
+# A tiny Hybrid Demucs (as TINY in test_gpu.py), but with remix groups of 1: each worker's
+# batch holds batch_size / 2 = 1 example.
+ARGV = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
+        "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
+        "misc.num_workers=0", "test.sdr=false", "augment.remix.group_size=1",
+        "augment.repitch.proba=0", "ema.batch=[0.9]"]
+WORKERS = 2
+TIMEOUT = 240  # s, under pytest-timeout's 300: a hang fails the test and kills the workers
+
+PROBE = '''\
+"""Probe of tests/test_ddp.py: records what a DDP worker does, changes nothing."""
+import os
+
+if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
+    from pathlib import Path
+
+    import torch
+    from demucs import solver
+
+    _out = Path(os.environ["DDP_PROBE_DIR"])
+    _reductions, _saves = [], []
+    _reduce, _train, _save_atomic = (solver.Averager.reduce, solver.Solver.train,
+                                     solver.save_atomic)
+
+    def reduce(self):
+        reduced = _reduce(self)
+        _reductions.append({"local": self.mean(), "count": self.count, "reduced": reduced})
+        return reduced
+
+    def save_atomic(content, path):
+        _saves.append(Path(path).name)
+        _save_atomic(content, path)
+
+    def train(self):
+        initial = solver.copy_state(self.model.state_dict())
+        _train(self)
+        dist = torch.distributed
+        torch.save({"initial": initial, "final": solver.copy_state(self.model.state_dict()),
+                    "emas": [solver.copy_state(ema.state) for ema in self.emas["batch"]],
+                    "optimizer": self.optimizer.state_dict(),
+                    "rank": dist.get_rank(), "world_size": dist.get_world_size(),
+                    "backend": str(dist.get_backend()), "wrapper": type(self.dmodel).__name__,
+                    "threads": torch.get_num_threads(),
+                    "reductions": _reductions, "saves": _saves},
+                   _out / f"rank{os.environ['RANK']}.th")
+
+    solver.Averager.reduce, solver.Solver.train = reduce, train
+    solver.save_atomic = save_atomic
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_ddp(cwd: Path, env: dict[str, str], argv: list[str]) -> tuple[int, str]:
+    """`python -m dora -P demucs run -d --ddp_workers 2 ARGV` in `cwd`: (status, output).
+
+    Dora's process and its workers share a new session, all killed on a timeout (killing
+    only Dora's process would leave the workers running)."""
+    command = [sys.executable, "-m", "dora", "-P", "demucs", "run", "-d", "--ddp_workers",
+               str(WORKERS), *argv]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"no end after {TIMEOUT} s (a worker hangs?):\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def same(first: tp.Any, second: tp.Any, where: str = "") -> None:
+    """Exact equality of two nested containers of tensors."""
+    if isinstance(first, torch.Tensor):
+        if not (isinstance(second, torch.Tensor) and torch.equal(first, second)):
+            pytest.fail(f"{where}: the tensors differ")
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), where
+        for key in first:
+            same(first[key], second[key], f"{where}.{key}")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second)):
+            same(a, b, f"{where}[{index}]")
+    else:
+        assert first == second, where
+
+
+BACKENDS = [
+    pytest.param("gloo", id="cpu-gloo"),
+    pytest.param("nccl", id="cuda-nccl", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < WORKERS, reason=f"needs {WORKERS} CUDA GPUs")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str) -> None:
+    # 3 training tracks of 3 s: 6 examples of 1 s, 3 per worker and epoch, in batches of
+    # batch_size / 2 = 1 (max_batches=2 lets 3 through). 3 valid tracks: 2 for rank 0, 1
+    # for rank 1, so that an unweighted mean of the workers would be wrong. 1 test track:
+    # rank 1 has none.
+    generate_dataset(tmp_path / "musdb", tracks=6, seconds=3, valid_tracks=3, test_tracks=1)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
+    env.update(MUSDB_PATH=str(tmp_path / "musdb"), METADATA_PATH=str(tmp_path / "metadata"),
+               DDP_PROBE_DIR=str(tmp_path / "probe"), MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "probe"),
+                                                         env.get("PYTHONPATH")])))
+    if backend == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, even on a GPU machine
+
+    status, output = run_ddp(tmp_path, env, ARGV)
+    folders = list((tmp_path / "outputs" / "xps").glob("*"))
+    assert len(folders) == 1, (folders, output[-3000:])
+    folder = folders[0]
+    worker_log = folder / "worker_1.log"  # where Dora sends the output of rank 1
+    assert worker_log.is_file(), output[-3000:]
+    assert status == 0, output[-3000:] + "\n--- worker_1.log:\n" + worker_log.read_text()[-3000:]
+    assert f"Starting {WORKERS} worker processes for DDP" in output
+    assert "Distributed init: 1/2" in worker_log.read_text()
+
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 2
+    for epoch in history:
+        assert math.isfinite(epoch["train"]["loss"]) and math.isfinite(epoch["valid"]["loss"])
+    assert "nsdr" in history[-1]["test"]
+
+    probes = [torch.load(tmp_path / "probe" / f"rank{rank}.th", map_location="cpu",
+                         weights_only=True)
+              for rank in range(WORKERS)]
+    for rank, probe in enumerate(probes):
+        assert (probe["rank"], probe["world_size"]) == (rank, WORKERS)
+        assert probe["backend"] == backend and probe["wrapper"] == "DistributedDataParallel"
+        if backend == "gloo" and "OMP_NUM_THREADS" not in env:  # the cores are shared
+            assert probe["threads"] == max(1, torch.get_num_threads() // WORKERS)
+
+    # Same start, different examples, same end: the gradients were averaged.
+    zero, one = probes
+    same(zero["initial"], one["initial"])
+    assert any(not torch.equal(zero["initial"][key], zero["final"][key])
+               for key in zero["final"])
+    same(zero["final"], one["final"], "final")
+    same(zero["emas"], one["emas"], "emas")
+    same(zero["optimizer"], one["optimizer"], "optimizer")
+
+    # Per epoch: train, valid of the live weights, valid of the EMA, in that order.
+    assert len(zero["reductions"]) == len(one["reductions"]) == 3 * len(history)
+    for index, (mine, theirs) in enumerate(zip(zero["reductions"], one["reductions"])):
+        stage = "train" if index % 3 == 0 else "valid"
+        assert (mine["count"], theirs["count"]) == ((3, 3) if stage == "train" else (2, 1))
+        assert mine["reduced"] == theirs["reduced"]
+        if stage == "train":  # not the same examples, so not the same loss
+            assert mine["local"]["loss"] != theirs["local"]["loss"]
+        total = mine["count"] + theirs["count"]
+        for key, value in mine["reduced"].items():
+            weighted = (mine["local"][key] * mine["count"]
+                        + theirs["local"][key] * theirs["count"]) / total
+            assert value == pytest.approx(weighted, rel=1e-12), (index, key)
+    for epoch, entry in enumerate(history):
+        assert entry["train"] == zero["reductions"][3 * epoch]["reduced"]
+        assert entry["valid"]["main"] == zero["reductions"][3 * epoch + 1]["reduced"]
+        assert entry["valid"]["ema_batch_0"] == zero["reductions"][3 * epoch + 2]["reduced"]
+
+    # Only rank 0 writes: the checkpoint and best.th once per epoch, of its weights.
+    assert one["saves"] == []
+    assert zero["saves"] == ["checkpoint.th", "best.th"] * len(history)
+    checkpoint = load_checkpoint(folder / "checkpoint.th")
+    same(checkpoint["state"], zero["final"], "checkpoint")
+    assert checkpoint["history"] == history
+    model = load_model(folder / "best.th")
+    same(model.state_dict(), checkpoint["best_state"], "best.th")
