@@ -166,19 +166,3 @@ def test_exported_model_separates(runs: dict[str, tp.Any], dataset: dict[str, st
         info = sf.info(str(stems / f"{source}.wav"))
         assert (info.samplerate, info.frames, info.channels) == (
             mixture.samplerate, mixture.frames, mixture.channels), source
-
-
-@pytest.mark.slow
-def test_ddp_two_workers(dataset: dict[str, str], tmp_path: Path) -> None:
-    argv = [arg for arg in ARGS if not arg.startswith(("epochs=", "augment.remix"))]
-    argv += ["epochs=1", "augment.remix.group_size=1"]  # 1 example per worker and batch
-    result = run(tmp_path, dataset, "-m", "dora", "-P", "demucs", "run", "-d",
-                 "--ddp_workers", "2", *argv)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Starting 2 worker processes for DDP" in result.stderr + result.stdout
-    folder = xp_folder(tmp_path)
-    worker_log = (folder / "worker_1.log").read_text()
-    assert "Distributed init: 1/2" in worker_log and "Train Summary | Epoch 1" in worker_log
-    history = json.loads((folder / "history.json").read_text())
-    assert len(history) == 1 and "nsdr" in history[0]["test"]
-    assert (folder / "checkpoint.th").is_file() and (folder / "best.th").is_file()
