@@ -1,4 +1,4 @@
-# Hybrid Demucs (v3): install, test, demo, benchmarks.
+# Demucs (v3 Hybrid, v4 Hybrid Transformer): install, test, demo, benchmarks.
 #   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
 #                  requirements, the package (editable), ffmpeg and soundstretch
 #   make test      install, then ruff, mypy and the test suite (with a coverage summary)
