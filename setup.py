@@ -15,7 +15,8 @@ def read_requirements(name: str) -> list[str]:
 setup(
     name="demucs",
     version="3.0.1",
-    description="Demucs (v3 Hybrid, v4 Hybrid Transformer): music source separation, training framework",
+    description=("Demucs (v3 Hybrid, v4 Hybrid Transformer): music source separation, "
+                 "training framework"),
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
