@@ -53,11 +53,9 @@ class _GroupNorm(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
             grad.float().contiguous(), x.float().contiguous(), mean, rstd, weight.float(),
             batch, channels, length, ctx.groups, needs)
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-            grad_b = grad_b.to(weight.dtype)
+        grad_x, grad_w, grad_b = (None if value is None else value.to(like.dtype)
+                                  for value, like in [(grad_x, x), (grad_w, weight),
+                                                      (grad_b, weight)])
         return grad_x, None, grad_w, grad_b, None
 
 

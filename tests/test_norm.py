@@ -101,3 +101,14 @@ def test_inverse_stft_ignores_imaginary_edge_bins_on_cpu() -> None:
     assert torch.equal(ispectro(z, 512), ispectro(real.view_as(z), 512))
     grad, = torch.autograd.grad(ispectro(z, 512).sum(), z)
     assert grad.imag[..., 0, :].abs().max() == 0 and grad.imag[..., -1, :].abs().max() == 0
+
+
+def test_fast_group_norm_partial_gradients(fast_on_cpu: None) -> None:
+    """Only the bias learns (frozen weight, input without gradient)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 50)
+    weight = torch.randn(6)
+    bias = torch.zeros(6, requires_grad=True)
+    out = norm.group_norm(x, 3, weight, bias)
+    grad_b, = torch.autograd.grad(out.sum(), bias)
+    torch.testing.assert_close(grad_b, torch.full((6,), 100.))
