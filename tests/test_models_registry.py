@@ -83,4 +83,4 @@ def test_registry_is_a_leaf_module() -> None:
     loaded = {m for m in imported_modules("demucs.models") if m.startswith("demucs.")}
     assert loaded <= {"demucs.models", "demucs.demucs", "demucs.hdemucs", "demucs.hlayers",
                       "demucs.htdemucs", "demucs.transformer", "demucs.spec", "demucs.wiener",
-                      "demucs.utils", "demucs.errors"}, loaded
+                      "demucs.utils", "demucs.errors", "demucs.norm"}, loaded
