@@ -1,6 +1,7 @@
 """The Hydra configuration and the builders of demucs.train (no subprocess here)."""
 from __future__ import annotations
 
+import copy
 import json
 import typing as tp
 import warnings
@@ -209,11 +210,25 @@ def test_optimizer(name: str, klass: type) -> None:
     model = torch.nn.Linear(3, 2)
     cfg = cfg_of(f"optim.optim={name}", "optim.lr=0.01", "optim.weight_decay=0.5",
                  "svd=base")
+    loop = klass(copy.deepcopy(model).parameters(), lr=0.01, betas=(0.9, 0.9998),
+                 weight_decay=0.5, foreach=False)
     optimizer = train.get_optimizer(model, cfg)
     assert type(optimizer) is klass
     group = optimizer.param_groups[0]
     assert group["lr"] == 0.01 and group["weight_decay"] == 0.5
     assert group["betas"] == (0.9, 0.9998)
+    # The multi-tensor step gives what PyTorch's default loop over the parameters gives.
+    torch.manual_seed(0)
+    params = [group["params"], loop.param_groups[0]["params"]]
+    for _ in range(3):
+        grads = [torch.randn_like(param) for param in params[0]]
+        for group_params in params:
+            for param, grad in zip(group_params, grads):
+                param.grad = grad.clone()
+        optimizer.step()
+        loop.step()
+    assert group["foreach"]
+    assert all(torch.equal(a, b) for a, b in zip(*params))
 
 
 def test_optimizer_unknown() -> None:
