@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_separation import build  # noqa: E402  (the same two configurations)
+from bench_separation import adam, build, freed_memory_kept  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,7 +41,7 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
             steps: int) -> dict[str, float]:
     """Seconds per step (best), examples/s and peak memory (MB) above the start."""
     model = build(name).to(device).train()
-    optim = torch.optim.Adam(model.parameters(), lr=3e-4)
+    optim = adam(model)
     scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
     sources = torch.randn(batch, 4, 2, int(seconds * 44100), device=device)
     cast = (torch.autocast(device, dtype=DTYPES[amp]) if amp != "float32" else nullcontext())
@@ -49,18 +49,19 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
         torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else peak_rss_mb()
     durations = []
-    for _ in range(steps + 1):  # the first step warms up
-        begin = time.perf_counter()
-        with cast:
-            estimate = model(sources.sum(dim=1)).float()
-            loss = torch.nn.functional.l1_loss(estimate, sources)
-        optim.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optim)
-        scaler.update()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        durations.append(time.perf_counter() - begin)
+    with freed_memory_kept():
+        for _ in range(steps + 1):  # the first step warms up
+            begin = time.perf_counter()
+            with cast:
+                estimate = model(sources.sum(dim=1)).float()
+                loss = torch.nn.functional.l1_loss(estimate, sources)
+            optim.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optim)
+            scaler.update()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            durations.append(time.perf_counter() - begin)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
             else peak_rss_mb())
     step = min(durations[1:])
@@ -104,7 +105,7 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
         return
     runs = [(device, amp) for device in args.devices for amp in args.amps
             if not (device == "cpu" and amp == "fp16")]
-    where = Path(__import__("demucs").__file__).parent
+    where = Path(str(__import__("demucs").__file__)).parent
     gpu = f", {torch.cuda.get_device_name()}" if "cuda" in args.devices else ""
     print(f"demucs from {where}, torch {torch.__version__}, {args.threads} threads{gpu}, "
           f"batch {args.batch} x {args.seconds} s")

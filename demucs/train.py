@@ -32,6 +32,7 @@ from . import distrib
 from .errors import ConfigError, report_errors
 from .solver import Solver, check_metric, check_optim
 from .models import model_class
+from .utils import freed_memory_kept
 
 logger = logging.getLogger(__name__)
 
@@ -394,9 +395,10 @@ def run(cfg: DictConfig) -> None:
     check_dataset_paths(cfg.dset)
     _absolute_paths(cfg.dset)
     distrib.init()
-    solver = get_solver(cfg)
-    logger.info("XP folder: %s", get_xp().folder)
-    solver.train()
+    with freed_memory_kept():  # no page faults at every step (a fifth of a CPU step)
+        solver = get_solver(cfg)
+        logger.info("XP folder: %s", get_xp().folder)
+        solver.train()
 
 
 def _dora_main(**kwargs: tp.Any) -> tp.Callable[[tp.Callable], DemucsMain]:

@@ -13,7 +13,7 @@ import torch
 from demucs import hlayers
 from demucs.apply import _divide_by_window_sums, _transition_weight
 from demucs.hlayers import HDecLayer, HEncLayer
-from demucs.utils import trim_heap
+from demucs.utils import freed_memory_kept, trim_heap
 
 from helpers import tiny_hdemucs
 from test_htdemucs import tiny_htdemucs
@@ -120,3 +120,21 @@ def test_trim_heap_gives_freed_pages_back() -> None:
     trim_heap()
     assert before - resident_mb() > 100, "less than half of the 180 MB freed went back"
     assert all(block.sum() == 25_000 for block in kept)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, /proc")
+def test_freed_memory_kept_for_training_steps() -> None:
+    """Within `freed_memory_kept`, a large buffer's pages stay with the process once it
+    is freed (the next step reuses them instead of faulting new ones in); outside, and
+    on leaving, they go back to the system."""
+    def freed_but_resident_mb() -> float:
+        before = resident_mb()
+        buffer = torch.ones(16 * 2 ** 20)  # 64 MB: above glibc's largest mmap threshold
+        del buffer
+        return resident_mb() - before
+    assert freed_but_resident_mb() < 8
+    with freed_memory_kept():
+        assert freed_but_resident_mb() > 56
+        held = resident_mb()
+    assert held - resident_mb() > 56
+    assert freed_but_resident_mb() < 8
