@@ -95,7 +95,7 @@ def freed_memory_kept() -> tp.Iterator[None]:
     serves the large ones with fresh pages from the system and gives them back when they
     are freed, so every step page-faults its whole working set again: for an HDemucs on
     the CPU, a fifth of the step's CPU time went to the kernel. Kept, the pages are
-    faulted once; the cost is a peak about 10 % higher (bench/README.md). Left alone
+    faulted once; the cost is a peak 10 to 15 % higher (bench/README.md). Left alone
     where the C library is not glibc, or where the user sets MALLOC_MMAP_MAX_ or
     MALLOC_TRIM_THRESHOLD_ in the environment.
     """
