@@ -24,6 +24,7 @@ from dora.xp import XP
 
 from demucs.demucs import Demucs
 from demucs.hdemucs import HDemucs
+from demucs.htdemucs import HTDemucs
 from demucs.train import main as xp_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,18 @@ def tiny_hdemucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
     """An HDemucs with 4 channels (unless `kwargs` say otherwise), seeded weights."""
     torch.manual_seed(seed)
     return HDemucs(list(sources), **{"channels": 4, **kwargs})
+
+
+# 0.5 s at 8 kHz, 8 frames of STFT, 64 channels and 32 tokens at the bottleneck
+TINY_HTDEMUCS = {"samplerate": 8000, "segment": 0.5, "channels": 8, "nfft": 2048,
+                 "t_layers": 2}
+
+
+def tiny_htdemucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
+                  **kwargs: tp.Any) -> HTDemucs:
+    """A small HTDemucs (`TINY_HTDEMUCS`, updated by `kwargs`) with seeded weights."""
+    torch.manual_seed(seed)
+    return HTDemucs(list(sources), **{**TINY_HTDEMUCS, **kwargs})
 
 
 def tiny_demucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,

@@ -14,8 +14,7 @@ from torch.nn import functional as F
 from demucs import norm, train
 from demucs.apply import apply_model
 from demucs.train import main
-from helpers import new_xp, tiny_hdemucs
-from test_htdemucs import tiny_htdemucs
+from helpers import new_xp, tiny_hdemucs, tiny_htdemucs
 from tools.synth_dataset import generate_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -24,13 +24,12 @@ from demucs.models import model_class
 from demucs.states import load_model, load_package, serialize_model
 from demucs.transformer import CrossTransformerEncoder
 
-from helpers import SOURCES, assert_tensor_close, noise, normalized, tiny_hdemucs
+from helpers import (SOURCES, assert_tensor_close, noise, normalized, tiny_hdemucs,
+                     tiny_htdemucs)
 
 CASES = ["v4_htdemucs", "v4_htdemucs_6s", "v4_htdemucs_bottom", "v4_htdemucs_wiener",
          "v4_htdemucs_exported"]
-# Small models for the option tests: 0.5 s at 8 kHz, 8 frames of STFT, 64 channels and
-# 32 tokens at the bottleneck.
-TINY = {"samplerate": 8000, "segment": 0.5, "channels": 8, "nfft": 2048, "t_layers": 2}
+# Options tried on `tiny_htdemucs`.
 OPTIONS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
     "sin": {},
     "cape_cross_first": {"t_emb": "cape", "t_cross_first": True, "t_layers": 3},
@@ -49,13 +48,6 @@ OPTIONS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
                                        "freq_emb": 0},
     "dropout_sin_shift": {"t_dropout": 0.1, "t_sin_random_shift": 3, "t_hidden_scale": 2.},
 }
-
-
-def tiny_htdemucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
-                  **kwargs: tp.Any) -> HTDemucs:
-    """A small HTDemucs (`TINY`, updated by `kwargs`) with seeded weights."""
-    torch.manual_seed(seed)
-    return HTDemucs(list(sources), **{**TINY, **kwargs})
 
 
 def forward(model: nn.Module, mix: torch.Tensor) -> torch.Tensor:

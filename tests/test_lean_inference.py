@@ -15,8 +15,7 @@ from demucs.apply import _divide_by_window_sums, _transition_weight
 from demucs.hlayers import HDecLayer, HEncLayer
 from demucs.utils import freed_memory_kept, trim_heap
 
-from helpers import tiny_hdemucs
-from test_htdemucs import tiny_htdemucs
+from helpers import tiny_hdemucs, tiny_htdemucs
 
 
 @pytest.fixture(autouse=True)
