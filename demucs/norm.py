@@ -62,11 +62,9 @@ class _GroupNorm(torch.autograd.Function):
 def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
                bias: tp.Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
     """`F.group_norm(x, groups, weight, bias, eps)` of `x` (N, C, ...)."""
-    fast = (x.device.type in FAST_DEVICES and x.shape[0] * groups < FAST_ROWS
-            and weight is not None and bias is not None and x.numel() > 0)
-    if not fast:
+    if (weight is None or bias is None or x.device.type not in FAST_DEVICES
+            or x.shape[0] * groups >= FAST_ROWS or x.numel() == 0):
         return F.group_norm(x, groups, weight, bias, eps)
-    assert weight is not None and bias is not None
     return _GroupNorm.apply(x, groups, weight, bias, eps)
 
 
