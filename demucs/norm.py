@@ -10,7 +10,10 @@ the same values as `F.group_norm` up to float rounding; elsewhere (CPU, many row
 
 Under mixed precision the output keeps the input's dtype (bf16 / fp16): the statistics
 and the normalisation run in float32, but the (large) output is stored in half precision,
-where autocast's `F.group_norm` would store it in float32.
+where CUDA autocast's `F.group_norm` would store it in float32. Half inputs take this
+path whatever their row count: in an HDemucs the freq branch's DConv norms see
+example x frequency rows (thousands), and their float32 outputs, kept for the backward
+of the GELU / GLU that follow, were the largest float32 tensors of a bf16 step.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from torch.nn import functional as F
 
 FAST_DEVICES = ("cuda",)  # device types that take the fast statistics
 FAST_ROWS = 512  # below this many (example, group) rows; above, PyTorch's kernel is fine
+HALF = (torch.float16, torch.bfloat16)  # taken whatever the row count (see above)
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -39,7 +43,8 @@ class _GroupNorm(torch.autograd.Function):
         scale = rstd.repeat_interleave(per_group, dim=1) * weight.float()  # (N, C)
         shift = bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
         flat = x.reshape(batch, channels, -1)
-        out = torch.addcmul(shift[..., None], flat, scale[..., None]).to(x.dtype)
+        out = torch.empty_like(flat)  # computed in float32, stored in x's dtype
+        torch.addcmul(shift[..., None], flat, scale[..., None], out=out)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.groups = groups
         return out.view_as(x)
@@ -62,8 +67,9 @@ class _GroupNorm(torch.autograd.Function):
 def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
                bias: tp.Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
     """`F.group_norm(x, groups, weight, bias, eps)` of `x` (N, C, ...)."""
+    few_rows = x.shape[0] * groups < FAST_ROWS
     if (weight is None or bias is None or x.device.type not in FAST_DEVICES
-            or x.shape[0] * groups >= FAST_ROWS or x.numel() == 0):
+            or not (few_rows or x.dtype in HALF) or x.numel() == 0):
         return F.group_norm(x, groups, weight, bias, eps)
     return _GroupNorm.apply(x, groups, weight, bias, eps)
 

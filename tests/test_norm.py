@@ -41,12 +41,17 @@ def test_fast_group_norm_equals_pytorch(fast_on_cpu: None, groups: int,
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_fast_group_norm_keeps_half_precision(fast_on_cpu: None) -> None:
+@pytest.mark.parametrize("shape", [(2, 8, 4000), (600, 8, 40)])
+def test_fast_group_norm_keeps_half_precision(fast_on_cpu: None,
+                                              shape: tuple[int, ...]) -> None:
+    """Few rows or many (600 examples > FAST_ROWS, the freq branch's DConv norms), a
+    half input gives a half output."""
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 4000).bfloat16().requires_grad_()
+    x = torch.randn(*shape).bfloat16().requires_grad_()
     module = norm.GroupNorm(1, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)
+    assert type(out.grad_fn).__name__ == "_GroupNormBackward"
     assert out.dtype == torch.bfloat16  # stored in half precision, computed in float32
     reference = F.group_norm(x.float(), 1, module.weight, module.bias)
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=1e-2)
@@ -63,6 +68,17 @@ def test_cpu_keeps_pytorch_group_norm() -> None:
     assert torch.equal(module(x), F.group_norm(x, 4, module.weight, module.bias))
     assert isinstance(module, torch.nn.GroupNorm)
     assert set(module.state_dict()) == {"weight", "bias"}
+
+
+def test_many_float32_rows_keep_pytorch_group_norm(fast_on_cpu: None) -> None:
+    """On a fast device, float32 inputs with many (example, group) rows stay with
+    PyTorch's kernel (fast enough there), bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(norm.FAST_ROWS, 4, 30, requires_grad=True)
+    module = norm.GroupNorm(2, 4)
+    out = module(x)
+    assert type(out.grad_fn).__name__ == "NativeGroupNormBackward0"
+    assert torch.equal(out, F.group_norm(x, 2, module.weight, module.bias))
 
 
 def test_models_through_the_fast_norm(monkeypatch: pytest.MonkeyPatch) -> None:
