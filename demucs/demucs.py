@@ -7,6 +7,7 @@ convolutions, LayerScale, and optionally local attention and a BLSTM.
 """
 from __future__ import annotations
 
+import functools
 import math
 import typing as tp
 
@@ -17,6 +18,16 @@ from torch.nn import functional as F
 
 from .norm import GroupNorm
 from .utils import capture_init, center_trim, unfold
+
+
+@functools.lru_cache(maxsize=None)
+def _resampler(old: int, new: int, device: torch.device,
+               dtype: torch.dtype) -> julius.ResampleFrac:
+    """`julius.resample_frac(x, old, new)` as a module built once per device and dtype:
+    the function computes its kernel on the CPU at each call and copies it, which on a
+    GPU makes the step wait for the device."""
+    with torch.inference_mode(False), torch.no_grad():  # usable by later training
+        return julius.ResampleFrac(old, new).to(device, dtype)
 
 
 class BLSTM(nn.Module):
@@ -372,7 +383,7 @@ class Demucs(nn.Module):
         delta = self.valid_length(length) - length
         x = F.pad(x, (delta // 2, delta - delta // 2))
         if self.resample:
-            x = julius.resample_frac(x, 1, 2)
+            x = _resampler(1, 2, x.device, x.dtype)(x)
 
         saved = []
         for encode in self.encoder:
@@ -385,7 +396,7 @@ class Demucs(nn.Module):
             x = decode(x + skip)
 
         if self.resample:
-            x = julius.resample_frac(x, 2, 1)
+            x = _resampler(2, 1, x.device, x.dtype)(x)
         x = x * std + mean
         x = center_trim(x, length)
         return x.view(x.size(0), len(self.sources), self.audio_channels, x.size(-1))

@@ -6,6 +6,7 @@ in at least float32 / complex64, mixed precision (autocast) or not.
 """
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import torch
@@ -25,7 +26,7 @@ def spectro(x: torch.Tensor, n_fft: int = 512, hop_length: tp.Optional[int] = No
         x = x.float()
     with torch.autocast(x.device.type, enabled=False):
         z = torch.stft(x, n_fft * (1 + pad), hop_length or n_fft // 4,
-                       window=torch.hann_window(n_fft).to(x), win_length=n_fft,
+                       window=_hann(n_fft, x.device, x.dtype), win_length=n_fft,
                        normalized=True, center=True, return_complex=True, pad_mode="reflect")
     _, freqs, frames = z.shape
     return z.view(*other, freqs, frames)
@@ -43,10 +44,18 @@ def ispectro(z: torch.Tensor, hop_length: tp.Optional[int] = None,
     if z.device.type != "cpu":
         z = _real_edge_bins(z)
     with torch.autocast(z.device.type, enabled=False):
-        x = torch.istft(z, n_fft, hop_length, window=torch.hann_window(win_length).to(z.real),
+        x = torch.istft(z, n_fft, hop_length, window=_hann(win_length, z.device, z.real.dtype),
                         win_length=win_length, normalized=True, length=length, center=True)
     _, length = x.shape
     return x.view(*other, length)
+
+
+@functools.lru_cache(maxsize=None)
+def _hann(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The Hann window, made on the CPU (the reference values) and copied to `device`
+    once: a copy at each call would make a GPU step wait for the device."""
+    with torch.inference_mode(False), torch.no_grad():  # usable by later training
+        return torch.hann_window(length).to(device, dtype)
 
 
 def _real_edge_bins(z: torch.Tensor) -> torch.Tensor:

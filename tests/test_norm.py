@@ -144,3 +144,32 @@ def test_fast_group_norm_of_channel_last_sequences(fast_on_cpu: None) -> None:
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads(out, (x, module.weight)), grads(reference, (x, module.weight))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_windows_and_resamplers_serve_training_after_inference() -> None:
+    """The STFT windows and Demucs' resamplers are made once per device and dtype; made
+    first under `inference_mode` (separation), they still serve a training step after,
+    and give the values of the uncached functions."""
+    import julius
+    from demucs.demucs import _resampler
+    from demucs.spec import _hann, spectro
+    _hann.cache_clear()
+    _resampler.cache_clear()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3000)
+    model = tiny_hdemucs(channels=8)
+    mix = torch.randn(1, 2, 44100)
+    with torch.inference_mode():
+        spectro(x, 256)
+        separated = model(mix)
+    assert _hann.cache_info().currsize >= 1
+    assert torch.equal(_hann(256, x.device, x.dtype), torch.hann_window(256))
+    assert _hann(256, x.device, x.dtype) is _hann(256, x.device, x.dtype)
+    x.requires_grad_()
+    grad, = torch.autograd.grad(spectro(x, 256).abs().sum(), x)
+    assert grad.shape == x.shape
+    model(mix).sum().backward()  # the training step after separation
+    torch.testing.assert_close(model(mix).detach(), separated)  # the lean path's rounding
+    resampled = _resampler(1, 2, x.device, x.dtype)(x)
+    assert torch.equal(resampled, julius.resample_frac(x, 1, 2))
+    resampled.sum().backward()  # a cached resampler in an autograd graph
