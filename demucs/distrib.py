@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import typing as tp
+from contextlib import nullcontext
 
 import torch
 from dora import distrib as dora_distrib
@@ -62,6 +63,17 @@ def wrap(model: nn.Module) -> nn.Module:
         device = torch.cuda.current_device()
         return DistributedDataParallel(model, device_ids=[device], output_device=device)
     return DistributedDataParallel(model)
+
+
+def local_gradients(model: nn.Module, active: bool = True) -> tp.ContextManager:
+    """Around the forward and backward of a batch whose gradients only accumulate (no
+    optimizer step after it, `active`): no all-reduce for it. The all-reduce of the next
+    step's backward averages the accumulated sums, which is the same average up to
+    rounding, with one exchange of the gradients per optimizer step instead of one per
+    batch (`optim.accumulate`)."""
+    if active and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
 
 
 class ShardSampler(Sampler[int]):

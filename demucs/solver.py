@@ -489,19 +489,20 @@ class Solver:
         """Forward and backward of one batch; with `step`, the optimizer step too."""
         sources = self.augment(sources.to(self.device))  # (B, S, C, T)
         mix = sources.sum(dim=1)  # (B, C, T)
-        with self._autocast():
-            estimate = self.dmodel(mix).float()
-            loss, metrics = self._batch_metrics(estimate, sources)
-            svd = self.args.svd
-            if svd.penalty > 0:
-                penalty = self._svd_penalty(exact=False)
-                metrics["penalty"] = _scalar(penalty)
-                loss = loss + svd.penalty * penalty
-        metrics["loss"] = loss.item()
-        self._check_finite(metrics["loss"], where)
-        if self.accumulate > 1:
-            loss = loss / self.accumulate
-        self.scaler.scale(loss).backward()
+        with distrib.local_gradients(self.dmodel, active=not step):
+            with self._autocast():
+                estimate = self.dmodel(mix).float()
+                loss, metrics = self._batch_metrics(estimate, sources)
+                svd = self.args.svd
+                if svd.penalty > 0:
+                    penalty = self._svd_penalty(exact=False)
+                    metrics["penalty"] = _scalar(penalty)
+                    loss = loss + svd.penalty * penalty
+            metrics["loss"] = loss.item()
+            self._check_finite(metrics["loss"], where)
+            if self.accumulate > 1:
+                loss = loss / self.accumulate
+            self.scaler.scale(loss).backward()
         if step:
             metrics.update(self._optimizer_step())
         return metrics

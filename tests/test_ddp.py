@@ -44,12 +44,22 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
     from pathlib import Path
 
     import torch
-    from demucs import solver
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from demucs import distrib, solver
 
     _out = Path(os.environ["DDP_PROBE_DIR"])
-    _reductions, _saves = [], []
-    _reduce, _train, _save_atomic = (solver.Averager.reduce, solver.Solver.train,
-                                     solver.save_atomic)
+    _reductions, _saves, _exchanges = [], [], []
+    _reduce, _train, _save_atomic, _wrap = (solver.Averager.reduce, solver.Solver.train,
+                                            solver.save_atomic, distrib.wrap)
+
+    def exchange(state, bucket):  # DDP's own all-reduce (average), each bucket recorded
+        _exchanges.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    def wrap(model):
+        wrapped = _wrap(model)
+        wrapped.register_comm_hook(None, exchange)
+        return wrapped
 
     def reduce(self):
         reduced = _reduce(self)
@@ -70,11 +80,11 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
                     "rank": dist.get_rank(), "world_size": dist.get_world_size(),
                     "backend": str(dist.get_backend()), "wrapper": type(self.dmodel).__name__,
                     "threads": torch.get_num_threads(),
-                    "reductions": _reductions, "saves": _saves},
+                    "reductions": _reductions, "saves": _saves, "exchanges": _exchanges},
                    _out / f"rank{os.environ['RANK']}.th")
 
     solver.Averager.reduce, solver.Solver.train = reduce, train
-    solver.save_atomic = save_atomic
+    solver.save_atomic, distrib.wrap = save_atomic, wrap
 '''
 
 
@@ -126,12 +136,13 @@ BACKENDS = [
 ]
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str) -> None:
+def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int) -> None:
     # 3 training tracks of 3 s: 6 examples of 1 s, 3 per worker and epoch, in batches of
     # batch_size / 2 = 1 (max_batches=2 lets 3 through). 3 valid tracks: 2 for rank 0, 1
     # for rank 1, so that an unweighted mean of the workers would be wrong. 1 test track:
-    # rank 1 has none.
+    # rank 1 has none. With optim.accumulate=2, the optimizer steps after batches 2 and 3.
     generate_dataset(tmp_path / "musdb", tracks=6, seconds=3, valid_tracks=3, test_tracks=1)
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
@@ -143,7 +154,8 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str) -> None:
     if backend == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, even on a GPU machine
 
-    status, output = run_ddp(tmp_path, env, ARGV)
+    argv = ARGV + ([f"optim.accumulate={accumulate}"] if accumulate > 1 else [])
+    status, output = run_ddp(tmp_path, env, argv)
     folders = list((tmp_path / "outputs" / "xps").glob("*"))
     assert len(folders) == 1, (folders, output[-3000:])
     folder = folders[0]
@@ -176,6 +188,13 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str) -> None:
     same(zero["final"], one["final"], "final")
     same(zero["emas"], one["emas"], "emas")
     same(zero["optimizer"], one["optimizer"], "optimizer")
+
+    # The gradients are exchanged once per optimizer step (3 or 2 per epoch), not once per
+    # batch: a batch that only accumulates keeps its gradients local. DDP's first bucket
+    # holds the last parameters, which every backward reduces.
+    steps = sum(1 for batch in range(1, 4) if batch % accumulate == 0 or batch == 3)
+    for probe in probes:
+        assert probe["exchanges"].count(0) == steps * len(history)
 
     # Per epoch: train, valid of the live weights, valid of the EMA, in that order.
     assert len(zero["reductions"]) == len(one["reductions"]) == 3 * len(history)
