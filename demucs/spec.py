@@ -10,6 +10,7 @@ import functools
 import typing as tp
 
 import torch
+from torch.nn import functional as F
 
 HALF_TYPES = (torch.float16, torch.bfloat16)  # computed in float32
 
@@ -44,10 +45,51 @@ def ispectro(z: torch.Tensor, hop_length: tp.Optional[int] = None,
     if z.device.type != "cpu":
         z = _real_edge_bins(z)
     with torch.autocast(z.device.type, enabled=False):
-        x = torch.istft(z, n_fft, hop_length, window=_hann(win_length, z.device, z.real.dtype),
-                        win_length=win_length, normalized=True, length=length, center=True)
+        x = _istft(z, n_fft, hop_length or n_fft // 4, win_length, length)
     _, length = x.shape
     return x.view(*other, length)
+
+
+def _istft(z: torch.Tensor, n_fft: int, hop: int, win_length: int,
+           length: tp.Optional[int]) -> torch.Tensor:
+    """`torch.istft` of `z` (N, F, frames) with a Hann window of `win_length`, normalized
+    and centered, trimmed or zero-padded to `length`: the same operations in the same
+    order (the same values, bit for bit), with the window envelope and its check made once
+    per shape on the CPU. `torch.istft` checks the envelope on the device at each call,
+    which makes a GPU step wait for the device and rules out CUDA graphs."""
+    batch, _, frames = z.shape
+    full = n_fft + hop * (frames - 1)
+    start = n_fft // 2
+    end = start + length if length is not None else full - n_fft // 2
+    window, envelope = _overlap_add(n_fft, hop, win_length, frames, end, z.device,
+                                    z.real.dtype)
+    signal = torch.fft.irfft(z.transpose(1, 2), n=n_fft, dim=-1, norm="ortho")  # (N, T, n)
+    x = torch.ops.aten.unfold_backward(signal * window, [batch, full], 1, n_fft, hop)
+    x = x[:, start:end] / envelope
+    if end > full:
+        x = F.pad(x, (0, end - full))
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def _overlap_add(n_fft: int, hop: int, win_length: int, frames: int, end: int,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window of `_istft`, centred in `n_fft` points, and the sum of its squares over
+    the frames (the envelope) from `n_fft // 2` to `end`, checked to never vanish."""
+    with torch.inference_mode(False), torch.no_grad():  # usable by later training
+        window = torch.hann_window(win_length).to(dtype)  # as `_hann`
+        left = (n_fft - win_length) // 2
+        window = F.pad(window, (left, n_fft - win_length - left))
+        full = n_fft + hop * (frames - 1)
+        squares = window.pow(2).expand(1, frames, n_fft)
+        envelope = torch.ops.aten.unfold_backward(squares, [1, full], 1, n_fft, hop)
+        envelope = envelope[:, n_fft // 2:end]
+        if envelope.numel() and float(envelope.abs().min()) < 1e-11:
+            raise ValueError(
+                f"Inverse STFT: with n_fft={n_fft}, hop_length={hop}, a window of "
+                f"{win_length} and {frames} frames, some of the {end - n_fft // 2} output "
+                "samples are covered by no window; lower the hop or the length.")
+        return window.to(device), envelope.to(device)
 
 
 @functools.lru_cache(maxsize=None)
