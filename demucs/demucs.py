@@ -7,7 +7,6 @@ convolutions, LayerScale, and optionally local attention and a BLSTM.
 """
 from __future__ import annotations
 
-import functools
 import math
 import typing as tp
 
@@ -17,17 +16,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from .norm import GroupNorm
-from .utils import capture_init, center_trim, unfold
+from .utils import capture_init, center_trim, made_once, unfold
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _resampler(old: int, new: int, device: torch.device,
                dtype: torch.dtype) -> julius.ResampleFrac:
-    """`julius.resample_frac(x, old, new)` as a module built once per device and dtype:
-    the function computes its kernel on the CPU at each call and copies it, which on a
-    GPU makes the step wait for the device."""
-    with torch.inference_mode(False), torch.no_grad():  # usable by later training
-        return julius.ResampleFrac(old, new).to(device, dtype)
+    """`julius.resample_frac(x, old, new)` as a module built once per device and dtype
+    (the function computes its kernel on the CPU at each call and copies it)."""
+    return julius.ResampleFrac(old, new).to(device, dtype)
 
 
 class BLSTM(nn.Module):

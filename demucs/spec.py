@@ -6,11 +6,12 @@ in at least float32 / complex64, mixed precision (autocast) or not.
 """
 from __future__ import annotations
 
-import functools
 import typing as tp
 
 import torch
 from torch.nn import functional as F
+
+from .utils import made_once
 
 HALF_TYPES = (torch.float16, torch.bfloat16)  # computed in float32
 
@@ -71,33 +72,30 @@ def _istft(z: torch.Tensor, n_fft: int, hop: int, win_length: int,
     return x
 
 
-@functools.lru_cache(maxsize=64)
+@made_once
 def _overlap_add(n_fft: int, hop: int, win_length: int, frames: int, end: int,
                  device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The window of `_istft`, centred in `n_fft` points, and the sum of its squares over
     the frames (the envelope) from `n_fft // 2` to `end`, checked to never vanish."""
-    with torch.inference_mode(False), torch.no_grad():  # usable by later training
-        window = torch.hann_window(win_length).to(dtype)  # as `_hann`
-        left = (n_fft - win_length) // 2
-        window = F.pad(window, (left, n_fft - win_length - left))
-        full = n_fft + hop * (frames - 1)
-        squares = window.pow(2).expand(1, frames, n_fft)
-        envelope = torch.ops.aten.unfold_backward(squares, [1, full], 1, n_fft, hop)
-        envelope = envelope[:, n_fft // 2:end]
-        if envelope.numel() and float(envelope.abs().min()) < 1e-11:
-            raise ValueError(
-                f"Inverse STFT: with n_fft={n_fft}, hop_length={hop}, a window of "
-                f"{win_length} and {frames} frames, some of the {end - n_fft // 2} output "
-                "samples are covered by no window; lower the hop or the length.")
-        return window.to(device), envelope.to(device)
+    window = torch.hann_window(win_length).to(dtype)  # as `_hann`
+    left = (n_fft - win_length) // 2
+    window = F.pad(window, (left, n_fft - win_length - left))
+    full = n_fft + hop * (frames - 1)
+    squares = window.pow(2).expand(1, frames, n_fft)
+    envelope = torch.ops.aten.unfold_backward(squares, [1, full], 1, n_fft, hop)
+    envelope = envelope[:, n_fft // 2:end]
+    if envelope.numel() and float(envelope.abs().min()) < 1e-11:
+        raise ValueError(
+            f"Inverse STFT: with n_fft={n_fft}, hop_length={hop}, a window of "
+            f"{win_length} and {frames} frames, some of the {end - n_fft // 2} output "
+            "samples are covered by no window; lower the hop or the length.")
+    return window.to(device), envelope.to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _hann(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The Hann window, made on the CPU (the reference values) and copied to `device`
-    once: a copy at each call would make a GPU step wait for the device."""
-    with torch.inference_mode(False), torch.no_grad():  # usable by later training
-        return torch.hann_window(length).to(device, dtype)
+    """The Hann window, made on the CPU (the reference values)."""
+    return torch.hann_window(length).to(device, dtype)
 
 
 def _real_edge_bins(z: torch.Tensor) -> torch.Tensor:

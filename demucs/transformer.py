@@ -27,6 +27,7 @@ from .demucs import LayerScale
 from .errors import ConfigError
 from .hlayers import ScaledEmbedding
 from .norm import GroupNorm
+from .utils import made_once
 
 Activation = tp.Callable[[torch.Tensor], torch.Tensor]
 SCALED_EMB_WEIGHT = 0.2  # weight of the learnt ('scaled') positional embedding
@@ -70,6 +71,9 @@ def create_2d_sin_embedding(dim: int, height: int, width: int, device: tp.Any = 
     emb[half::2] = torch.sin(phase_h).t()[:, :, None].expand(-1, -1, width)
     emb[half + 1::2] = torch.cos(phase_h).t()[:, :, None].expand(-1, -1, width)
     return emb[None].to(device)
+
+
+_made_2d_sin_embedding = made_once(create_2d_sin_embedding)  # a constant of each shape
 
 
 def create_sin_embedding_cape(length: int, dim: int, batch_size: int, mean_normalize: bool,
@@ -351,7 +355,7 @@ class CrossTransformerEncoder(nn.Module):
                 ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """Spectral (B, C, Fr, T1) and temporal (B, C, T2) maps -> the same shapes."""
         B, C, Fr, T1 = x.shape
-        pos_emb_2d = create_2d_sin_embedding(C, Fr, T1, x.device, self.max_period)
+        pos_emb_2d = _made_2d_sin_embedding(C, Fr, T1, x.device, self.max_period)
         pos_emb_2d = pos_emb_2d.permute(0, 3, 2, 1).reshape(1, T1 * Fr, C)  # time major
         x = x.permute(0, 3, 2, 1).reshape(B, T1 * Fr, C)  # (B, T1 * Fr, C)
         x = self.norm_in(x) + self.weight_pos_embed * pos_emb_2d

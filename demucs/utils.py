@@ -58,6 +58,24 @@ def unfold(a: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     return a.as_strided([*shape, n_frames, kernel_size], strides)
 
 
+T = tp.TypeVar("T")
+
+
+def made_once(function: tp.Callable[..., T]) -> functools._lru_cache_wrapper[T]:
+    """`function` of hashable arguments (sizes, a device, a dtype) computed once per
+    arguments: the constant tensors of a model's forward (windows, kernels, embeddings),
+    made on the CPU and copied to the device once, where a copy at each call would make
+    a GPU step wait for the device. They are made outside inference mode, so that one
+    first made during a separation still serves a training step after."""
+
+    @functools.lru_cache(maxsize=64)
+    @functools.wraps(function)
+    def made(*args: tp.Any) -> T:
+        with torch.inference_mode(False), torch.no_grad():
+            return function(*args)
+    return made
+
+
 @functools.lru_cache(maxsize=None)
 def _glibc() -> tp.Optional[ctypes.CDLL]:
     """The C library when it is glibc (it has `malloc_trim`), else None."""

@@ -10,6 +10,7 @@ import torch
 
 from demucs.demucs import _resampler
 from demucs.spec import _hann, _overlap_add, _real_edge_bins, ispectro, spectro
+from demucs.transformer import _made_2d_sin_embedding, create_2d_sin_embedding
 from helpers import tiny_hdemucs
 
 
@@ -86,3 +87,6 @@ def test_cached_windows_and_resamplers_serve_training_after_inference() -> None:
     resampled = _resampler(1, 2, x.device, x.dtype)(x)
     assert torch.equal(resampled, julius.resample_frac(x, 1, 2))
     resampled.sum().backward()  # a cached resampler in an autograd graph
+    embedding = _made_2d_sin_embedding(8, 4, 6, x.device, 10000.)
+    assert embedding is _made_2d_sin_embedding(8, 4, 6, x.device, 10000.)
+    assert torch.equal(embedding, create_2d_sin_embedding(8, 4, 6))
