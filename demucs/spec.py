@@ -6,6 +6,7 @@ in at least float32 / complex64, mixed precision (autocast) or not.
 """
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import torch
@@ -55,41 +56,50 @@ def _istft(z: torch.Tensor, n_fft: int, hop: int, win_length: int,
            length: tp.Optional[int]) -> torch.Tensor:
     """`torch.istft` of `z` (N, F, frames) with a Hann window of `win_length`, normalized
     and centered, trimmed or zero-padded to `length`: the same operations in the same
-    order (the same values, bit for bit), with the window envelope and its check made once
-    per shape on the CPU. `torch.istft` checks the envelope on the device at each call,
-    which makes a GPU step wait for the device and rules out CUDA graphs."""
+    order (the same values, bit for bit), but the check that every output sample is
+    covered by a window is made once per shape, on the CPU. `torch.istft` makes it on the
+    device at each call, which makes a GPU step wait for the device and rules out CUDA
+    graphs."""
     batch, _, frames = z.shape
     full = n_fft + hop * (frames - 1)
     start = n_fft // 2
     end = start + length if length is not None else full - n_fft // 2
-    window, envelope = _overlap_add(n_fft, hop, win_length, frames, end, z.device,
-                                    z.real.dtype)
+    _check_overlap(n_fft, hop, win_length, frames, end)
+    window = _centred_hann(n_fft, win_length, z.device, z.real.dtype)
     signal = torch.fft.irfft(z.transpose(1, 2), n=n_fft, dim=-1, norm="ortho")  # (N, T, n)
     x = torch.ops.aten.unfold_backward(signal * window, [batch, full], 1, n_fft, hop)
-    x = x[:, start:end] / envelope
+    x = x[:, start:end] / _envelope(window, frames, hop)[:, start:end]
     if end > full:
         x = F.pad(x, (0, end - full))
     return x
 
 
-@made_once
-def _overlap_add(n_fft: int, hop: int, win_length: int, frames: int, end: int,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window of `_istft`, centred in `n_fft` points, and the sum of its squares over
-    the frames (the envelope) from `n_fft // 2` to `end`, checked to never vanish."""
-    window = torch.hann_window(win_length).to(dtype)  # as `_hann`
-    left = (n_fft - win_length) // 2
-    window = F.pad(window, (left, n_fft - win_length - left))
-    full = n_fft + hop * (frames - 1)
+def _envelope(window: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
+    """The sum of the squared `window` over `frames` frames `hop` apart, (1, length)."""
+    n_fft = len(window)
     squares = window.pow(2).expand(1, frames, n_fft)
-    envelope = torch.ops.aten.unfold_backward(squares, [1, full], 1, n_fft, hop)
-    envelope = envelope[:, n_fft // 2:end]
+    return torch.ops.aten.unfold_backward(squares, [1, n_fft + hop * (frames - 1)], 1,
+                                          n_fft, hop)
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_overlap(n_fft: int, hop: int, win_length: int, frames: int, end: int) -> None:
+    """Fail where a window envelope vanishes between `n_fft // 2` and `end`."""
+    window = _centred_hann(n_fft, win_length, torch.device("cpu"), torch.float32)
+    envelope = _envelope(window, frames, hop)[:, n_fft // 2:end]
     if envelope.numel() and float(envelope.abs().min()) < 1e-11:
         raise ValueError(
             f"Inverse STFT: with n_fft={n_fft}, hop_length={hop}, a window of "
             f"{win_length} and {frames} frames, some of the {end - n_fft // 2} output "
             "samples are covered by no window; lower the hop or the length.")
-    return window.to(device), envelope.to(device)
+
+
+@made_once
+def _centred_hann(n_fft: int, win_length: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """`_hann(win_length)` zero-padded on both sides to `n_fft` points."""
+    left = (n_fft - win_length) // 2
+    return F.pad(_hann(win_length, device, dtype), (left, n_fft - win_length - left))
 
 
 @made_once

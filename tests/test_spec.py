@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from demucs.demucs import _resampler
-from demucs.spec import _hann, _overlap_add, _real_edge_bins, ispectro, spectro
+from demucs.spec import _hann, _centred_hann, _real_edge_bins, ispectro, spectro
 from demucs.transformer import _made_2d_sin_embedding, create_2d_sin_embedding
 from helpers import tiny_hdemucs
 
@@ -67,7 +67,7 @@ def test_cached_windows_and_resamplers_serve_training_after_inference() -> None:
     per device and dtype; made first under `inference_mode` (separation), they still serve
     a training step after, and give the values of the uncached functions."""
     _hann.cache_clear()
-    _overlap_add.cache_clear()
+    _centred_hann.cache_clear()
     _resampler.cache_clear()
     torch.manual_seed(0)
     x = torch.randn(2, 3000)
