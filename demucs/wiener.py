@@ -107,8 +107,8 @@ def _update_models(y: torch.Tensor, eps: float, batch_size: int
     v = torch.mean(torch.abs(y[..., 0, :]) ** 2 + torch.abs(y[..., 1, :]) ** 2, dim=-2)
     covs = []
     for j in range(y.shape[-1]):
-        R = torch.tensor(0.0, device=y.device)
-        weight = torch.tensor(eps, device=y.device)
+        R = torch.zeros((), device=y.device)  # made on the device: no copy to wait for
+        weight = torch.full((), eps, device=y.device)
         for pos in range(0, nb_frames, batch_size):
             frames = slice(pos, pos + batch_size)
             R = R + torch.sum(_covariance(y[frames, ..., j]), dim=0)
