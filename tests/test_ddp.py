@@ -3,10 +3,13 @@ a user types it. Dora starts two worker processes that join a gloo process group
 where there are two GPUs or more) and train a tiny Hybrid Demucs together.
 
 What the workers do inside is recorded by a probe: a `sitecustomize` module put on the
-workers' PYTHONPATH that wraps (never replaces) three functions of `demucs.solver` and, at
-the end of `Solver.train`, saves what this worker holds. It shows what the files of the XP
-cannot: that both workers end with the same weights, that each saw its own examples, that
-the logged metrics are the averages over both, and that only rank 0 wrote files.
+workers' PYTHONPATH that wraps (never replaces) three functions of `demucs.solver` and
+`distrib.wrap` (whose DDP gets a communication hook that records each gradient exchange
+and then makes DDP's own all-reduce), and at the end of `Solver.train` saves what this
+worker holds. It shows what the files of the XP cannot: that both workers end with the
+same weights, that each saw its own examples, that the logged metrics are the averages
+over both, that gradients are exchanged once per optimizer step, and that only rank 0
+wrote files.
 """
 from __future__ import annotations
 
