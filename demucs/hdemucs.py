@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .demucs import rescale_module
-from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
+from .hlayers import (HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding,
+                      add_frequency_embedding)
 from .spec import ispectro, spectro
 from .utils import capture_init, trim_heap
 from .wiener import mixture_phase_filter, wiener
@@ -449,11 +450,7 @@ class HDemucs(HybridSpectrogram, nn.Module):
                     inject = xt
             x = encode(x, inject)
             if idx == 0 and self.freq_emb is not None:
-                # Frequency embedding, so that convolutions along frequency need not be
-                # equivariant.
-                frs = torch.arange(x.shape[-2], device=x.device)
-                emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
-                x = x + self.freq_emb_scale * emb
+                x = add_frequency_embedding(x, self.freq_emb, self.freq_emb_scale)
             saved.append(x)
             release_freed_memory(x)
 

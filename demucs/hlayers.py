@@ -42,6 +42,17 @@ class ScaledEmbedding(nn.Module):
         return self.embedding(x) * self.scale
 
 
+def add_frequency_embedding(x: torch.Tensor, embedding: ScaledEmbedding,
+                            weight: float) -> torch.Tensor:
+    """`x` (B, C, Fr, T) plus `weight` times the embedding of each frequency row, so that
+    convolutions along frequency need not be equivariant. The sum keeps x's dtype: under
+    mixed precision the (float32) embedding would otherwise turn the first freq layer's
+    output, and the skip the decoder keeps of it, into float32."""
+    rows = torch.arange(x.shape[-2], device=x.device)
+    emb = embedding(rows).t()[None, :, :, None].expand_as(x)
+    return x + (weight * emb).to(x.dtype)
+
+
 def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
     def make(dim: int) -> nn.Module:
         return GroupNorm(groups, dim) if norm else nn.Identity()

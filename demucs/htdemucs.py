@@ -25,7 +25,8 @@ from torch.nn import functional as F
 from .demucs import rescale_module
 from .errors import ConfigError
 from .hdemucs import HybridSpectrogram, release_freed_memory, scale_shift
-from .hlayers import HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding
+from .hlayers import (HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding,
+                      add_frequency_embedding)
 from .transformer import CrossTransformerEncoder, check_dense_attention
 from .utils import capture_init
 
@@ -371,11 +372,7 @@ class HTDemucs(HybridSpectrogram, nn.Module):
                     saved_t.append(xt)
             x = encode(x, inject)
             if idx == 0 and self.freq_emb is not None:
-                # Frequency embedding, so that convolutions along frequency need not be
-                # equivariant.
-                frs = torch.arange(x.shape[-2], device=x.device)
-                emb = self.freq_emb(frs).t()[None, :, :, None].expand_as(x)
-                x = x + self.freq_emb_scale * emb
+                x = add_frequency_embedding(x, self.freq_emb, self.freq_emb_scale)
             saved.append(x)
             release_freed_memory(x)
 

@@ -129,3 +129,18 @@ def test_mixture_phase_fast_path_is_bitwise_the_wiener_path() -> None:
     z[..., 3, 5] = 0  # an exact zero bin reads as 1 + 0j in the reference phase
     mag = torch.rand(1, 4, 2, *z.shape[-2:]) - 0.2
     assert torch.equal(model._mask(z, mag), model._wiener(mag, z, 0))
+
+
+def test_frequency_embedding_keeps_the_input_dtype() -> None:
+    """The freq branch's embedding: in float32 the original's sum, bit for bit; under
+    mixed precision a bf16 input stays bf16 (the embedding itself is float32)."""
+    from demucs.hlayers import ScaledEmbedding, add_frequency_embedding
+    torch.manual_seed(0)
+    embedding = ScaledEmbedding(16, 4, smooth=True)
+    x = torch.randn(2, 4, 16, 5)
+    rows = embedding(torch.arange(16)).t()[None, :, :, None]
+    assert torch.equal(add_frequency_embedding(x, embedding, 0.2), x + 0.2 * rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = add_frequency_embedding(x.bfloat16(), embedding, 0.2)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), x + 0.2 * rows, atol=0.05, rtol=0.02)
