@@ -172,6 +172,22 @@ def same_state(first: StateLike, second: StateLike) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def assert_same_tensors(first: tp.Any, second: tp.Any, where: str = "") -> None:
+    """Recursive torch.equal over the tensors of two nested containers."""
+    if isinstance(first, torch.Tensor):
+        assert isinstance(second, torch.Tensor) and torch.equal(first, second), where
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), where
+        for key in first:
+            assert_same_tensors(first[key], second[key], f"{where}.{key}")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second)):
+            assert_same_tensors(a, b, f"{where}[{index}]")
+    else:
+        assert first == second, where
+
+
 # ---------------------------------------------------------------------------------------
 # Commands and processes
 

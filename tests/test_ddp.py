@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import typing as tp
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ import torch
 
 from demucs.checkpoints import load_checkpoint
 from demucs.states import load_model
+from helpers import assert_same_tensors
 from tools.synth_dataset import generate_dataset
 
 # A tiny Hybrid Demucs (as TINY in test_gpu.py), but with remix groups of 1: each worker's
@@ -115,23 +115,6 @@ def run_ddp(cwd: Path, env: dict[str, str], argv: list[str]) -> tuple[int, str]:
     return process.returncode, output
 
 
-def same(first: tp.Any, second: tp.Any, where: str = "") -> None:
-    """Exact equality of two nested containers of tensors."""
-    if isinstance(first, torch.Tensor):
-        if not (isinstance(second, torch.Tensor) and torch.equal(first, second)):
-            pytest.fail(f"{where}: the tensors differ")
-    elif isinstance(first, dict):
-        assert first.keys() == second.keys(), where
-        for key in first:
-            same(first[key], second[key], f"{where}.{key}")
-    elif isinstance(first, (list, tuple)):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second)):
-            same(a, b, f"{where}[{index}]")
-    else:
-        assert first == second, where
-
-
 BACKENDS = [
     pytest.param("gloo", id="cpu-gloo"),
     pytest.param("nccl", id="cuda-nccl", marks=pytest.mark.skipif(
@@ -185,12 +168,12 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int)
 
     # Same start, different examples, same end: the gradients were averaged.
     zero, one = probes
-    same(zero["initial"], one["initial"])
+    assert_same_tensors(zero["initial"], one["initial"])
     assert any(not torch.equal(zero["initial"][key], zero["final"][key])
                for key in zero["final"])
-    same(zero["final"], one["final"], "final")
-    same(zero["emas"], one["emas"], "emas")
-    same(zero["optimizer"], one["optimizer"], "optimizer")
+    assert_same_tensors(zero["final"], one["final"], "final")
+    assert_same_tensors(zero["emas"], one["emas"], "emas")
+    assert_same_tensors(zero["optimizer"], one["optimizer"], "optimizer")
 
     # The gradients are exchanged once per optimizer step (3 or 2 per epoch), not once per
     # batch: a batch that only accumulates keeps its gradients local. DDP's first bucket
@@ -221,7 +204,7 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int)
     assert one["saves"] == []
     assert zero["saves"] == ["checkpoint.th", "best.th"] * len(history)
     checkpoint = load_checkpoint(folder / "checkpoint.th")
-    same(checkpoint["state"], zero["final"], "checkpoint")
+    assert_same_tensors(checkpoint["state"], zero["final"], "checkpoint")
     assert checkpoint["history"] == history
     model = load_model(folder / "best.th")
-    same(model.state_dict(), checkpoint["best_state"], "best.th")
+    assert_same_tensors(model.state_dict(), checkpoint["best_state"], "best.th")

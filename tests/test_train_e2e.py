@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 
 from demucs.grids._explorers import summarize
-from helpers import REPO, SOURCES, on_ci
+from helpers import REPO, SOURCES, assert_same_tensors, on_ci
 from tools.synth_dataset import generate_dataset
 
 # Everything random is on: repitch (when soundstretch is there), remix, scale, flips,
@@ -81,22 +81,6 @@ def xp_folder(cwd: Path) -> Path:
 
 def load(path: Path) -> dict[str, tp.Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(first: tp.Any, second: tp.Any, where: str = "") -> None:
-    """Recursive torch.equal over the tensors of two nested containers."""
-    if isinstance(first, torch.Tensor):
-        assert torch.equal(first, second), where
-    elif isinstance(first, dict):
-        assert first.keys() == second.keys(), where
-        for key in first:
-            assert_same_tensors(first[key], second[key], f"{where}.{key}")
-    elif isinstance(first, (list, tuple)):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second)):
-            assert_same_tensors(a, b, f"{where}[{index}]")
-    else:
-        assert first == second, where
 
 
 @pytest.fixture(scope="module", params=[
