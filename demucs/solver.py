@@ -125,6 +125,60 @@ def check_optim(optim: tp.Any, cuda: bool) -> None:
     if not isinstance(optim.accumulate, int) or optim.accumulate < 1:
         raise ConfigError(f"optim.accumulate={optim.accumulate!r}: give a whole number of "
                           "batches per optimizer step, at least 1.")
+    if optim.cuda_graph and not cuda:
+        raise ConfigError("optim.cuda_graph=true needs a CUDA GPU; set it to false.")
+
+
+def check_cuda_graph(args: tp.Any, model: nn.Module) -> None:
+    """Fail at start-up where the training step cannot be replayed as CUDA graphs: the
+    graphs are captured once, so what the forward decides on the host at each call (the
+    random draws of an HTDemucs' positional embedding, DiffQ's quantization) would stay
+    as drawn at capture, and DDP's gradient exchange is not part of them."""
+    if distrib.world_size() > 1:
+        raise ConfigError("optim.cuda_graph=true trains on one GPU; drop -d, or set "
+                          "optim.cuda_graph=false.")
+    if args.quant.diffq or args.quant.qat:
+        raise ConfigError("optim.cuda_graph=true does not go with quantization (quant.diffq, "
+                          "quant.qat); set optim.cuda_graph=false.")
+    transformer: tp.Any = getattr(model, "crosstransformer", None)
+    if transformer is not None and (
+            transformer.sin_random_shift
+            or (transformer.emb == "cape" and transformer.cape_augment)):
+        raise ConfigError("optim.cuda_graph=true would freeze the random positional shifts "
+                          "of the cross-transformer (htdemucs.t_sin_random_shift, "
+                          "t_cape_augment); set them off, or optim.cuda_graph=false.")
+
+
+class GraphedStep:
+    """A model's training forward and backward captured as CUDA graphs for the shape of
+    `sample` (B, C, T) and replayed for every batch of that shape; other shapes (a last,
+    smaller batch) and eval mode run the model eagerly. What a training step launches is
+    thousands of small kernels (an LSTM's backward launches several per time step), so
+    that an eager step at small batches is bound by the launches, not by the GPU.
+
+    The parameters' gradients come out of the backward graph and accumulate into `.grad`
+    as usual (gradient accumulation, clipping, the optimizer, EMAs and the loss stay
+    eager). Captured inside the solver's autocast, the graphs replay its casts.
+    """
+
+    def __init__(self, model: nn.Module, sample: torch.Tensor):
+        self.shape = sample.shape
+        self.model = model
+        self.eager = model.forward
+        torch.cuda.synchronize()
+        try:  # replaces `model.forward` by the replay (eager again in eval mode)
+            torch.cuda.make_graphed_callables(model, (sample.detach().clone(),),
+                                              allow_unused_input=True)
+        except (RuntimeError, AssertionError) as error:
+            raise TrainingError(
+                f"optim.cuda_graph: the training step of {type(model).__name__} could not "
+                f"be captured as CUDA graphs ({one_line(error)}); set "
+                "optim.cuda_graph=false.") from None
+
+    def __call__(self, mix: torch.Tensor) -> torch.Tensor:
+        if mix.shape != self.shape:
+            return self.eager(mix)
+        return self.model(mix)
 
 
 def is_better(value: float, reference: float, metric: str) -> bool:
@@ -196,6 +250,9 @@ class Solver:
         self.penalty_rng = random.Random(args.seed)  # draws of svd.proba
         self.accumulate = int(args.optim.accumulate)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.optim.amp == "fp16")
+        self.graphed: tp.Optional[GraphedStep] = None  # optim.cuda_graph, made at 1st batch
+        if args.optim.cuda_graph:
+            check_cuda_graph(args, model)
         xp = get_xp()
         self.folder = xp.folder
         self.xp_argv = list(xp.argv)
@@ -479,10 +536,21 @@ class Solver:
         return averager.reduce()
 
     def _autocast(self) -> tp.ContextManager:
-        """Mixed precision (`optim.amp`) for the forward and the loss."""
+        """Mixed precision (`optim.amp`) for the forward and the loss (without autocast's
+        cache of cast weights under CUDA graphs, which would outlive the capture)."""
         if not self.args.optim.amp:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.args.optim.amp])
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.args.optim.amp],
+                              cache_enabled=not self.args.optim.cuda_graph)
+
+    def _forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """The model's training forward, replayed from CUDA graphs with `optim.cuda_graph`
+        (captured at the first batch; a batch of another shape runs eagerly)."""
+        if not self.args.optim.cuda_graph:
+            return self.dmodel(mix)
+        if self.graphed is None:
+            self.graphed = GraphedStep(self.model, mix)
+        return self.graphed(mix)
 
     def _train_step(self, sources: torch.Tensor, step: bool,
                     where: tuple[int, int]) -> Metrics:
@@ -491,7 +559,7 @@ class Solver:
         mix = sources.sum(dim=1)  # (B, C, T)
         with distrib.local_gradients(self.dmodel, active=not step):
             with self._autocast():
-                estimate = self.dmodel(mix).float()
+                estimate = self._forward(mix).float()
                 loss, metrics = self._batch_metrics(estimate, sources)
                 svd = self.args.svd
                 if svd.penalty > 0:

@@ -60,7 +60,7 @@ def parse_groups(text: str) -> dict[str, dict[str, str]]:
 
 # Keys of ours beyond the original's (see docs/training.md), with their defaults: being
 # defaults, they enter no signature.
-OUR_KEYS = {"optim.amp": "None", "optim.accumulate": "1"}
+OUR_KEYS = {"optim.amp": "None", "optim.accumulate": "1", "optim.cuda_graph": "False"}
 
 
 def parse_v4_delta(text: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from demucs import norm, train
 from demucs.apply import apply_model
+from demucs.solver import GraphedStep
 from demucs.train import main
 from helpers import new_xp, tiny_hdemucs, tiny_htdemucs
 from tools.synth_dataset import generate_dataset
@@ -49,6 +50,32 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
     assert solver.best_state is not None
     assert {value.dtype for value in solver.best_state.values()
             if value.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.parametrize("argv,amp", [(TINY, "null"), (TINY, "bf16"), (TINY_V4, "bf16")],
+                         ids=["f32", "bf16", "v4-bf16"])
+def test_cuda_graph_training_equals_eager(dataset: Path, argv: list[str], amp: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`optim.cuda_graph=true` replays the captured forward and backward: the same training
+    history as the eager one (batches of 4, then a last one of 2 that runs eagerly)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    argv = argv + [f"optim.amp={amp}", "batch_size=4", "max_batches=0", "epochs=1",
+                   "augment.remix.group_size=2"]
+    histories, solvers = [], []
+    for graph in ["false", "true"]:
+        xp = new_xp(argv + [f"optim.cuda_graph={graph}"])
+        with xp.enter():
+            solver = train.get_solver(xp.cfg)
+            solver.train()
+        histories.append(solver.history)
+        solvers.append(solver)
+    assert solvers[0].graphed is None and isinstance(solvers[1].graphed, GraphedStep)
+    assert solvers[1].graphed.shape[0] == 4
+    eager, graphed = (history[-1]["train"] for history in histories)
+    assert eager.keys() == graphed.keys()
+    for key in eager:
+        assert graphed[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-6), key
 
 
 @pytest.mark.parametrize("make", [tiny_hdemucs, tiny_htdemucs], ids=["hdemucs", "htdemucs"])

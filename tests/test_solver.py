@@ -378,10 +378,39 @@ def test_optim_errors_at_start_up(argv: list[str], message: str) -> None:
         main.get_xp(TINY + argv)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused without CUDA only")
-def test_fp16_needs_cuda() -> None:
-    with pytest.raises(ConfigError, match="optim.amp=fp16 needs a CUDA GPU"):
-        main.get_xp(TINY + ["optim.amp=fp16"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused without CUDA only")
+@pytest.mark.parametrize("argv, message", [
+    (["optim.amp=fp16"], "optim.amp=fp16 needs a CUDA GPU"),
+    (["optim.cuda_graph=true"], "optim.cuda_graph=true needs a CUDA GPU"),
+])
+def test_cuda_only_options(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        main.get_xp(TINY + argv)
+
+
+@pytest.mark.parametrize("argv, model, message", [
+    (["quant.diffq=1e-4"], "hdemucs", "does not go with quantization"),
+    ([], "ddp", "trains on one GPU; drop -d"),
+    ([], "htdemucs-shift", "would freeze the random positional shifts"),
+    ([], "htdemucs-cape", "would freeze the random positional shifts"),
+])
+def test_cuda_graph_refusals(argv: list[str], model: str, message: str,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CUDA graphs cannot hold fails at start-up (`Solver` checks these on the
+    GPU machine; the check itself needs no GPU)."""
+    from demucs import distrib
+    from demucs.solver import check_cuda_graph
+    from helpers import tiny_hdemucs, tiny_htdemucs
+    check_cuda_graph(main.get_xp(TINY).cfg, tiny_htdemucs())  # the default HTDemucs is fine
+    args = main.get_xp(TINY + argv).cfg
+    if model == "ddp":
+        monkeypatch.setattr(distrib, "world_size", lambda: 2)
+    makers: dict[str, tp.Callable[[], torch.nn.Module]] = {
+        "hdemucs": tiny_hdemucs, "ddp": tiny_hdemucs,
+        "htdemucs-shift": lambda: tiny_htdemucs(t_sin_random_shift=2),
+        "htdemucs-cape": lambda: tiny_htdemucs(t_emb="cape")}
+    with pytest.raises(ConfigError, match=message):
+        check_cuda_graph(args, makers[model]())
 
 
 def test_bf16_training_keeps_float32_state() -> None:
