@@ -9,6 +9,7 @@ Each measurement runs in its own process, so that peaks do not mix.
 
     python bench/bench_train.py [--batch 4] [--seconds 7.8] [--steps 2] [--threads 2]
         [--models hdemucs demucs] [--devices cpu cuda] [--amps float32 bf16 fp16]
+        [--cuda-graph]
 
 Run from outside the repository with another `demucs` on the path (bench/README.md), the
 same figures come from that implementation.
@@ -38,13 +39,20 @@ def peak_rss_mb() -> float:
 
 
 def measure(name: str, amp: str, device: str, batch: int, seconds: float,
-            steps: int) -> dict[str, float]:
-    """Seconds per step (best), examples/s and peak memory (MB) above the start."""
+            steps: int, graph: bool = False) -> dict[str, float]:
+    """Seconds per step (best), examples/s and peak memory (MB) above the start; with
+    `graph`, the forward and backward replayed as CUDA graphs (`optim.cuda_graph`)."""
     model = build(name).to(device).train()
     optim = adam(model)
     scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
     sources = torch.randn(batch, 4, 2, int(seconds * 44100), device=device)
-    cast = (torch.autocast(device, dtype=DTYPES[amp]) if amp != "float32" else nullcontext())
+    cast = (torch.autocast(device, dtype=DTYPES[amp], cache_enabled=not graph)
+            if amp != "float32" else nullcontext())
+    forward: tp.Callable[[torch.Tensor], torch.Tensor] = model
+    if graph:
+        from demucs.solver import GraphedStep  # ours only
+        with cast:
+            forward = GraphedStep(model, sources.sum(dim=1))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else peak_rss_mb()
@@ -53,7 +61,7 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
         for _ in range(steps + 1):  # the first step warms up
             begin = time.perf_counter()
             with cast:
-                estimate = model(sources.sum(dim=1)).float()
+                estimate = forward(sources.sum(dim=1)).float()
                 loss = torch.nn.functional.l1_loss(estimate, sources)
             optim.zero_grad()
             scaler.scale(loss).backward()
@@ -75,6 +83,7 @@ def run_one(args: argparse.Namespace, name: str, amp: str,
     command = [sys.executable, __file__, "--one", name, amp, device,
                "--batch", str(args.batch), "--seconds", str(args.seconds),
                "--steps", str(args.steps), "--threads", str(args.threads)]
+    command += ["--cuda-graph"] if args.cuda_graph and device == "cuda" else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         lines = (done.stderr.strip() or "no output").splitlines()
@@ -95,13 +104,16 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     parser.add_argument("--amps", nargs="+", choices=["float32", "bf16", "fp16"],
                         default=["float32", "bf16", "fp16"],
                         help="fp16 runs on CUDA only; the first one is the reference")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on CUDA, replay the forward and backward as CUDA graphs")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "AMP", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
         name, amp, device = args.one
-        print(json.dumps(measure(name, amp, device, args.batch, args.seconds, args.steps)))
+        print(json.dumps(measure(name, amp, device, args.batch, args.seconds, args.steps,
+                                 args.cuda_graph)))
         return
     runs = [(device, amp) for device in args.devices for amp in args.amps
             if not (device == "cpu" and amp == "fp16")]
