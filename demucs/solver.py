@@ -156,9 +156,10 @@ class GraphedStep:
     thousands of small kernels (an LSTM's backward launches several per time step), so
     that an eager step at small batches is bound by the launches, not by the GPU.
 
-    The parameters' gradients come out of the backward graph and accumulate into `.grad`
-    as usual (gradient accumulation, clipping, the optimizer, EMAs and the loss stay
-    eager). Captured inside the solver's autocast, the graphs replay its casts.
+    The parameters' gradients come out of the backward graph and are added to `.grad`,
+    which is allocated here and from then on zeroed in place (gradient accumulation,
+    clipping, the optimizer, EMAs and the loss stay eager). Captured inside the solver's
+    autocast, the graphs replay its casts.
     """
 
     def __init__(self, model: nn.Module, sample: torch.Tensor):
@@ -174,6 +175,9 @@ class GraphedStep:
                 f"optim.cuda_graph: the training step of {type(model).__name__} could not "
                 f"be captured as CUDA graphs ({one_line(error)}); set "
                 "optim.cuda_graph=false.") from None
+        for param in model.parameters():  # see `Solver._zero_grad`
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
 
     def __call__(self, mix: torch.Tensor) -> torch.Tensor:
         if mix.shape != self.shape:
@@ -521,7 +525,7 @@ class Solver:
                               "dset.segment, or add tracks.")
         self.dmodel.train()
         self.augment.train()
-        self.optimizer.zero_grad()
+        self._zero_grad()
         averager = Averager()
         progress = self._batches(loader, f"Train | Epoch {epoch + 1}")
         begin, total = time.monotonic(), progress.total
@@ -596,10 +600,16 @@ class Solver:
         self.scaler.update()
         if self.scaler.is_enabled():  # fp16: a step with inf/NaN gradients is skipped
             metrics["skipped"] = float(self.scaler.get_scale() < scale)
-        self.optimizer.zero_grad()
+        self._zero_grad()
         for ema in self.emas["batch"]:
             ema.update()
         return metrics
+
+    def _zero_grad(self) -> None:
+        """Under CUDA graphs, gradients are zeroed in place, never dropped: the backward
+        graph leaves them in its own buffers, which a `.grad` set to None would then share
+        (and the next batch's replay overwrite, losing an accumulated gradient)."""
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
 
     def _svd_penalty(self, exact: bool) -> tp.Any:
         svd = self.args.svd

@@ -52,16 +52,19 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
             if value.is_floating_point()} == {torch.float32}
 
 
-@pytest.mark.parametrize("argv,amp", [(TINY, "null"), (TINY, "bf16"), (TINY_V4, "bf16")],
-                         ids=["f32", "bf16", "v4-bf16"])
+@pytest.mark.parametrize("argv,amp,accumulate", [
+    (TINY, "null", 1), (TINY, "null", 2), (TINY, "bf16", 1), (TINY_V4, "bf16", 1)],
+    ids=["f32", "f32-accumulate", "bf16", "v4-bf16"])
 def test_cuda_graph_training_equals_eager(dataset: Path, argv: list[str], amp: str,
+                                          accumulate: int,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`optim.cuda_graph=true` replays the captured forward and backward: the same training
-    history as the eager one (batches of 4, then a last one of 2 that runs eagerly)."""
+    history as the eager one (batches of 4, then a last one of 2 that runs eagerly; with
+    accumulation, gradients summed over two batches)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     argv = argv + [f"optim.amp={amp}", "batch_size=4", "max_batches=0", "epochs=1",
-                   "augment.remix.group_size=2"]
+                   "augment.remix.group_size=2", f"optim.accumulate={accumulate}"]
     histories, solvers = [], []
     for graph in ["false", "true"]:
         xp = new_xp(argv + [f"optim.cuda_graph={graph}"])

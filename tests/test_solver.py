@@ -413,6 +413,92 @@ def test_cuda_graph_refusals(argv: list[str], model: str, message: str,
         check_cuda_graph(args, makers[model]())
 
 
+def emulated_graphs(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...],
+                    allow_unused_input: bool = False) -> torch.nn.Module:
+    """A CPU stand-in for `torch.cuda.make_graphed_callables(module, sample_args)` with
+    the semantics the solver must live with: each call copies its input into a static
+    buffer, and returns the output and, in the backward, the parameters' gradients as
+    aliases of static buffers that the next call overwrites. Calls are counted in
+    `module.replays`."""
+    params = tuple(module.parameters())
+    static_input = sample_args[0].clone()
+    static_grads: list[tp.Optional[torch.Tensor]] = []
+    eager, training = module.forward, module.training
+    replays: list[tuple[int, ...]] = []
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: tp.Any, mix: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+            static_input.copy_(mix)
+            replays.append(tuple(mix.shape))
+            with torch.enable_grad():
+                ctx.output = eager(static_input)
+            return ctx.output.detach()
+
+        @staticmethod
+        def backward(ctx: tp.Any, grad: torch.Tensor) -> tuple[tp.Optional[torch.Tensor], ...]:
+            grads = torch.autograd.grad(ctx.output, params, grad, allow_unused=True)
+            if not static_grads:
+                static_grads.extend(None if g is None else torch.empty_like(g) for g in grads)
+            for buffer, value in zip(static_grads, grads):
+                if buffer is not None and value is not None:
+                    buffer.copy_(value)
+            return (None, *(None if b is None else b.detach() for b in static_grads))
+
+    def forward(mix: torch.Tensor) -> torch.Tensor:
+        if module.training != training:
+            return eager(mix)
+        return tp.cast(torch.Tensor, Graphed.apply(mix, *params))
+    module.forward = forward  # type: ignore[method-assign]
+    module.replays = replays  # type: ignore[assignment]
+    return module
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`optim.cuda_graph` on the CPU, with `emulated_graphs` for CUDA's."""
+    from demucs import solver as solver_module
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", emulated_graphs)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(train, "check_optim",
+                        lambda optim, cuda: solver_module.check_optim(optim, True))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_cuda_graph_bookkeeping(accumulate: int, graphs_on_cpu: None) -> None:
+    """The solver's side of `optim.cuda_graph`, with the graphs emulated on the CPU: the
+    eager history bit for bit, every batch replayed, and gradients accumulated over two
+    batches (a `.grad` sharing the graph's gradient buffers would double the second
+    batch's gradients and lose the first's)."""
+    from demucs.solver import GraphedStep
+    argv = ["batch_size=1", "augment.remix.group_size=1", "max_batches=1", "epochs=2",
+            f"optim.accumulate={accumulate}"]
+    graphed, _ = train_xp(*argv, "optim.cuda_graph=true")
+    assert isinstance(graphed.graphed, GraphedStep)
+    assert graphed.model.replays == [(1, 2, 44100)] * 4  # type: ignore[union-attr]
+    eager, _ = train_xp(*argv)
+    assert graphed.history == eager.history
+    for mine, theirs in zip(graphed.model.parameters(), eager.model.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_graphed_step_runs_other_shapes_and_eval_eagerly(graphs_on_cpu: None) -> None:
+    from demucs.solver import GraphedStep
+    from helpers import tiny_hdemucs
+    model = tiny_hdemucs(channels=4).train()
+    step = GraphedStep(model, torch.randn(2, 2, 44100))
+    replays = model.replays  # type: ignore[union-attr]
+    assert all(param.grad is not None and not param.grad.any()
+               for param in model.parameters())  # zeroed in place from now on
+    step(torch.randn(2, 2, 44100))
+    out = step(torch.randn(1, 2, 44100))  # a smaller batch: eager
+    assert len(replays) == 1 and out.shape[0] == 1 and out.grad_fn is not None
+    model.eval()
+    with torch.no_grad():
+        step(torch.randn(2, 2, 44100))
+    assert len(replays) == 1
+
+
 def test_bf16_training_keeps_float32_state() -> None:
     solver, xp = train_xp("epochs=1", "optim.amp=bf16", "ema.batch=[0.9]")
     train = solver.history[0]["train"]
