@@ -487,7 +487,7 @@ def test_graphed_step_runs_other_shapes_and_eval_eagerly(graphs_on_cpu: None) ->
     from helpers import tiny_hdemucs
     model = tiny_hdemucs(channels=4).train()
     step = GraphedStep(model, torch.randn(2, 2, 44100))
-    replays = model.replays  # type: ignore[union-attr]
+    replays: list[tuple[int, ...]] = model.replays  # type: ignore[assignment]
     assert all(param.grad is not None and not param.grad.any()
                for param in model.parameters())  # zeroed in place from now on
     step(torch.randn(2, 2, 44100))
