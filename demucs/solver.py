@@ -158,8 +158,10 @@ class GraphedStep:
 
     The parameters' gradients come out of the backward graph and are added to `.grad`,
     which is allocated here and from then on zeroed in place (gradient accumulation,
-    clipping, the optimizer, EMAs and the loss stay eager). Captured inside the solver's
-    autocast, the graphs replay its casts.
+    clipping, the optimizer, EMAs and the loss stay eager). A parameter the loss does not
+    reach thus has a zero gradient rather than none: Adam leaves it as it is, AdamW's
+    weight decay shrinks it. Captured inside the solver's autocast, the graphs replay its
+    casts.
     """
 
     def __init__(self, model: nn.Module, sample: torch.Tensor):
