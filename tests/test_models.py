@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import typing as tp
 
+import julius
 import pytest
 import torch
 
-from demucs.demucs import BLSTM, LocalState
+from demucs.demucs import BLSTM, LocalState, _resampler
 from demucs.hdemucs import HDemucs, pad1d
 from demucs.utils import center_trim, unfold
 
@@ -144,3 +145,25 @@ def test_frequency_embedding_keeps_the_input_dtype() -> None:
         half = add_frequency_embedding(x.bfloat16(), embedding, 0.2)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), x + 0.2 * rows, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(1, 1000), (2, 8, 12345), (3, 5, 88200), (16, 999)])
+def test_downsampling_gives_julius_outputs(shape: tuple[int, ...]) -> None:
+    """Demucs' downsampling by 2 on the CPU (a depthwise convolution over the rows): the
+    outputs of `julius.resample_frac` bit for bit, its input gradient up to rounding;
+    other factors, `full` and `output_length` are julius's own path."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    ours = _resampler(2, 1, x.device, x.dtype)(x)
+    reference = julius.resample_frac(x, 2, 1)
+    assert torch.equal(ours, reference)
+    grad = torch.randn_like(reference)
+    ours_grad, = torch.autograd.grad(ours, x, grad)
+    reference_grad, = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-5,
+                               atol=1e-6 * float(reference_grad.abs().max()))
+    resampler = _resampler(2, 1, x.device, x.dtype)
+    options: list[dict[str, tp.Any]] = [{"full": True}, {"output_length": shape[-1] // 3}]
+    for kwargs in options:
+        assert torch.equal(resampler(x, **kwargs), julius.resample_frac(x, 2, 1, **kwargs))
+    assert torch.equal(_resampler(1, 2, x.device, x.dtype)(x), julius.resample_frac(x, 1, 2))
