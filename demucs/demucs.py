@@ -20,8 +20,8 @@ from .utils import capture_init, center_trim, made_once, unfold
 
 
 class _Resample(julius.ResampleFrac):
-    """`julius.ResampleFrac`, with its downsampling on the CPU run as a depthwise
-    convolution.
+    """`julius.ResampleFrac`, with its downsampling in float32 on the CPU run as a
+    depthwise convolution.
 
     julius convolves every row of the signal, as a batch of one-channel signals, with the
     `new_sr` filters at stride `old_sr`. For a downsampling (stride 2 at the end of a
@@ -29,13 +29,13 @@ class _Resample(julius.ResampleFrac):
     backward took 195 ms of a 2 x 4 s training step on two threads, the forward 49 ms.
     The rows as the channels of one example, each convolved with its own copy of the
     filters (`groups`), take 12 ms forward and 13 ms backward, with the same outputs bit
-    for bit (tests/test_spec.py) and the input gradient up to float rounding.
+    for bit (tests/test_models.py) and the input gradient up to float rounding.
     """
 
     def forward(self, x: torch.Tensor, output_length: tp.Optional[int] = None,
                 full: bool = False) -> torch.Tensor:
-        if (self.old_sr == 1 or x.device.type != "cpu" or output_length is not None
-                or full):
+        if (self.old_sr == 1 or x.device.type != "cpu" or x.dtype != torch.float32
+                or output_length is not None or full):
             return super().forward(x, output_length, full)
         *shape, length = x.shape
         rows = x.reshape(-1, length)  # (R, T)
