@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+import demucs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_separation import adam, build, freed_memory_kept  # noqa: E402
 
@@ -117,7 +119,7 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
         return
     runs = [(device, amp) for device in args.devices for amp in args.amps
             if not (device == "cpu" and amp == "fp16")]
-    where = Path(str(__import__("demucs").__file__)).parent
+    where = Path(str(demucs.__file__)).parent
     gpu = f", {torch.cuda.get_device_name()}" if "cuda" in args.devices else ""
     print(f"demucs from {where}, torch {torch.__version__}, {args.threads} threads{gpu}, "
           f"batch {args.batch} x {args.seconds} s")
