@@ -44,10 +44,10 @@ system-deps:
 		|| { $$APT update -q && $$APT install -y -q ffmpeg soundstretch; }
 
 lint: install
-	$(VENV)/bin/ruff check demucs tools tests
+	$(VENV)/bin/ruff check demucs tools tests bench
 
 typecheck: install
-	$(VENV)/bin/mypy demucs tools tests
+	$(VENV)/bin/mypy demucs tools tests bench
 
 # The coverage summary covers the package and tools/ as run by pytest itself (commands
 # run in subprocesses are not counted); its data file stays in the venv.
