@@ -132,6 +132,28 @@ def test_mixture_phase_fast_path_is_bitwise_the_wiener_path() -> None:
     assert torch.equal(model._mask(z, mag), model._wiener(mag, z, 0))
 
 
+def test_mixture_phase_keeps_only_the_phase_for_backward() -> None:
+    """Training through the mixture-phase filter keeps the mixture's cos and sin (one
+    source's size each) for the backward, not the (B, S, C, Fr, T) source parts; the
+    gradient is the Wiener path's."""
+    model = tiny_hdemucs(cac=False).train()
+    z = model._spec(torch.randn(1, 2, 30000))
+    mag = torch.rand(1, 4, 2, *z.shape[-2:], requires_grad=True)
+    kept: list[torch.Size] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = model._mask(z, mag)
+    assert kept and all(shape[1] == 1 for shape in kept), kept
+    weights = torch.randn(out.shape, dtype=out.dtype)
+    grad, = torch.autograd.grad((out * weights).real.sum(), mag)
+    reference, = torch.autograd.grad((model._wiener(mag, z, 0) * weights).real.sum(), mag)
+    assert torch.equal(grad, reference)
+
+
 def test_frequency_embedding_keeps_the_input_dtype() -> None:
     """The freq branch's embedding: in float32 the original's sum, bit for bit; under
     mixed precision a bf16 input stays bf16 (the embedding itself is float32)."""
