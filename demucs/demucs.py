@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import GroupNorm
+from .norm import FusedSequential, GroupNorm
 from .utils import capture_init, center_trim, made_once, unfold
 
 
@@ -250,7 +250,7 @@ class DConv(nn.Module):
                 mods.insert(3, LocalState(hidden, heads=heads, ndecay=ndecay))
             if lstm:
                 mods.insert(3, BLSTM(hidden, layers=2, max_steps=200, skip=True))
-            self.layers.append(nn.Sequential(*mods))
+            self.layers.append(FusedSequential(*mods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -359,7 +359,7 @@ class Demucs(nn.Module):
             if rewrite:
                 encode += [nn.Conv1d(channels, ch_scale * channels, 1),
                            norm_fn(ch_scale * channels), activation()]
-            self.encoder.append(nn.Sequential(*encode))
+            self.encoder.append(FusedSequential(*encode))
 
             out_channels = in_channels if index > 0 else len(self.sources) * audio_channels
             decode: tp.List[nn.Module] = []
@@ -372,7 +372,7 @@ class Demucs(nn.Module):
             decode += [nn.ConvTranspose1d(channels, out_channels, kernel_size, stride)]
             if index > 0:
                 decode += [norm_fn(out_channels), act2()]
-            self.decoder.insert(0, nn.Sequential(*decode))
+            self.decoder.insert(0, FusedSequential(*decode))
             in_channels = channels
             channels = int(growth * channels)
 

@@ -29,30 +29,92 @@ FAST_ROWS = 512  # below this many (example, group) rows; above, PyTorch's kerne
 HALF = (torch.float16, torch.bfloat16)  # taken whatever the row count (see above)
 
 
+def activation_of(module: tp.Optional[nn.Module]) -> tp.Optional[tuple[str, tp.Any]]:
+    """("glu", dim) or ("gelu", approximate) for the activations `group_norm` can take
+    as `then`; None for any other module."""
+    if isinstance(module, nn.GLU):
+        return "glu", module.dim
+    if isinstance(module, nn.GELU):
+        return "gelu", module.approximate
+    return None
+
+
+def _statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1 / std of each (example, group) row of `x`, in float32: (N, G) each."""
+    rows = x.reshape(x.shape[0], groups, -1).float()  # a copy for half inputs only
+    var, mean = torch.var_mean(rows, dim=-1, correction=0)
+    return mean, (var + eps).rsqrt_()
+
+
+def _affine(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (example, channel) scale and shift of the normalisation: (N, C) each, float32."""
+    per_group = weight.shape[0] // mean.shape[1]
+    scale = rstd.repeat_interleave(per_group, dim=1) * weight.float()
+    shift = bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
+    return scale, shift
+
+
+def _normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`x` (N, C, ...) times `scale` plus `shift`, computed in float32, stored in x's dtype."""
+    flat = x.reshape(*x.shape[:2], -1)
+    out = torch.empty_like(flat)
+    torch.addcmul(shift[..., None], flat, scale[..., None], out=out)
+    return out.view_as(x)
+
+
+def _activate(y: torch.Tensor, act: tuple[str, tp.Any]) -> torch.Tensor:
+    kind, arg = act
+    return F.glu(y, dim=arg) if kind == "glu" else F.gelu(y, approximate=arg)
+
+
+def _activation_backward(grad: torch.Tensor, y: torch.Tensor,
+                         act: tuple[str, tp.Any]) -> torch.Tensor:
+    """The gradient autograd computes for `_activate(y, act)`, with the same kernel."""
+    kind, arg = act
+    if kind == "glu":
+        return torch.ops.aten.glu_backward(grad, y, arg)
+    return torch.ops.aten.gelu_backward(grad, y, approximate=arg)
+
+
 class _GroupNorm(torch.autograd.Function):
-    """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,)."""
+    """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,), then the
+    activation `act` (`activation_of`) if any.
+
+    With an activation, the norm's output is not kept for the activation's backward: the
+    backward computes it again from `x` (which the norm's own backward keeps anyway) and
+    the (N, C) scale and shift, with the same multiply-add under the same autocast state.
+    The gradients are those of the two steps run apart, bit for bit, and a tensor of the
+    norm's size less is kept until the backward.
+    """
 
     @staticmethod
     def forward(ctx: tp.Any, x: torch.Tensor, groups: int, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float) -> torch.Tensor:
-        batch, channels = x.shape[:2]
-        rows = x.reshape(batch, groups, -1).float()  # a copy for half inputs only
-        var, mean = torch.var_mean(rows, dim=-1, correction=0)  # (N, G)
-        del rows
-        rstd = (var + eps).rsqrt_()
-        per_group = channels // groups
-        scale = rstd.repeat_interleave(per_group, dim=1) * weight.float()  # (N, C)
-        shift = bias.float() - mean.repeat_interleave(per_group, dim=1) * scale
-        flat = x.reshape(batch, channels, -1)
-        out = torch.empty_like(flat)  # computed in float32, stored in x's dtype
-        torch.addcmul(shift[..., None], flat, scale[..., None], out=out)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.groups = groups
-        return out.view_as(x)
+                bias: torch.Tensor, eps: float,
+                act: tp.Optional[tuple[str, tp.Any]] = None) -> torch.Tensor:
+        mean, rstd = _statistics(x, groups, eps)
+        scale, shift = _affine(mean, rstd, weight, bias)
+        out = _normalise(x, scale, shift)
+        if act is None:
+            ctx.save_for_backward(x, mean, rstd, weight)
+        else:  # (N, C) each: the output again is one multiply-add over `x`
+            ctx.save_for_backward(x, mean, rstd, weight, scale, shift)
+        ctx.groups, ctx.act = groups, act
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device),
+                        torch.get_autocast_dtype(device))
+        return out if act is None else _activate(out, act)
 
     @staticmethod
     def backward(ctx: tp.Any, grad: torch.Tensor) -> tuple[tp.Optional[torch.Tensor], ...]:
-        x, mean, rstd, weight = ctx.saved_tensors
+        x, mean, rstd, weight = ctx.saved_tensors[:4]
+        if ctx.act is not None:
+            scale, shift = ctx.saved_tensors[4:]
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                y = _normalise(x, scale, shift)
+            grad = _activation_backward(grad, y, ctx.act)
+            del y
         batch, channels = x.shape[:2]
         length = x[0, 0].numel()
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
@@ -62,17 +124,23 @@ class _GroupNorm(torch.autograd.Function):
         grad_x, grad_w, grad_b = (None if value is None else value.to(like.dtype)
                                   for value, like in [(grad_x, x), (grad_w, weight),
                                                       (grad_b, weight)])
-        return grad_x, None, grad_w, grad_b, None
+        return grad_x, None, grad_w, grad_b, None, None
+
+
+def _fast(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
+          bias: tp.Optional[torch.Tensor]) -> bool:
+    """Whether the group norm of `x` takes `_GroupNorm` rather than `F.group_norm`."""
+    few_rows = x.shape[0] * groups < FAST_ROWS
+    return (weight is not None and bias is not None and x.device.type in FAST_DEVICES
+            and (few_rows or x.dtype in HALF) and x.numel() > 0)
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
                bias: tp.Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
     """`F.group_norm(x, groups, weight, bias, eps)` of `x` (N, C, ...)."""
-    few_rows = x.shape[0] * groups < FAST_ROWS
-    if (weight is None or bias is None or x.device.type not in FAST_DEVICES
-            or not (few_rows or x.dtype in HALF) or x.numel() == 0):
+    if not _fast(x, groups, weight, bias):
         return F.group_norm(x, groups, weight, bias, eps)
-    return _GroupNorm.apply(x, groups, weight, bias, eps)
+    return _GroupNorm.apply(x, groups, weight, bias, eps, None)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -80,3 +148,26 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class FusedSequential(nn.Sequential):
+    """`nn.Sequential` (same arguments and state) where a `GroupNorm` followed by a GELU
+    or a GLU runs as one step when the norm takes the fast path: the norm's output is
+    then not kept for the activation's backward (`_GroupNorm`). Elsewhere, and for any
+    other module, each module is called in turn, hooks included."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self)
+        index = 0
+        while index < len(modules):
+            module = modules[index]
+            act = activation_of(modules[index + 1]) if index + 1 < len(modules) else None
+            if (type(module) is GroupNorm and act is not None
+                    and _fast(x, module.num_groups, module.weight, module.bias)):
+                x = _GroupNorm.apply(x, module.num_groups, module.weight, module.bias,
+                                     module.eps, act)
+                index += 2
+            else:
+                x = module(x)
+                index += 1
+        return x

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from demucs import norm
-from helpers import tiny_hdemucs
+from helpers import tiny_demucs, tiny_hdemucs
 
 
 @pytest.fixture
@@ -80,25 +80,27 @@ def test_many_float32_rows_keep_pytorch_group_norm(fast_on_cpu: None) -> None:
     assert torch.equal(out, F.group_norm(x, 2, module.weight, module.bias))
 
 
-def test_models_through_the_fast_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An HDemucs with group norms everywhere (encoder, decoder and DConv) gives the same
-    output and gradients with the fast statistics."""
-    model = tiny_hdemucs(norm_starts=0, channels=8)
+@pytest.mark.parametrize("make", [tiny_hdemucs, tiny_demucs])
+def test_models_through_the_fast_norm(monkeypatch: pytest.MonkeyPatch,
+                                      make: tp.Callable[..., torch.nn.Module]) -> None:
+    """A model with group norms everywhere (encoder, decoder and DConv) gives the same
+    output and gradients with the fast statistics, its norms and activations fused."""
+    model = make(norm_starts=0, channels=8)
     assert any(isinstance(m, norm.GroupNorm) for m in model.modules())
     mix = torch.randn(2, 2, 44100)
     reference = model(mix)
     weights = tuple(model.parameters())
     expected = grads(reference, weights)
     monkeypatch.setattr(norm, "FAST_DEVICES", ("cpu",))
-    calls: list[int] = []
+    activations: list[tp.Any] = []
     apply = norm._GroupNorm.apply
 
     def counted(*args: tp.Any) -> torch.Tensor:
-        calls.append(1)
+        activations.append(args[5])
         return apply(*args)
     monkeypatch.setattr(norm._GroupNorm, "apply", counted)
     out = model(mix)
-    assert calls  # the norms took the fast path
+    assert {("gelu", "none"), ("glu", 1)} <= set(activations)  # fused on the fast path
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
     for a, b in zip(grads(out, weights), expected):  # float rounding, amplified by norms
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6
@@ -129,3 +131,84 @@ def test_fast_group_norm_of_channel_last_sequences(fast_on_cpu: None) -> None:
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads(out, (x, module.weight)), grads(reference, (x, module.weight))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def saved_sizes(run: tp.Callable[[], torch.Tensor]) -> list[int]:
+    """Element counts of the tensors autograd keeps for the backward of `run()`."""
+    sizes: list[int] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        run()
+    return sizes
+
+
+@pytest.mark.parametrize("then", [torch.nn.GLU(1), torch.nn.GELU(), torch.nn.GELU("tanh")])
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (4, 16, 300)),
+                                         (torch.bfloat16, (600, 16, 40))])
+def test_norm_then_activation_in_one_step(fast_on_cpu: None, then: torch.nn.Module,
+                                          dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """A norm and the activation after it as one step: the values and gradients of the
+    two steps apart, bit for bit, without keeping the norm's output for the backward."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 2 + 1).to(dtype).requires_grad_()
+    module = norm.GroupNorm(2, shape[1])
+    torch.nn.init.normal_(module.weight)
+    torch.nn.init.normal_(module.bias)
+    inputs = (x, module.weight, module.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        fused = norm.FusedSequential(module, then)(x)
+        apart = then(module(x))
+        kept_fused = saved_sizes(lambda: norm.FusedSequential(module, then)(x))
+        kept_apart = saved_sizes(lambda: then(module(x)))
+    assert type(fused.grad_fn).__name__ == "_GroupNormBackward"
+    assert fused.dtype == dtype and torch.equal(fused, apart)
+    for a, b in zip(grads(fused, inputs), grads(apart, inputs)):
+        assert torch.equal(a, b)
+    assert kept_apart.count(x.numel()) == 2 and kept_fused.count(x.numel()) == 1
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_norm_then_other_module_or_pytorch_path(monkeypatch: pytest.MonkeyPatch,
+                                                fast: bool) -> None:
+    """Off the fast path every module runs in turn, forward hooks included; on it, a
+    norm followed by a module it cannot take too."""
+    if fast:
+        monkeypatch.setattr(norm, "FAST_DEVICES", ("cpu",))
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 50)
+    module = norm.GroupNorm(2, 8)
+    seen: list[torch.nn.Module] = []
+    for then in [torch.nn.ReLU()] + ([] if fast else [torch.nn.GLU(1)]):
+        seen.clear()
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m)) for m in [module, then]]
+        assert torch.equal(norm.FusedSequential(module, then)(x), then(module(x)))
+        assert seen == [module, then] * 2
+        for hook in hooks:
+            hook.remove()
+
+
+def test_dconv_runs_norms_with_their_activations(fast_on_cpu: None) -> None:
+    """A DConv (with LSTM and attention) gives the same outputs and gradients as its layers
+    run as plain `nn.Sequential`s, bit for bit, its norms fused with their activations
+    (its layers are `FusedSequential`s: same state as before)."""
+    from demucs.demucs import DConv
+    torch.manual_seed(0)
+    dconv = DConv(16, compress=2, depth=2, lstm=True, attn=True)
+    x = torch.randn(3, 16, 120, requires_grad=True)
+    def plain(y: torch.Tensor) -> torch.Tensor:
+        for layer in dconv.layers:
+            y = y + torch.nn.Sequential(*layer.children())(y)
+        return y
+    out, reference = dconv(x), plain(x)
+    assert torch.equal(out, reference)
+    inputs = (x, *dconv.parameters())
+    for a, b in zip(grads(out, inputs), grads(reference, inputs)):
+        assert torch.equal(a, b)
+    # Per layer, the outputs of its two norms (3 x 8 x 120 and 3 x 32 x 120) are no
+    # longer kept; their scales and shifts (3 x 8 and 3 x 32, two each) are.
+    kept_fused = sum(saved_sizes(lambda: dconv(x)))
+    kept_apart = sum(saved_sizes(lambda: plain(x)))
+    assert kept_apart - kept_fused == 2 * 3 * (8 + 32) * (120 - 2)
