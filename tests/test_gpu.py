@@ -116,3 +116,28 @@ def test_fast_group_norm_on_cuda(groups: int) -> None:
         half = module(x.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("then", [torch.nn.GLU(1), torch.nn.GELU()], ids=["glu", "gelu"])
+def test_norm_and_activation_in_one_step_on_cuda(dtype: torch.dtype,
+                                                 then: torch.nn.Module) -> None:
+    """On CUDA, under autocast for bf16, a norm and its activation as one step give the
+    values and gradients of the two steps apart, bit for bit (the norm's output computed
+    again in the backward is the forward's)."""
+    torch.manual_seed(0)
+    rows = 8 if dtype == torch.float32 else 2048  # the freq DConvs' many rows: bf16 only
+    x = (torch.randn(rows, 96, 336, device="cuda") * 2 + 1).to(dtype).requires_grad_()
+    module = norm.GroupNorm(1, 96).cuda()
+    torch.nn.init.normal_(module.weight)
+    torch.nn.init.normal_(module.bias)
+    inputs = (x, module.weight, module.bias)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        fused = norm.FusedSequential(module, then)(x)
+        apart = torch.nn.Sequential(module, then)(x)
+    assert type(fused.grad_fn).__name__ == "_GroupNormBackward"
+    assert torch.equal(fused, apart)
+    grad = torch.randn_like(fused)
+    for a, b in zip(torch.autograd.grad(fused, inputs, grad),
+                    torch.autograd.grad(apart, inputs, grad)):
+        assert torch.equal(a, b)
