@@ -15,6 +15,10 @@ path whatever their row count: in an HDemucs the freq branch's DConv norms see
 example x frequency rows (thousands), and their float32 outputs, kept for the backward
 of the GELU / GLU that follow, took 1 GB of the 7.9 GB peak of a bf16 step (H100,
 batch 4 x 7.8 s).
+
+In a `FusedSequential` (the DConvs, Demucs' encoder and decoder layers), a norm on this
+path and the GELU / GLU after it run as one autograd step, which keeps only the norm's
+input for the backward and computes its output again there, rather than keeping both.
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ FAST_ROWS = 512  # below this many (example, group) rows; above, PyTorch's kerne
 HALF = (torch.float16, torch.bfloat16)  # taken whatever the row count (see above)
 
 
-def activation_of(module: tp.Optional[nn.Module]) -> tp.Optional[tuple[str, tp.Any]]:
-    """("glu", dim) or ("gelu", approximate) for the activations `group_norm` can take
-    as `then`; None for any other module."""
+def _activation_of(module: tp.Optional[nn.Module]) -> tp.Optional[tuple[str, tp.Any]]:
+    """("glu", dim) or ("gelu", approximate): the activations `_GroupNorm` can apply
+    after the norm; None for any other module."""
     if isinstance(module, nn.GLU):
         return "glu", module.dim
     if isinstance(module, nn.GELU):
@@ -79,7 +83,7 @@ def _activation_backward(grad: torch.Tensor, y: torch.Tensor,
 
 class _GroupNorm(torch.autograd.Function):
     """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,), then the
-    activation `act` (`activation_of`) if any.
+    activation `act` (`_activation_of`) if any.
 
     With an activation, the norm's output is not kept for the activation's backward: the
     backward computes it again from `x` (which the norm's own backward keeps anyway) and
@@ -161,7 +165,7 @@ class FusedSequential(nn.Sequential):
         index = 0
         while index < len(modules):
             module = modules[index]
-            act = activation_of(modules[index + 1]) if index + 1 < len(modules) else None
+            act = _activation_of(modules[index + 1]) if index + 1 < len(modules) else None
             if (type(module) is GroupNorm and act is not None
                     and _fast(x, module.num_groups, module.weight, module.bias)):
                 x = _GroupNorm.apply(x, module.num_groups, module.weight, module.bias,

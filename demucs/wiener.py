@@ -85,7 +85,7 @@ def mixture_phase_filter(mix_stft: torch.Tensor, magnitudes: torch.Tensor) -> to
     angle, _ = _phase(torch.view_as_real(mix_stft))
     angle = angle[:, None]  # (B, 1, C, Fr, T)
     # Stacked rather than `torch.complex`, which keeps both of its (B, S, C, Fr, T)
-    # float32 inputs for its backward: the same values, twice less memory until then.
+    # float32 inputs for its backward: the same values, half the memory until then.
     parts = [magnitudes * torch.cos(angle), magnitudes * torch.sin(angle)]
     return torch.view_as_complex(torch.stack(parts, dim=-1))
 
