@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-FAST_DEVICES = ("cuda",)  # device types that take the fast statistics
+FAST_DEVICES: tuple[str, ...] = ("cuda",)  # device types that take the fast statistics
 FAST_ROWS = 512  # below this many (example, group) rows; above, PyTorch's kernel is fine
 HALF = (torch.float16, torch.bfloat16)  # taken whatever the row count (see above)
 
