@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import FusedSequential, GroupNorm
+from .norm import ChannelScale, FusedSequential, GroupNorm
 from .utils import capture_init, center_trim, made_once, unfold
 
 
@@ -129,17 +129,13 @@ def rescale_module(module: nn.Module, reference: float) -> None:
             rescale_conv(sub, reference)
 
 
-class LayerScale(nn.Module):
+class LayerScale(ChannelScale):
     """Per-channel learnt scale of a residual branch, initialised to `init`."""
 
     def __init__(self, channels: int, init: float = 0):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(channels, requires_grad=True))
         self.scale.data[:] = init
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In x's dtype: under mixed precision the residual stream stays in half precision.
-        return self.scale[:, None].to(x.dtype) * x
 
 
 class LocalState(nn.Module):

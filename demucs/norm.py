@@ -17,8 +17,9 @@ of the GELU / GLU that follow, took 1 GB of the 7.9 GB peak of a bf16 step (H100
 batch 4 x 7.8 s).
 
 In a `FusedSequential` (the DConvs, Demucs' encoder and decoder layers), a norm on this
-path and the GELU / GLU after it run as one autograd step, which keeps only the norm's
-input for the backward and computes its output again there, rather than keeping both.
+path, the GELU / GLU after it and a `ChannelScale` (the DConvs' LayerScale) run as one
+autograd step, which keeps only the norm's input for the backward and computes the rest
+again there, rather than keeping the input of each.
 """
 from __future__ import annotations
 
@@ -81,42 +82,76 @@ def _activation_backward(grad: torch.Tensor, y: torch.Tensor,
     return torch.ops.aten.gelu_backward(grad, y, approximate=arg)
 
 
+def _channel_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (C,) times `x` (N, C, T) per channel, in x's dtype."""
+    return scale[:, None].to(x.dtype) * x
+
+
+class ChannelScale(nn.Module):
+    """A learnt per-channel `scale` (C,) applied to `x` (N, C, T) in x's dtype: under
+    mixed precision the stream it scales stays in half precision. After a group norm and
+    its activation in a `FusedSequential`, it joins their step (`_GroupNorm`)."""
+
+    scale: nn.Parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _channel_scaled(x, self.scale)
+
+
 class _GroupNorm(torch.autograd.Function):
     """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,), then the
-    activation `act` (`_activation_of`) if any.
+    activation `act` (`_activation_of`) and the channel scale `gain` (`ChannelScale`),
+    each if given.
 
     With an activation, the norm's output is not kept for the activation's backward: the
     backward computes it again from `x` (which the norm's own backward keeps anyway) and
-    the (N, C) scale and shift, with the same multiply-add under the same autocast state.
-    The gradients are those of the two steps run apart, bit for bit, and a tensor of the
-    norm's size less is kept until the backward.
+    the (N, C) scale and shift, with the same multiply-add under the same autocast state;
+    with a channel scale, the activation's output is computed again too, for the scale's
+    gradient. The gradients are those of the steps run apart, bit for bit (the same
+    kernels on the same values), and one or two tensors of the norm's size fewer are kept
+    until the backward.
     """
 
     @staticmethod
     def forward(ctx: tp.Any, x: torch.Tensor, groups: int, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float,
-                act: tp.Optional[tuple[str, tp.Any]] = None) -> torch.Tensor:
+                bias: torch.Tensor, eps: float, act: tp.Optional[tuple[str, tp.Any]] = None,
+                gain: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        if gain is not None and act is None:
+            raise ValueError("A channel scale joins a group norm after its activation only.")
         mean, rstd = _statistics(x, groups, eps)
         scale, shift = _affine(mean, rstd, weight, bias)
         out = _normalise(x, scale, shift)
         if act is None:
-            ctx.save_for_backward(x, mean, rstd, weight)
+            ctx.save_for_backward(x, mean, rstd, weight, None, None, None)
         else:  # (N, C) each: the output again is one multiply-add over `x`
-            ctx.save_for_backward(x, mean, rstd, weight, scale, shift)
+            ctx.save_for_backward(x, mean, rstd, weight, scale, shift, gain)
+            out = _activate(out, act)
+            if gain is not None:
+                out = _channel_scaled(out, gain)
         ctx.groups, ctx.act = groups, act
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device),
                         torch.get_autocast_dtype(device))
-        return out if act is None else _activate(out, act)
+        return out
 
     @staticmethod
     def backward(ctx: tp.Any, grad: torch.Tensor) -> tuple[tp.Optional[torch.Tensor], ...]:
-        x, mean, rstd, weight = ctx.saved_tensors[:4]
+        x, mean, rstd, weight, scale, shift, gain = ctx.saved_tensors
+        grad_gain = None
         if ctx.act is not None:
-            scale, shift = ctx.saved_tensors[4:]
             device, enabled, dtype = ctx.autocast
             with torch.autocast(device, dtype=dtype, enabled=enabled):
                 y = _normalise(x, scale, shift)
+                if gain is not None:
+                    # What autograd does for `_channel_scaled`: the product's gradients,
+                    # the gain's summed to its (C, 1) shape, then cast back and squeezed.
+                    z = _activate(y, ctx.act)
+                    gain_like = gain[:, None].to(z.dtype)
+                    if ctx.needs_input_grad[6]:
+                        grad_gain = (grad * z).sum_to_size(gain_like.shape)
+                        grad_gain = grad_gain.to(gain.dtype).squeeze(1)
+                    del z
+                    grad = grad * gain_like
             grad = _activation_backward(grad, y, ctx.act)
             del y
         batch, channels = x.shape[:2]
@@ -128,7 +163,7 @@ class _GroupNorm(torch.autograd.Function):
         grad_x, grad_w, grad_b = (None if value is None else value.to(like.dtype)
                                   for value, like in [(grad_x, x), (grad_w, weight),
                                                       (grad_b, weight)])
-        return grad_x, None, grad_w, grad_b, None, None
+        return grad_x, None, grad_w, grad_b, None, None, grad_gain
 
 
 def _fast(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
@@ -144,7 +179,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor],
     """`F.group_norm(x, groups, weight, bias, eps)` of `x` (N, C, ...)."""
     if not _fast(x, groups, weight, bias):
         return F.group_norm(x, groups, weight, bias, eps)
-    return _GroupNorm.apply(x, groups, weight, bias, eps, None)
+    return _GroupNorm.apply(x, groups, weight, bias, eps, None, None)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -156,22 +191,25 @@ class GroupNorm(nn.GroupNorm):
 
 class FusedSequential(nn.Sequential):
     """`nn.Sequential` (same arguments and state) where a `GroupNorm` followed by a GELU
-    or a GLU runs as one step when the norm takes the fast path: the norm's output is
-    then not kept for the activation's backward (`_GroupNorm`). Elsewhere, and for any
-    other module, each module is called in turn, hooks included."""
+    or a GLU, and by a `ChannelScale` if one comes next, runs as one step when the norm
+    takes the fast path: what is in between is then not kept for the backward
+    (`_GroupNorm`). Elsewhere, and for any other module, each module is called in turn,
+    hooks included."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = list(self)
+        modules = list(self) + [None, None]
         index = 0
-        while index < len(modules):
-            module = modules[index]
-            act = _activation_of(modules[index + 1]) if index + 1 < len(modules) else None
+        while modules[index] is not None:
+            module, act = modules[index], _activation_of(modules[index + 1])
             if (type(module) is GroupNorm and act is not None
                     and _fast(x, module.num_groups, module.weight, module.bias)):
+                gain = modules[index + 2]
+                gain = gain if isinstance(gain, ChannelScale) else None
                 x = _GroupNorm.apply(x, module.num_groups, module.weight, module.bias,
-                                     module.eps, act)
-                index += 2
+                                     module.eps, act, None if gain is None else gain.scale)
+                index += 2 if gain is None else 3
             else:
+                assert module is not None
                 x = module(x)
                 index += 1
         return x

@@ -120,21 +120,28 @@ def test_fast_group_norm_on_cuda(groups: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("then", [torch.nn.GLU(1), torch.nn.GELU()], ids=["glu", "gelu"])
-def test_norm_and_activation_in_one_step_on_cuda(dtype: torch.dtype,
-                                                 then: torch.nn.Module) -> None:
-    """On CUDA, under autocast for bf16, a norm and its activation as one step give the
-    values and gradients of the two steps apart, bit for bit (the norm's output computed
-    again in the backward is the forward's)."""
+@pytest.mark.parametrize("with_gain", [False, True], ids=["", "layerscale"])
+def test_norm_and_activation_in_one_step_on_cuda(dtype: torch.dtype, then: torch.nn.Module,
+                                                 with_gain: bool) -> None:
+    """On CUDA, under autocast for bf16, a norm, its activation and a LayerScale as one
+    step give the values and gradients of the steps apart, bit for bit (what the backward
+    computes again is what the forward computed)."""
+    from demucs.demucs import LayerScale
     torch.manual_seed(0)
     rows = 8 if dtype == torch.float32 else 2048  # the freq DConvs' many rows: bf16 only
     x = (torch.randn(rows, 96, 336, device="cuda") * 2 + 1).to(dtype).requires_grad_()
     module = norm.GroupNorm(1, 96).cuda()
     torch.nn.init.normal_(module.weight)
     torch.nn.init.normal_(module.bias)
-    inputs = (x, module.weight, module.bias)
+    steps = [module, then]
+    if with_gain:
+        gain = LayerScale(48 if isinstance(then, torch.nn.GLU) else 96).cuda()
+        torch.nn.init.normal_(gain.scale)
+        steps.append(gain)
+    inputs = tuple([x] + [p for step in steps for p in step.parameters()])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        fused = norm.FusedSequential(module, then)(x)
-        apart = torch.nn.Sequential(module, then)(x)
+        fused = norm.FusedSequential(*steps)(x)
+        apart = torch.nn.Sequential(*steps)(x)
     assert type(fused.grad_fn).__name__ == "_GroupNormBackward"
     assert torch.equal(fused, apart)
     grad = torch.randn_like(fused)

@@ -148,26 +148,37 @@ def saved_sizes(run: tp.Callable[[], torch.Tensor]) -> list[int]:
 @pytest.mark.parametrize("then", [torch.nn.GLU(1), torch.nn.GELU(), torch.nn.GELU("tanh")])
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (4, 16, 300)),
                                          (torch.bfloat16, (600, 16, 40))])
+@pytest.mark.parametrize("with_gain", [False, True])
 def test_norm_then_activation_in_one_step(fast_on_cpu: None, then: torch.nn.Module,
-                                          dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    """A norm and the activation after it as one step: the values and gradients of the
-    two steps apart, bit for bit, without keeping the norm's output for the backward."""
+                                          dtype: torch.dtype, shape: tuple[int, ...],
+                                          with_gain: bool) -> None:
+    """A norm, the activation after it and a LayerScale if any as one step: the values
+    and gradients of the steps apart, bit for bit, without keeping the norm's output (or
+    the activation's) for the backward."""
+    from demucs.demucs import LayerScale
     torch.manual_seed(0)
     x = (torch.randn(*shape) * 2 + 1).to(dtype).requires_grad_()
     module = norm.GroupNorm(2, shape[1])
     torch.nn.init.normal_(module.weight)
     torch.nn.init.normal_(module.bias)
-    inputs = (x, module.weight, module.bias)
+    steps = [module, then]
+    if with_gain:
+        gain = LayerScale(shape[1] // 2 if isinstance(then, torch.nn.GLU) else shape[1])
+        torch.nn.init.normal_(gain.scale)
+        steps.append(gain)
+    inputs = tuple([x] + [p for step in steps for p in step.parameters()])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        fused = norm.FusedSequential(module, then)(x)
-        apart = then(module(x))
-        kept_fused = saved_sizes(lambda: norm.FusedSequential(module, then)(x))
-        kept_apart = saved_sizes(lambda: then(module(x)))
+        fused = norm.FusedSequential(*steps)(x)
+        apart = torch.nn.Sequential(*steps)(x)
+        kept_fused = saved_sizes(lambda: norm.FusedSequential(*steps)(x))
+        kept_apart = saved_sizes(lambda: torch.nn.Sequential(*steps)(x))
     assert type(fused.grad_fn).__name__ == "_GroupNormBackward"
     assert fused.dtype == dtype and torch.equal(fused, apart)
     for a, b in zip(grads(fused, inputs), grads(apart, inputs)):
         assert torch.equal(a, b)
-    assert kept_apart.count(x.numel()) == 2 and kept_fused.count(x.numel()) == 1
+    large = fused.numel()  # the activation's output; the norm's is as large or larger
+    assert sum(size >= large for size in kept_fused) == 1  # x
+    assert sum(size >= large for size in kept_apart) == len(steps)
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -207,8 +218,9 @@ def test_dconv_runs_norms_with_their_activations(fast_on_cpu: None) -> None:
     inputs = (x, *dconv.parameters())
     for a, b in zip(grads(out, inputs), grads(reference, inputs)):
         assert torch.equal(a, b)
-    # Per layer, the outputs of its two norms (3 x 8 x 120 and 3 x 32 x 120) are no
-    # longer kept; their scales and shifts (3 x 8 and 3 x 32, two each) are.
+    # Per layer, the outputs of its two norms (3 x 8 x 120 and 3 x 32 x 120) and of its
+    # GLU (3 x 16 x 120, the LayerScale's input) are no longer kept; the norms' scales and
+    # shifts (3 x 8 and 3 x 32, two each) are.
     kept_fused = sum(saved_sizes(lambda: dconv(x)))
     kept_apart = sum(saved_sizes(lambda: plain(x)))
-    assert kept_apart - kept_fused == 2 * 3 * (8 + 32) * (120 - 2)
+    assert kept_apart - kept_fused == 2 * (3 * (8 + 32) * (120 - 2) + 3 * 16 * 120)
