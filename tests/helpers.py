@@ -22,7 +22,8 @@ from torch import nn
 
 from dora.xp import XP
 
-from demucs.demucs import Demucs
+from demucs import norm
+from demucs.demucs import Demucs, LayerScale
 from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 from demucs.train import main as xp_main
@@ -143,6 +144,22 @@ def tiny_demucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
     """A Demucs with 4 channels (unless `kwargs` say otherwise), seeded weights."""
     torch.manual_seed(seed)
     return Demucs(list(sources), **{"channels": 4, **kwargs})
+
+
+def norm_steps(channels: int, then: nn.Module, with_gain: bool,
+               device: str = "cpu") -> list[nn.Module]:
+    """A group norm (one group, as in the DConvs) with random affine parameters, the
+    activation `then`, and a LayerScale with random gains if `with_gain`: the steps a
+    `norm.FusedSequential` runs as one."""
+    module = norm.GroupNorm(1, channels).to(device)
+    torch.nn.init.normal_(module.weight)
+    torch.nn.init.normal_(module.bias)
+    steps: list[nn.Module] = [module, then]
+    if with_gain:
+        gain = LayerScale(channels // 2 if isinstance(then, nn.GLU) else channels).to(device)
+        torch.nn.init.normal_(gain.scale)
+        steps.append(gain)
+    return steps
 
 
 class Scaler(nn.Module):

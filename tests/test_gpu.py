@@ -15,7 +15,7 @@ from demucs import norm, train
 from demucs.apply import apply_model
 from demucs.solver import GraphedStep
 from demucs.train import main
-from helpers import new_xp, tiny_hdemucs, tiny_htdemucs
+from helpers import new_xp, norm_steps, tiny_hdemucs, tiny_htdemucs
 from tools.synth_dataset import generate_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -126,18 +126,10 @@ def test_norm_and_activation_in_one_step_on_cuda(dtype: torch.dtype, then: torch
     """On CUDA, under autocast for bf16, a norm, its activation and a LayerScale as one
     step give the values and gradients of the steps apart, bit for bit (what the backward
     computes again is what the forward computed)."""
-    from demucs.demucs import LayerScale
     torch.manual_seed(0)
     rows = 8 if dtype == torch.float32 else 2048  # the freq DConvs' many rows: bf16 only
     x = (torch.randn(rows, 96, 336, device="cuda") * 2 + 1).to(dtype).requires_grad_()
-    module = norm.GroupNorm(1, 96).cuda()
-    torch.nn.init.normal_(module.weight)
-    torch.nn.init.normal_(module.bias)
-    steps = [module, then]
-    if with_gain:
-        gain = LayerScale(48 if isinstance(then, torch.nn.GLU) else 96).cuda()
-        torch.nn.init.normal_(gain.scale)
-        steps.append(gain)
+    steps = norm_steps(96, then, with_gain, device="cuda")
     inputs = tuple([x] + [p for step in steps for p in step.parameters()])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         fused = norm.FusedSequential(*steps)(x)

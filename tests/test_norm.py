@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from demucs import norm
-from helpers import tiny_demucs, tiny_hdemucs
+from helpers import norm_steps, tiny_demucs, tiny_hdemucs
 
 
 @pytest.fixture
@@ -155,17 +155,9 @@ def test_norm_then_activation_in_one_step(fast_on_cpu: None, then: torch.nn.Modu
     """A norm, the activation after it and a LayerScale if any as one step: the values
     and gradients of the steps apart, bit for bit, without keeping the norm's output (or
     the activation's) for the backward."""
-    from demucs.demucs import LayerScale
     torch.manual_seed(0)
     x = (torch.randn(*shape) * 2 + 1).to(dtype).requires_grad_()
-    module = norm.GroupNorm(2, shape[1])
-    torch.nn.init.normal_(module.weight)
-    torch.nn.init.normal_(module.bias)
-    steps = [module, then]
-    if with_gain:
-        gain = LayerScale(shape[1] // 2 if isinstance(then, torch.nn.GLU) else shape[1])
-        torch.nn.init.normal_(gain.scale)
-        steps.append(gain)
+    steps = norm_steps(shape[1], then, with_gain)
     inputs = tuple([x] + [p for step in steps for p in step.parameters()])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         fused = norm.FusedSequential(*steps)(x)
