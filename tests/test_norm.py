@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from demucs import norm
-from helpers import norm_steps, tiny_demucs, tiny_hdemucs
+from helpers import norm_steps, tiny_demucs, tiny_hdemucs, tiny_htdemucs
 
 
 @pytest.fixture
@@ -216,3 +216,35 @@ def test_dconv_runs_norms_with_their_activations(fast_on_cpu: None) -> None:
     kept_fused = sum(saved_sizes(lambda: dconv(x)))
     kept_apart = sum(saved_sizes(lambda: plain(x)))
     assert kept_apart - kept_fused == 2 * (3 * (8 + 32) * (120 - 2) + 3 * 16 * 120)
+
+
+@pytest.mark.parametrize("make", [tiny_hdemucs, tiny_demucs, tiny_htdemucs])
+def test_models_fused_equal_unfused_under_bf16(fast_on_cpu: None,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               make: tp.Callable[..., torch.nn.Module]) -> None:
+    """A whole training forward and backward under bf16 autocast on the CUDA path: the
+    fused steps give the outputs and gradients of the modules run one by one, bit for
+    bit, while keeping less for the backward."""
+    model = make() if make is tiny_htdemucs else make(channels=8)
+    mix = torch.randn(2, 2, 8000 if make is tiny_htdemucs else 44100)
+    weights = tuple(model.parameters())
+
+    def run() -> tuple[torch.Tensor, int]:
+        kept: list[int] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            kept.append(t.untyped_storage().nbytes())
+            return t
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(mix)
+        return out, sum(kept)
+
+    fused, kept_fused = run()
+    fused_grads = grads(fused, weights)
+    monkeypatch.setattr(norm.FusedSequential, "forward", torch.nn.Sequential.forward)
+    apart, kept_apart = run()
+    assert torch.equal(fused, apart)
+    for a, b in zip(fused_grads, grads(apart, weights)):
+        assert torch.equal(a, b)
+    assert kept_fused < kept_apart
