@@ -100,8 +100,8 @@ class ChannelScale(nn.Module):
 
 class _GroupNorm(torch.autograd.Function):
     """Group norm of `x` (N, C, ...) with affine `weight`, `bias` (C,), then the
-    activation `act` (`_activation_of`) and the channel scale `gain` (`ChannelScale`),
-    each if given.
+    activation `act` (`_activation_of`) if given, and after it the channel scale `gain`
+    (`ChannelScale`) if given.
 
     With an activation, the norm's output is not kept for the activation's backward: the
     backward computes it again from `x` (which the norm's own backward keeps anyway) and
@@ -116,8 +116,6 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx: tp.Any, x: torch.Tensor, groups: int, weight: torch.Tensor,
                 bias: torch.Tensor, eps: float, act: tp.Optional[tuple[str, tp.Any]] = None,
                 gain: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-        if gain is not None and act is None:
-            raise ValueError("A channel scale joins a group norm after its activation only.")
         mean, rstd = _statistics(x, groups, eps)
         scale, shift = _affine(mean, rstd, weight, bias)
         out = _normalise(x, scale, shift)

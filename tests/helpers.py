@@ -146,6 +146,22 @@ def tiny_demucs(seed: int = 0, sources: tp.Sequence[str] = SOURCES,
     return Demucs(list(sources), **{"channels": 4, **kwargs})
 
 
+R = tp.TypeVar("R")
+
+
+def saved_for_backward(run: tp.Callable[[], R]) -> tuple[R, list[torch.Size]]:
+    """What `run()` returns, and the shapes of the tensors autograd keeps for its
+    backward, in the order they are kept."""
+    shapes: list[torch.Size] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(t.shape)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        result = run()
+    return result, shapes
+
+
 def norm_steps(channels: int, then: nn.Module, with_gain: bool,
                device: str = "cpu") -> list[nn.Module]:
     """A group norm (one group, as in the DConvs) with random affine parameters, the

@@ -11,7 +11,7 @@ from demucs.demucs import BLSTM, LocalState, _resampler
 from demucs.hdemucs import HDemucs, pad1d
 from demucs.utils import center_trim, unfold
 
-from helpers import SOURCES, tiny_demucs, tiny_hdemucs
+from helpers import SOURCES, saved_for_backward, tiny_demucs, tiny_hdemucs
 
 
 def check_per_example_and_scale_equivariant(model: torch.nn.Module, length: int) -> None:
@@ -139,14 +139,7 @@ def test_mixture_phase_keeps_only_the_phase_for_backward() -> None:
     model = tiny_hdemucs(cac=False).train()
     z = model._spec(torch.randn(1, 2, 30000))
     mag = torch.rand(1, 4, 2, *z.shape[-2:], requires_grad=True)
-    kept: list[torch.Size] = []
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        kept.append(t.shape)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        out = model._mask(z, mag)
+    out, kept = saved_for_backward(lambda: model._mask(z, mag))
     assert kept and all(shape[1] == 1 for shape in kept), kept
     weights = torch.randn(out.shape, dtype=out.dtype)
     grad, = torch.autograd.grad((out * weights).real.sum(), mag)

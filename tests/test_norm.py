@@ -9,7 +9,8 @@ import torch
 from torch.nn import functional as F
 
 from demucs import norm
-from helpers import norm_steps, tiny_demucs, tiny_hdemucs, tiny_htdemucs
+from helpers import (norm_steps, saved_for_backward, tiny_demucs, tiny_hdemucs,
+                     tiny_htdemucs)
 
 
 @pytest.fixture
@@ -135,14 +136,7 @@ def test_fast_group_norm_of_channel_last_sequences(fast_on_cpu: None) -> None:
 
 def saved_sizes(run: tp.Callable[[], torch.Tensor]) -> list[int]:
     """Element counts of the tensors autograd keeps for the backward of `run()`."""
-    sizes: list[int] = []
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        sizes.append(t.numel())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        run()
-    return sizes
+    return [shape.numel() for shape in saved_for_backward(run)[1]]
 
 
 @pytest.mark.parametrize("then", [torch.nn.GLU(1), torch.nn.GELU(), torch.nn.GELU("tanh")])
@@ -230,15 +224,9 @@ def test_models_fused_equal_unfused_under_bf16(fast_on_cpu: None,
     weights = tuple(model.parameters())
 
     def run() -> tuple[torch.Tensor, int]:
-        kept: list[int] = []
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            kept.append(t.untyped_storage().nbytes())
-            return t
-        with torch.autocast("cpu", dtype=torch.bfloat16), \
-                torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            out = model(mix)
-        return out, sum(kept)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, kept = saved_for_backward(lambda: model(mix))
+        return out, sum(shape.numel() for shape in kept)
 
     fused, kept_fused = run()
     fused_grads = grads(fused, weights)
