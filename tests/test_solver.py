@@ -127,8 +127,12 @@ def test_interrupted_save_keeps_previous_checkpoint(monkeypatch: pytest.MonkeyPa
     assert resumed.history[0] == checkpoint["history"][0]
 
 
-def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    reference, _ = train_xp()
+@pytest.mark.parametrize("argv", [
+    [],
+    # bf16 with accumulation: the EMA over optimizer steps and the float32 states resume too
+    ["optim.amp=bf16", "optim.accumulate=2", "ema.batch=[0.9]", "ema.epoch=[0.5]"]])
+def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    reference, _ = train_xp(*argv)
     # Same XP in another Dora folder, interrupted right after its first checkpoint.
     main.dora.dir = main.dora.dir.parent / "other"
     real_save = Solver._save
@@ -138,11 +142,11 @@ def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
         raise KeyboardInterrupt("stopped after the first epoch")
 
     monkeypatch.setattr(Solver, "_save", save_then_stop)
-    solver, xp = make_solver()
+    solver, xp = make_solver(*argv)
     with xp.enter(), pytest.raises(KeyboardInterrupt):
         solver.train()
     monkeypatch.setattr(Solver, "_save", real_save)
-    resumed, _ = train_xp()
+    resumed, _ = train_xp(*argv)
     assert resumed.history == reference.history
     assert same_state(resumed.model.state_dict(), reference.model.state_dict())
     assert resumed.best_state is not None and reference.best_state is not None
