@@ -75,21 +75,28 @@ DIVERGENCE_LIMITS = ((100, 0.25), (180, 0.18))
 
 class Averager:
     """Mean of metrics over the batches of a stage (each batch counts once; a metric only
-    some batches have, like `grad` with gradient accumulation, over those batches)."""
+    some batches have, like `grad` with gradient accumulation, over those batches).
 
-    def __init__(self) -> None:
+    With `finite_only` (fp16 training, whose scaler skips the steps that overflow), a NaN
+    or infinite value is left out of its metric's mean; a metric no batch had finite is
+    NaN."""
+
+    def __init__(self, finite_only: bool = False) -> None:
+        self.finite_only = finite_only
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.count = 0
 
     def update(self, metrics: tp.Mapping[str, float]) -> None:
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
+            kept = not self.finite_only or math.isfinite(value)
+            self.sums[key] = self.sums.get(key, 0.) + (float(value) if kept else 0.)
+            self.counts[key] = self.counts.get(key, 0) + kept
         self.count += 1
 
     def mean(self) -> Metrics:
-        return {key: self.sums[key] / self.counts[key] for key in sorted(self.sums)}
+        return {key: self.sums[key] / self.counts[key] if self.counts[key] else math.nan
+                for key in sorted(self.sums)}
 
     def reduce(self) -> Metrics:
         """The mean over every distributed worker, weighted by their number of batches."""
@@ -528,7 +535,7 @@ class Solver:
         self.dmodel.train()
         self.augment.train()
         self._zero_grad()
-        averager = Averager()
+        averager = Averager(finite_only=self.scaler.is_enabled())
         progress = self._batches(loader, f"Train | Epoch {epoch + 1}")
         begin, total = time.monotonic(), progress.total
         for index, sources in enumerate(progress):

@@ -1,6 +1,7 @@
 """EMA math, the singular value penalty, quantizer setup and single-process distrib."""
 from __future__ import annotations
 
+import math
 import random
 import types
 
@@ -196,6 +197,12 @@ def test_averager_and_single_process_distrib() -> None:
     averager.update({"loss": 3., "nsdr": 0.})
     assert averager.mean() == {"loss": 2., "nsdr": 2.}  # each batch counts once
     assert averager.reduce() == averager.mean()
+    finite = Averager(finite_only=True)  # fp16: overflowed batches stay out of the means
+    finite.update({"loss": 1., "grad": math.inf})
+    finite.update({"loss": math.nan, "grad": math.inf})
+    finite.update({"loss": 3.})
+    means = finite.mean()
+    assert means["loss"] == 2. and math.isnan(means["grad"]) and finite.count == 3
     assert distrib.world_size() == 1 and distrib.rank() == 0 and distrib.is_master()
     model = nn.Linear(2, 2)
     assert distrib.wrap(model) is model

@@ -5,6 +5,7 @@ tracks), inside a temporary Dora folder.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import typing as tp
@@ -20,7 +21,7 @@ from demucs import train
 from demucs.errors import ConfigError, ModelLoadingError, TrainingError
 from demucs.grids._explorers import summarize
 from demucs.checkpoints import load_checkpoint
-from demucs.solver import Solver
+from demucs.solver import Solver, check_optim
 from demucs.states import load_model
 from demucs.train import main
 from helpers import SOURCES, new_xp, same_state
@@ -561,6 +562,43 @@ def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> 
     train_big, train_small = big.history[0]["train"], small.history[0]["train"]
     assert train_small["grad"] == pytest.approx(train_big["grad"], rel=1e-9)
     assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
+
+
+def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 run on the CPU, where PyTorch's gradient scaler works too (users are refused
+    fp16 there, bf16 being the CPU's half precision): a batch whose loss overflows does
+    not stop the training; its step is skipped, counted in `skipped`, and its loss is
+    left out of the epoch's mean."""
+    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
+    real_metrics, real_step = Solver._batch_metrics, Solver._optimizer_step
+    losses: list[float] = []
+    changed: list[bool] = []
+
+    def overflow_second(self: Solver, estimate: torch.Tensor,
+                        sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real_metrics(self, estimate, sources)
+        if torch.is_grad_enabled():  # a training batch, not validation
+            loss = loss * math.inf if len(losses) == 1 else loss
+            losses.append(loss.item())
+        return loss, metrics
+
+    def step(self: Solver) -> dict[str, float]:
+        before = [param.detach().clone() for param in self.model.parameters()]
+        metrics = real_step(self)
+        changed.append(any(not torch.equal(old, param)
+                           for old, param in zip(before, self.model.parameters())))
+        return metrics
+
+    monkeypatch.setattr(Solver, "_batch_metrics", overflow_second)
+    monkeypatch.setattr(Solver, "_optimizer_step", step)
+    solver, xp = train_xp("epochs=1", "optim.amp=fp16")
+    assert len(losses) == 2 and math.isfinite(losses[0]) and math.isinf(losses[1])
+    assert len(changed) == 2 and not changed[1]  # the overflowing step changed nothing
+    train_metrics = solver.history[0]["train"]
+    assert train_metrics["skipped"] == pytest.approx(sum(not c for c in changed) / 2)
+    assert train_metrics["loss"] == pytest.approx(losses[0])
+    scaler = load_checkpoint(xp.folder / "checkpoint.th")["scaler"]
+    assert scaler["scale"] < 2. ** 16  # halved at each skipped step, and checkpointed
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
