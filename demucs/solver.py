@@ -546,7 +546,13 @@ class Solver:
                             eta=format_duration(eta))
         for ema in self.emas["epoch"]:
             ema.update()
-        return averager.reduce()
+        metrics = averager.reduce()
+        if self.scaler.is_enabled() and math.isnan(metrics["loss"]):  # no finite loss
+            raise TrainingError(
+                f"optim.amp=fp16: the training loss overflowed at every batch of epoch "
+                f"{epoch + 1}: training stopped, {self._kept()}; train in bf16 "
+                "(optim.amp=bf16) or float32 (optim.amp=null).")
+        return metrics
 
     def _autocast(self) -> tp.ContextManager:
         """Mixed precision (`optim.amp`) for the forward and the loss (without autocast's
@@ -593,12 +599,16 @@ class Solver:
         if math.isfinite(loss) or self.scaler.is_enabled():
             return
         epoch, batch = where
-        kept = (f"the checkpoint of epoch {len(self.history)} is kept in "
-                f"{self.checkpoint_file}" if self.history else "no epoch was checkpointed")
         raise TrainingError(
             f"the training loss became {loss} at epoch {epoch + 1}, batch {batch + 1}: "
-            f"training stopped, {kept}; lower optim.lr, set optim.clip_grad, or train in "
-            "float32 (optim.amp=null).")
+            f"training stopped, {self._kept()}; lower optim.lr, set optim.clip_grad, or "
+            "train in float32 (optim.amp=null).")
+
+    def _kept(self) -> str:
+        """What a training stopped now leaves: the last complete epoch's checkpoint."""
+        if not self.history:
+            return "no epoch was checkpointed"
+        return f"the checkpoint of epoch {len(self.history)} is kept in {self.checkpoint_file}"
 
     def _optimizer_step(self) -> Metrics:
         """One optimizer step from the accumulated gradients, then the batch EMAs."""

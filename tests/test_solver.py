@@ -601,6 +601,24 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
     assert scaler["scale"] < 2. ** 16  # halved at each skipped step, and checkpointed
 
 
+def test_fp16_stops_when_every_batch_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
+    real = Solver._batch_metrics
+
+    def overflow_after_first_epoch(self: Solver, estimate: torch.Tensor, sources: torch.Tensor
+                                   ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real(self, estimate, sources)
+        return (loss * math.inf if self.history else loss), metrics
+
+    monkeypatch.setattr(Solver, "_batch_metrics", overflow_after_first_epoch)
+    solver, xp = make_solver("epochs=2", "optim.amp=fp16")
+    with xp.enter(), pytest.raises(TrainingError, match="fp16: the training loss overflowed "
+                                   "at every batch of epoch 2: training stopped, the "
+                                   "checkpoint of epoch 1 is kept"):
+        solver.train()
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Solver._batch_metrics
 
