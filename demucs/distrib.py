@@ -110,6 +110,20 @@ def loader(dataset: Dataset, *args: tp.Any, shuffle: bool = False,
     return klass(dataset, *args, sampler=sampler, **kwargs)
 
 
+def _device() -> str:
+    """Where collective operations take their tensors: the GPU under NCCL."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def total(value: float) -> float:
+    """`value` summed over the workers: NaN or infinite when it is on any of them."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], device=_device(), dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return float(tensor.item())
+
+
 def average(metrics: tp.Mapping[str, float], count: float = 1.) -> dict[str, float]:
     """Average `metrics` over the workers, each weighted by its `count` of examples.
 
@@ -121,10 +135,9 @@ def average(metrics: tp.Mapping[str, float], count: float = 1.) -> dict[str, flo
     gathered: list[tp.Any] = [None] * world_size()
     torch.distributed.all_gather_object(gathered, list(metrics))
     keys = list(dict.fromkeys(key for names in gathered for key in names))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     sums = [float(metrics[key]) * count if key in metrics else 0. for key in keys]
     counts = [float(count) if key in metrics else 0. for key in keys]
-    tensor = torch.tensor([sums, counts], device=device, dtype=torch.float64)
+    tensor = torch.tensor([sums, counts], device=_device(), dtype=torch.float64)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     totals = tensor.cpu().tolist()
     return {key: total / max(weight, 1e-12)

@@ -595,8 +595,13 @@ class Solver:
         return metrics
 
     def _check_finite(self, loss: float, where: tuple[int, int]) -> None:
-        """Stop on a NaN or infinite loss (fp16 leaves those steps to its scaler)."""
-        if math.isfinite(loss) or self.scaler.is_enabled():
+        """Stop on a NaN or infinite loss (fp16 leaves those steps to its scaler). With
+        several workers, all stop together when the loss of any of them is not finite
+        (alone, the others would wait for its gradients until a timeout)."""
+        if self.scaler.is_enabled():
+            return
+        loss = distrib.total(loss)
+        if math.isfinite(loss):
             return
         epoch, batch = where
         raise TrainingError(

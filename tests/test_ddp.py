@@ -9,7 +9,7 @@ and then makes DDP's own all-reduce), and at the end of `Solver.train` saves wha
 worker holds. It shows what the files of the XP cannot: that both workers end with the
 same weights, that each saw its own examples, that the logged metrics are the averages
 over both, that gradients are exchanged once per optimizer step, and that only rank 0
-wrote files.
+wrote files. Where a test asks, the probe also makes one worker's loss NaN.
 """
 from __future__ import annotations
 
@@ -88,6 +88,16 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
 
     solver.Averager.reduce, solver.Solver.train = reduce, train
     solver.save_atomic, distrib.wrap = save_atomic, wrap
+
+    if os.environ.get("DDP_PROBE_NAN_RANK") == os.environ["RANK"]:
+        _metrics = solver.Solver._batch_metrics
+
+        def nan_from_second_epoch(self, estimate, sources):  # training batches only
+            loss, metrics = _metrics(self, estimate, sources)
+            return (loss * float("nan") if self.history and loss.requires_grad
+                    else loss), metrics
+
+        solver.Solver._batch_metrics = nan_from_second_epoch
 '''
 
 
@@ -122,13 +132,13 @@ BACKENDS = [
 ]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int) -> None:
-    # 3 training tracks of 3 s: 6 examples of 1 s, 3 per worker and epoch, in batches of
-    # batch_size / 2 = 1 (max_batches=2 lets 3 through). 3 valid tracks: 2 for rank 0, 1
-    # for rank 1, so that an unweighted mean of the workers would be wrong. 1 test track:
-    # rank 1 has none. With optim.accumulate=2, the optimizer steps after batches 2 and 3.
+def ddp_env(tmp_path: Path, backend: str) -> dict[str, str]:
+    """The data, the probe and the environment of a two-worker run in `tmp_path`.
+
+    3 training tracks of 3 s: 6 examples of 1 s, 3 per worker and epoch, in batches of
+    batch_size / 2 = 1 (max_batches=2 lets 3 through). 3 valid tracks: 2 for rank 0, 1
+    for rank 1, so that an unweighted mean of the workers would be wrong. 1 test track:
+    rank 1 has none."""
     generate_dataset(tmp_path / "musdb", tracks=6, seconds=3, valid_tracks=3, test_tracks=1)
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
@@ -139,14 +149,26 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int)
                                                          env.get("PYTHONPATH")])))
     if backend == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, even on a GPU machine
+    return env
 
-    argv = ARGV + ([f"optim.accumulate={accumulate}"] if accumulate > 1 else [])
-    status, output = run_ddp(tmp_path, env, argv)
+
+def xp_folder(tmp_path: Path, output: str) -> tuple[Path, Path]:
+    """The one XP folder of a run, and the log of rank 1 in it (Dora's place for it)."""
     folders = list((tmp_path / "outputs" / "xps").glob("*"))
     assert len(folders) == 1, (folders, output[-3000:])
-    folder = folders[0]
-    worker_log = folder / "worker_1.log"  # where Dora sends the output of rank 1
+    worker_log = folders[0] / "worker_1.log"
     assert worker_log.is_file(), output[-3000:]
+    return folders[0], worker_log
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int) -> None:
+    # With optim.accumulate=2, the optimizer steps after batches 2 and 3 (see `ddp_env`).
+    env = ddp_env(tmp_path, backend)
+    argv = ARGV + ([f"optim.accumulate={accumulate}"] if accumulate > 1 else [])
+    status, output = run_ddp(tmp_path, env, argv)
+    folder, worker_log = xp_folder(tmp_path, output)
     assert status == 0, output[-3000:] + "\n--- worker_1.log:\n" + worker_log.read_text()[-3000:]
     assert f"Starting {WORKERS} worker processes for DDP" in output
     assert "Distributed init: 1/2" in worker_log.read_text()
@@ -208,3 +230,19 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int)
     assert checkpoint["history"] == history
     model = load_model(folder / "best.th")
     assert_same_tensors(model.state_dict(), checkpoint["best_state"], "best.th")
+
+
+def test_nan_loss_on_one_worker_stops_every_worker(tmp_path: Path) -> None:
+    """Rank 1's loss becomes NaN at the first batch of epoch 2: both workers stop there
+    with the same line, and the checkpoint of epoch 1 stays. Had rank 1 stopped alone,
+    rank 0 would have waited for its gradients: killed by Dora here (with no word of why),
+    left to the all-reduce's timeout in other launchers."""
+    env = ddp_env(tmp_path, "gloo")
+    env["DDP_PROBE_NAN_RANK"] = "1"
+    status, output = run_ddp(tmp_path, env, ARGV)
+    folder, worker_log = xp_folder(tmp_path, output)
+    message = "the training loss became nan at epoch 2, batch 1: training stopped"
+    assert status != 0
+    assert message in output, output[-3000:]  # rank 0, whose own loss was finite
+    assert message in worker_log.read_text(), worker_log.read_text()[-3000:]
+    assert len(load_checkpoint(folder / "checkpoint.th")["history"]) == 1

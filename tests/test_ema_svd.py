@@ -204,6 +204,7 @@ def test_averager_and_single_process_distrib() -> None:
     means = finite.mean()
     assert means["loss"] == 2. and math.isnan(means["grad"]) and finite.count == 3
     assert distrib.world_size() == 1 and distrib.rank() == 0 and distrib.is_master()
+    assert distrib.total(2.5) == 2.5
     model = nn.Linear(2, 2)
     assert distrib.wrap(model) is model
     dataset = torch.utils.data.TensorDataset(torch.arange(5))
