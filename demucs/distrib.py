@@ -7,6 +7,7 @@ identity, so the training loop has a single code path.
 """
 from __future__ import annotations
 
+import math
 import os
 import typing as tp
 from contextlib import nullcontext
@@ -124,21 +125,24 @@ def total(value: float) -> float:
     return float(tensor.item())
 
 
-def average(metrics: tp.Mapping[str, float], count: float = 1.) -> dict[str, float]:
-    """Average `metrics` over the workers, each weighted by its `count` of examples.
+def average(metrics: tp.Mapping[str, float],
+            counts: tp.Mapping[str, float]) -> dict[str, float]:
+    """Average `metrics` over the workers, each metric of each worker weighted by its count
+    in `counts` (of batches or examples); NaN for a metric no worker counted.
 
-    Every worker must call it; a worker that saw no example (count 0, e.g. fewer
-    validation tracks than workers) may pass no metrics.
+    Every worker must call it; a worker that saw no example (e.g. fewer validation tracks
+    than workers) may pass no metrics.
     """
     if not is_distributed():
         return dict(metrics)
     gathered: list[tp.Any] = [None] * world_size()
     torch.distributed.all_gather_object(gathered, list(metrics))
     keys = list(dict.fromkeys(key for names in gathered for key in names))
-    sums = [float(metrics[key]) * count if key in metrics else 0. for key in keys]
-    counts = [float(count) if key in metrics else 0. for key in keys]
-    tensor = torch.tensor([sums, counts], device=_device(), dtype=torch.float64)
+    weights = [float(counts.get(key, 0)) if key in metrics else 0. for key in keys]
+    sums = [float(metrics[key]) * weight if weight else 0.
+            for key, weight in zip(keys, weights)]
+    tensor = torch.tensor([sums, weights], device=_device(), dtype=torch.float64)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     totals = tensor.cpu().tolist()
-    return {key: total / max(weight, 1e-12)
+    return {key: total / weight if weight else math.nan
             for key, total, weight in zip(keys, totals[0], totals[1])}

@@ -99,8 +99,9 @@ class Averager:
                 for key in sorted(self.sums)}
 
     def reduce(self) -> Metrics:
-        """The mean over every distributed worker, weighted by their number of batches."""
-        return dict(sorted(distrib.average(self.mean(), self.count).items()))
+        """The mean over every distributed worker, each metric weighted by how many of
+        their batches it counts."""
+        return dict(sorted(distrib.average(self.mean(), self.counts).items()))
 
 
 def _scalar(value: tp.Any) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from demucs import distrib
 from demucs.checkpoints import load_checkpoint
 from demucs.states import load_model
 from helpers import assert_same_tensors
@@ -246,3 +247,34 @@ def test_nan_loss_on_one_worker_stops_every_worker(tmp_path: Path) -> None:
     assert message in output, output[-3000:]  # rank 0, whose own loss was finite
     assert message in worker_log.read_text(), worker_log.read_text()[-3000:]
     assert len(load_checkpoint(folder / "checkpoint.th")["history"]) == 1
+
+
+# Each worker's means and how many batches counted each: rank 1 had no finite `grad` (an
+# fp16 worker whose steps all overflowed), only rank 1 has `reco`, nobody counted `ms`.
+AVERAGED = [({"loss": 1., "grad": 2., "ms": math.nan}, {"loss": 3, "grad": 1, "ms": 0}),
+            ({"loss": 4., "grad": math.nan, "reco": 5., "ms": math.nan},
+             {"loss": 1, "grad": 0, "reco": 2, "ms": 0})]
+
+
+def average_worker(rank: int, store: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=len(AVERAGED))
+    try:
+        metrics, counts = AVERAGED[rank]
+        averaged = distrib.average(metrics, counts)
+        Path(f"{store}.{rank}.json").write_text(json.dumps(averaged))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_average_weights_each_metric_by_its_own_count(tmp_path: Path) -> None:
+    """`distrib.average` between two real gloo workers, each metric weighted by the
+    batches that counted it on each worker."""
+    store = str(tmp_path / "store")
+    torch.multiprocessing.spawn(average_worker, args=(store,), nprocs=len(AVERAGED))
+    for rank in range(len(AVERAGED)):
+        averaged = json.loads(Path(f"{store}.{rank}.json").read_text())
+        assert list(averaged) == ["loss", "grad", "ms", "reco"]
+        assert averaged["loss"] == (1. * 3 + 4. * 1) / 4
+        assert averaged["grad"] == 2. and averaged["reco"] == 5.
+        assert math.isnan(averaged["ms"])
