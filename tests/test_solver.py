@@ -564,12 +564,19 @@ def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> 
     assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
 
 
+@pytest.fixture
+def fp16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lift the start-up refusal of `optim.amp=fp16` without CUDA: PyTorch's gradient
+    scaler works on the CPU too, so the fp16 code paths can run here."""
+    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
+
+
+@pytest.mark.usefixtures("fp16_on_cpu")
 def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 run on the CPU, where PyTorch's gradient scaler works too (users are refused
     fp16 there, bf16 being the CPU's half precision): a batch whose loss overflows does
     not stop the training; its step is skipped, counted in `skipped`, and its loss is
     left out of the epoch's mean."""
-    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
     real_metrics, real_step = Solver._batch_metrics, Solver._optimizer_step
     losses: list[float] = []
     changed: list[bool] = []
@@ -601,8 +608,8 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
     assert scaler["scale"] < 2. ** 16  # halved at each skipped step, and checkpointed
 
 
+@pytest.mark.usefixtures("fp16_on_cpu")
 def test_fp16_stops_when_every_batch_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
     real = Solver._batch_metrics
 
     def overflow_after_first_epoch(self: Solver, estimate: torch.Tensor, sources: torch.Tensor
