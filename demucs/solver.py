@@ -57,6 +57,7 @@ from .evaluate import evaluate, get_test_set, new_sdr
 from .quantize import get_quantizer
 from .states import copy_state, save_atomic, serialize_model, swap_state
 from .svd import svd_penalty
+from .utils import cpu_has_bf16
 from .weights import package_overrides, state_mismatch
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,17 @@ def check_optim(optim: tp.Any, cuda: bool) -> None:
                           "batches per optimizer step, at least 1.")
     if optim.cuda_graph and not cuda:
         raise ConfigError("optim.cuda_graph=true needs a CUDA GPU; set it to false.")
+
+
+def warn_emulated_bf16(amp: tp.Optional[str], device: torch.device) -> None:
+    """bf16 on a CPU without bf16 instructions is emulated, a step 2 to 16 times slower
+    than float32's (bench/README.md): said when training starts, not refused, as it
+    still saves memory."""
+    if amp == "bf16" and device.type == "cpu" and cpu_has_bf16() is False:
+        logger.warning("optim.amp=bf16: this CPU has no bf16 instructions (no avx512_bf16, "
+                       "amx_bf16 or Arm bf16 in /proc/cpuinfo), so a bf16 step runs 2 to 16 "
+                       "times slower than a float32 one and only saves memory; train with "
+                       "optim.amp=null.")
 
 
 def check_cuda_graph(args: tp.Any, model: nn.Module) -> None:
@@ -427,6 +439,8 @@ class Solver:
             return
         if len(self.history) >= self.args.epochs:
             logger.info("Training already done (%d epochs).", len(self.history))
+        elif distrib.is_master():
+            warn_emulated_bf16(self.args.optim.amp, self.device)
         first = len(self.history)
         begin = time.monotonic()
         for epoch in range(first, self.args.epochs):

@@ -156,6 +156,19 @@ class DummyPoolExecutor:
         return
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether the CPU computes bf16 dot products natively (x86 `avx512_bf16` or
+    `amx_bf16`, Arm `bf16`), from the flags Linux lists in `cpuinfo`; None where it
+    lists none (another system)."""
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    flags = {flag for line in lines if line.partition(":")[0].strip() in ("flags", "Features")
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if flags else None
+
+
 @contextmanager
 def atomic_path(path: tp.Union[str, os.PathLike], mode: int = 0o644) -> tp.Iterator[Path]:
     """Yield a temporary path next to `path`; once the block succeeds, the file written

@@ -5,6 +5,7 @@ tracks), inside a temporary Dora folder.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from demucs.checkpoints import load_checkpoint
 from demucs.solver import Solver, check_optim
 from demucs.states import load_model
 from demucs.train import main
+from demucs.utils import cpu_has_bf16
 from helpers import SOURCES, new_xp, same_state
 from tools.synth_dataset import generate_dataset
 
@@ -391,6 +393,42 @@ def test_optim_errors_at_start_up(argv: list[str], message: str) -> None:
 def test_cuda_only_options(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         main.get_xp(TINY + argv)
+
+
+X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd {}\n"
+
+
+@pytest.mark.parametrize("text, has", [
+    (X86.format("avx512_bf16"), True), (X86.format("amx_bf16"), True), (X86.format(""), False),
+    (ARM.format("bf16 i8mm"), True), (ARM.format("sve"), False), ("processor\t: 0\n", None),
+    (None, None)])
+def test_cpu_has_bf16(text: tp.Optional[str], has: tp.Optional[bool], tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    if text is not None:
+        cpuinfo.write_text(text)
+    assert cpu_has_bf16(cpuinfo) is has
+
+
+@pytest.mark.parametrize("flags, amp, warned", [
+    ("avx512_bf16", "bf16", False), ("", "bf16", True), ("", None, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(
+        flags: str, amp: tp.Optional[str], warned: bool, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 is emulated there (a step 2 to 16 times slower, bench/README.md): said once
+    when training starts, not refused, as it still saves memory."""
+    from demucs import solver as solver_module
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(X86.format(flags))
+    monkeypatch.setattr(solver_module, "cpu_has_bf16", lambda: cpu_has_bf16(cpuinfo))
+    solver, xp = make_solver("epochs=1", "max_batches=1", f"optim.amp={amp or 'null'}")
+    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.solver"):
+        solver.train()
+    assert caplog.text.count("this CPU has no bf16 instructions") == warned
+    caplog.clear()
+    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.solver"):
+        solver.train()  # nothing left to train: nothing said
+    assert "bf16 instructions" not in caplog.text
 
 
 @pytest.mark.parametrize("argv, model, message", [
