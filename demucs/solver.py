@@ -86,14 +86,12 @@ class Averager:
         self.finite_only = finite_only
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        self.count = 0
 
     def update(self, metrics: tp.Mapping[str, float]) -> None:
         for key, value in metrics.items():
             kept = not self.finite_only or math.isfinite(value)
             self.sums[key] = self.sums.get(key, 0.) + (float(value) if kept else 0.)
             self.counts[key] = self.counts.get(key, 0) + kept
-        self.count += 1
 
     def mean(self) -> Metrics:
         return {key: self.sums[key] / self.counts[key] if self.counts[key] else math.nan

@@ -67,7 +67,8 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
 
     def reduce(self):
         reduced = _reduce(self)
-        _reductions.append({"local": self.mean(), "count": self.count, "reduced": reduced})
+        _reductions.append({"local": self.mean(), "count": self.counts["loss"],  # batches
+                            "reduced": reduced})
         return reduced
 
     def save_atomic(content, path):
