@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -34,6 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_separation import adam, build, freed_memory_kept  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_line() -> str:
+    """What decides the CPU's bf16 figures: its vector instructions as PyTorch sees them,
+    whether it has bf16 dot products, and a limit set on oneDNN's instructions."""
+    try:
+        from demucs.utils import cpu_has_bf16
+        bf16 = {True: "yes", False: "no", None: "unknown"}[cpu_has_bf16()]
+    except ImportError:  # another demucs
+        bf16 = "unknown"
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"CPU {torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {bf16}"
+            + (f", ONEDNN_MAX_CPU_ISA={limit}" if limit else ""))
 
 
 def peak_rss_mb() -> float:
@@ -123,6 +137,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     gpu = f", {torch.cuda.get_device_name()}" if "cuda" in args.devices else ""
     print(f"demucs from {where}, torch {torch.__version__}, {args.threads} threads{gpu}, "
           f"batch {args.batch} x {args.seconds} s")
+    if "cpu" in args.devices:
+        print(cpu_line())
     for name in args.models:
         base: dict[str, dict[str, float]] = {}
         for device, amp in runs:
