@@ -593,11 +593,11 @@ class Solver:
             with self._autocast():
                 estimate = self._forward(mix).float()
                 loss, metrics = self._batch_metrics(estimate, sources)
-                svd = self.args.svd
-                if svd.penalty > 0:
-                    penalty = self._svd_penalty(exact=False)
-                    metrics["penalty"] = _scalar(penalty)
-                    loss = loss + svd.penalty * penalty
+            svd = self.args.svd
+            if svd.penalty > 0:  # of the float32 weights, in float32 whatever optim.amp
+                penalty = self._svd_penalty(exact=False)
+                metrics["penalty"] = _scalar(penalty)
+                loss = loss + svd.penalty * penalty
             metrics["loss"] = loss.item()
             self._check_finite(metrics["loss"], where)
             if self.accumulate > 1:

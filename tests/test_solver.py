@@ -24,6 +24,7 @@ from demucs.grids._explorers import summarize
 from demucs.checkpoints import load_checkpoint
 from demucs.solver import Solver, check_optim
 from demucs.states import load_model
+from demucs.svd import svd_penalty
 from demucs.train import main
 from demucs.utils import cpu_has_bf16
 from helpers import SOURCES, new_xp, same_state
@@ -552,6 +553,24 @@ def test_bf16_training_keeps_float32_state() -> None:
             torch.float32}
     assert "skipped" not in train  # only fp16 skips steps
     assert load_checkpoint(xp.folder / "checkpoint.th")["scaler"] == {}
+
+
+def test_svd_penalty_stays_float32_under_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The penalty is of the float32 weights: it is computed outside autocast (with
+    `svd.powm`, autocast ran its power iterations in bf16, 1 % off on an HDemucs)."""
+    from demucs import solver as solver_module
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def penalty(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        value = svd_penalty(*args, **kwargs)
+        seen.append((torch.is_autocast_enabled("cpu"), value.dtype))
+        return value
+
+    monkeypatch.setattr(solver_module, "svd_penalty", penalty)
+    solver, _ = train_xp("epochs=1", "max_batches=2", "optim.amp=bf16", "svd.penalty=1e-3",
+                         "svd.powm=true", "svd.min_size=0")
+    assert seen == [(False, torch.float32)] * 3  # 2 training batches, then valid's exact one
+    assert np.isfinite(solver.history[0]["train"]["penalty"])
 
 
 class ToDouble(torch.nn.Module):
