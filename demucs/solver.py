@@ -629,17 +629,20 @@ class Solver:
         return f"the checkpoint of epoch {len(self.history)} is kept in {self.checkpoint_file}"
 
     def _optimizer_step(self) -> Metrics:
-        """One optimizer step from the accumulated gradients, then the batch EMAs."""
+        """One optimizer step from the accumulated gradients, then the batch EMAs (not
+        after a step that fp16's scaler skipped)."""
         self.scaler.unscale_(self.optimizer)
         metrics = {"grad": self._clip_gradients()}
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        skipped = self.scaler.get_scale() < scale if self.scaler.is_enabled() else False
         if self.scaler.is_enabled():  # fp16: a step with inf/NaN gradients is skipped
-            metrics["skipped"] = float(self.scaler.get_scale() < scale)
+            metrics["skipped"] = float(skipped)
         self._zero_grad()
-        for ema in self.emas["batch"]:
-            ema.update()
+        if not skipped:  # the batch EMAs follow the steps taken
+            for ema in self.emas["batch"]:
+                ema.update()
         return metrics
 
     def _zero_grad(self) -> None:

@@ -633,11 +633,12 @@ def fp16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 run on the CPU, where PyTorch's gradient scaler works too (users are refused
     fp16 there, bf16 being the CPU's half precision): a batch whose loss overflows does
-    not stop the training; its step is skipped, counted in `skipped`, and its loss is
-    left out of the epoch's mean."""
+    not stop the training; its step is skipped, counted in `skipped`, its loss is left
+    out of the epoch's mean, and the batch EMA does not count it."""
     real_metrics, real_step = Solver._batch_metrics, Solver._optimizer_step
     losses: list[float] = []
     changed: list[bool] = []
+    ema_counts: list[float] = []
 
     def overflow_second(self: Solver, estimate: torch.Tensor,
                         sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -652,13 +653,15 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
         metrics = real_step(self)
         changed.append(any(not torch.equal(old, param)
                            for old, param in zip(before, self.model.parameters())))
+        ema_counts.append(self.emas["batch"][0].count)
         return metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", overflow_second)
     monkeypatch.setattr(Solver, "_optimizer_step", step)
-    solver, xp = train_xp("epochs=1", "optim.amp=fp16")
+    solver, xp = train_xp("epochs=1", "optim.amp=fp16", "ema.batch=[0.9]")
     assert len(losses) == 2 and math.isfinite(losses[0]) and math.isinf(losses[1])
     assert len(changed) == 2 and not changed[1]  # the overflowing step changed nothing
+    assert ema_counts == [1., 1.]  # nor the EMA (0.9 * 1 + 1 had it averaged once more)
     train_metrics = solver.history[0]["train"]
     assert train_metrics["skipped"] == pytest.approx(sum(not c for c in changed) / 2)
     assert train_metrics["loss"] == pytest.approx(losses[0])
