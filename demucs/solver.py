@@ -553,7 +553,10 @@ class Solver:
         begin, total = time.monotonic(), progress.total
         for index, sources in enumerate(progress):
             step = (index + 1) % self.accumulate == 0 or index + 1 == total
-            averager.update(self._train_step(sources, step, (epoch, index)))
+            try:
+                averager.update(self._train_step(sources, step, (epoch, index)))
+            except torch.OutOfMemoryError as error:
+                raise TrainingError(self._out_of_memory(epoch, index)) from error
             eta = (time.monotonic() - begin) / (index + 1) * (total - index - 1)
             progress.update(**{key: f"{value:.4f}" for key, value in averager.mean().items()},
                             eta=format_duration(eta))
@@ -621,6 +624,22 @@ class Solver:
             f"the training loss became {loss} at epoch {epoch + 1}, batch {batch + 1}: "
             f"training stopped, {self._kept()}; lower optim.lr, set optim.clip_grad, or "
             "train in float32 (optim.amp=null).")
+
+    def _out_of_memory(self, epoch: int, batch: int) -> str:
+        """The line for a training batch that ran out of device memory, with what to change."""
+        workers = distrib.world_size()
+        size = f"batch_size={self.args.batch_size}" + (
+            f" ({self.args.batch_size // workers} per worker)" if workers > 1 else "")
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
+            peak = torch.cuda.max_memory_reserved(self.device) / 2 ** 30
+            size += f", {peak:.1f} of the GPU's {total:.1f} GiB reserved"
+        fixes = ["lower batch_size (optim.accumulate=N keeps the examples per step)",
+                 "or dset.segment"]
+        if not self.args.optim.amp:
+            fixes.append("or train in bf16 (optim.amp=bf16)")
+        return (f"{self.device.type} out of memory at epoch {epoch + 1}, batch {batch + 1} "
+                f"({size}): training stopped, {self._kept()}; {', '.join(fixes)}.")
 
     def _kept(self) -> str:
         """What a training stopped now leaves: the last complete epoch's checkpoint."""

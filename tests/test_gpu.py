@@ -52,6 +52,26 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
             if value.is_floating_point()} == {torch.float32}
 
 
+def test_out_of_memory_on_cuda_is_one_line(dataset: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real CUDA out-of-memory error in a training batch (an allocation no GPU holds)."""
+    from demucs.errors import TrainingError
+    from demucs.solver import Solver
+    real = Solver._forward
+
+    def huge(self: Solver, mix: torch.Tensor) -> torch.Tensor:
+        torch.empty(2 ** 45, device=mix.device)  # 128 TiB of float32
+        return real(self, mix)
+
+    monkeypatch.setattr(Solver, "_forward", huge)
+    xp = new_xp(TINY)
+    with xp.enter(), pytest.raises(TrainingError, match=(
+            r"^cuda out of memory at epoch 1, batch 1 \(batch_size=2, [\d.]+ of the GPU's "
+            r"[\d.]+ GiB reserved\): training stopped, no epoch was checkpointed; lower "
+            r"batch_size")):
+        train.get_solver(xp.cfg).train()
+
+
 @pytest.mark.parametrize("argv,amp,accumulate", [
     (TINY, "null", 1), (TINY, "null", 2), (TINY, "bf16", 1), (TINY_V4, "bf16", 1)],
     ids=["f32", "f32-accumulate", "bf16", "v4-bf16"])

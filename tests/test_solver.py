@@ -574,6 +574,32 @@ def test_svd_penalty_stays_float32_under_bf16(monkeypatch: pytest.MonkeyPatch) -
     assert np.isfinite(solver.history[0]["train"]["penalty"])
 
 
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that runs out of memory (on a GPU: PyTorch's OutOfMemoryError) stops the
+    training with one line saying where, what is kept and what to change."""
+    real = Solver._train_step
+
+    def out_of_memory_in_second_epoch(self: Solver, sources: torch.Tensor, step: bool,
+                                      where: tuple[int, int]) -> dict[str, float]:
+        if where == (1, 1):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real(self, sources, step, where)
+
+    monkeypatch.setattr(Solver, "_train_step", out_of_memory_in_second_epoch)
+    solver, xp = make_solver("epochs=3", f"optim.amp={amp or 'null'}")
+    with xp.enter(), pytest.raises(TrainingError) as caught:
+        solver.train()
+    message = str(caught.value)
+    assert message.startswith(
+        f"cpu out of memory at epoch 2, batch 2 (batch_size={xp.cfg.batch_size}): training "
+        f"stopped, the checkpoint of epoch 1 is kept in {xp.folder / 'checkpoint.th'}; lower "
+        "batch_size (optim.accumulate=N keeps the examples per step), or dset.segment")
+    assert ("optim.amp=bf16" in message) is (amp is None)  # bf16 offered where it is not on
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
+
+
 class ToDouble(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.double()
