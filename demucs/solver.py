@@ -767,8 +767,21 @@ class Solver:
                         path)
 
     def _save(self, epoch: int) -> None:
+        """Write the checkpoints of `epoch` (0-based); a write that fails (a full disk)
+        stops the training with one line, the previous files intact (atomic writes)."""
         if not distrib.is_master():
             return
+        try:
+            self._write_checkpoints(epoch)
+        except OSError as error:
+            kept = (f"the checkpoint of epoch {epoch} is kept in {self.checkpoint_file}"
+                    if epoch else "no epoch was checkpointed")
+            raise TrainingError(
+                f"could not save epoch {epoch + 1}: {one_line(error)}: training stopped, "
+                f"{kept}; free some space and run the same command to resume.") from error
+        self._plot_curves()
+
+    def _write_checkpoints(self, epoch: int) -> None:
         checkpoint = self.checkpoint()
         save_atomic(checkpoint, self.checkpoint_file)
         save_every = self.args.save_every
@@ -776,7 +789,6 @@ class Solver:
             save_atomic(checkpoint, self.folder / f"checkpoint_{epoch + 1}.th")
         self.save_best(self.best_file)
         logger.debug("Checkpoint saved to %s", self.checkpoint_file.resolve())
-        self._plot_curves()
 
     def _plot_curves(self) -> None:
         """`curves.png` in the XP folder; a failure to draw never stops the training."""

@@ -5,6 +5,7 @@ tracks), inside a temporary Dora folder.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -598,6 +599,34 @@ def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
         "batch_size (optim.accumulate=N keeps the examples per step), or dset.segment")
     assert ("optim.amp=bf16" in message) is (amp is None)  # bf16 offered where it is not on
     assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
+
+
+def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint that cannot be written (here, a full disk at epoch 2) stops the
+    training with one line; epoch 1's files stay, and the same command resumes there."""
+    from demucs import solver as solver_module
+    real = solver_module.save_atomic
+
+    def full_disk_at_epoch_2(content: tp.Any, path: tp.Any) -> None:
+        if Path(path).name == "checkpoint.th" and len(content["history"]) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(content, path)
+
+    monkeypatch.setattr(solver_module, "save_atomic", full_disk_at_epoch_2)
+    solver, xp = make_solver("epochs=3")
+    with xp.enter(), pytest.raises(TrainingError) as caught:
+        solver.train()
+    assert str(caught.value) == (
+        "could not save epoch 2: [Errno 28] No space left on device: training stopped, the "
+        f"checkpoint of epoch 1 is kept in {xp.folder / 'checkpoint.th'}; free some space "
+        "and run the same command to resume.")
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
+    monkeypatch.setattr(solver_module, "save_atomic", real)
+    resumed, xp = make_solver("epochs=3")
+    assert len(resumed.history) == 1
+    with xp.enter():
+        resumed.train()
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 3
 
 
 class ToDouble(torch.nn.Module):
