@@ -782,12 +782,14 @@ class Solver:
         self._plot_curves()
 
     def _write_checkpoints(self, epoch: int) -> None:
+        """`checkpoint.th` last: the resume point moves once the epoch's other files are
+        written."""
         checkpoint = self.checkpoint()
-        save_atomic(checkpoint, self.checkpoint_file)
         save_every = self.args.save_every
         if save_every and (epoch + 1) % save_every == 0:
             save_atomic(checkpoint, self.folder / f"checkpoint_{epoch + 1}.th")
         self.save_best(self.best_file)
+        save_atomic(checkpoint, self.checkpoint_file)
         logger.debug("Checkpoint saved to %s", self.checkpoint_file.resolve())
 
     def _plot_curves(self) -> None:

@@ -226,7 +226,7 @@ def test_dora_run_ddp_two_workers(tmp_path: Path, backend: str, accumulate: int)
 
     # Only rank 0 writes: the checkpoint and best.th once per epoch, of its weights.
     assert one["saves"] == []
-    assert zero["saves"] == ["checkpoint.th", "best.th"] * len(history)
+    assert zero["saves"] == ["best.th", "checkpoint.th"] * len(history)
     checkpoint = load_checkpoint(folder / "checkpoint.th")
     assert_same_tensors(checkpoint["state"], zero["final"], "checkpoint")
     assert checkpoint["history"] == history
