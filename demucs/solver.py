@@ -655,8 +655,9 @@ class Solver:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        skipped = self.scaler.get_scale() < scale if self.scaler.is_enabled() else False
-        if self.scaler.is_enabled():  # fp16: a step with inf/NaN gradients is skipped
+        # fp16: a step with inf/NaN gradients is skipped (and the scale lowered)
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+        if self.scaler.is_enabled():
             metrics["skipped"] = float(skipped)
         self._zero_grad()
         if not skipped:  # the batch EMAs follow the steps taken
