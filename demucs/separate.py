@@ -248,6 +248,16 @@ def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) 
     print_error(prog, message)
 
 
+def out_of_memory(error: torch.OutOfMemoryError, args: argparse.Namespace) -> DemucsError:
+    """A device out of memory on a track, with what takes less (its cause kept for -v)."""
+    allocation = ". ".join(one_line(error).split(". ")[:2]).rstrip(".")  # what, how much
+    fix = "lower --segment" if args.split else "drop --no-split (or set --segment)"
+    hint = DemucsError(f"out of memory ({allocation}): {fix}, or separate on the CPU "
+                       "(-d cpu).")
+    hint.__cause__ = error
+    return hint
+
+
 def load_separator(args: argparse.Namespace) -> Separator:
     separator = Separator(args.name, repo=args.repo, device=args.device, shifts=args.shifts,
                           overlap=args.overlap, split=args.split, jobs=args.jobs,
@@ -288,6 +298,9 @@ def separate(args: argparse.Namespace, prog: str) -> tp.List[Path]:
     for track in pending:
         try:
             separate_track(separator, track, args)
+        except torch.OutOfMemoryError as error:  # nor running out of device memory
+            report_failure(prog, track, out_of_memory(error, args), args.verbose)
+            failed.append(track)
         except Exception as error:  # one track failing never stops the others
             report_failure(prog, track, error, args.verbose)
             failed.append(track)

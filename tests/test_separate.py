@@ -403,6 +403,36 @@ def test_bad_tracks_do_not_stop_the_batch(setup: Setup, tmp_path: Path,
     assert lines[-1] == f"demucs: error: separated 1 of {len(bad) + 1} tracks; failed: {failed}"
 
 
+@pytest.mark.parametrize("options, fix", [([], "lower --segment"),
+                                          (["--no-split"], "drop --no-split")])
+def test_out_of_memory_track_does_not_stop_the_batch(
+        setup: Setup, tmp_path: Path, options: list[str], fix: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A track that runs out of device memory (PyTorch's error as on a GPU) gets one line
+    saying what takes less memory; the next track is still separated."""
+    big = tmp_path / "big.wav"
+    shutil.copy(setup.short, big)
+    real = separate.Separator.separate_audio_file
+
+    def out_of_memory_on_big(self: tp.Any, path: Path) -> tp.Any:
+        if Path(path).name == "big.wav":
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
+                "of 11.76 GiB of which 2.10 GiB is free. Of the allocated memory ...")
+        return real(self, path)
+
+    monkeypatch.setattr(separate.Separator, "separate_audio_file", out_of_memory_on_big)
+    out = tmp_path / "out"
+    run = run_capture(capsys, "--repo", str(setup.repo), "-n", "tinyd", str(big),
+                      str(setup.short), "-o", str(out), "--shifts", "0", *options)
+    assert run.code == 1 and "Traceback" not in run.err
+    assert error_lines(run.err)[0] == (
+        f"demucs: error: {big}: out of memory (CUDA out of memory. Tried to allocate 9.00 "
+        f"GiB): {fix}{' (or set --segment)' if options else ''}, or separate on the CPU "
+        "(-d cpu).")
+    assert sorted(p.stem for p in (out / "tinyd" / "short").iterdir()) == sorted(SOURCES)
+
+
 def test_bad_track_traceback_with_verbose(setup: Setup, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     notes = tmp_path / "notes.wav"
