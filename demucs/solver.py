@@ -641,11 +641,13 @@ class Solver:
         return (f"{self.device.type} out of memory at epoch {epoch + 1}, batch {batch + 1} "
                 f"({size}): training stopped, {self._kept()}; {', '.join(fixes)}.")
 
-    def _kept(self) -> str:
-        """What a training stopped now leaves: the last complete epoch's checkpoint."""
-        if not self.history:
+    def _kept(self, epochs: tp.Optional[int] = None) -> str:
+        """What a training stopped now leaves: the checkpoint of its last complete epoch
+        (of epoch `epochs` when given, for a stop while the next one is being saved)."""
+        epochs = len(self.history) if epochs is None else epochs
+        if not epochs:
             return "no epoch was checkpointed"
-        return f"the checkpoint of epoch {len(self.history)} is kept in {self.checkpoint_file}"
+        return f"the checkpoint of epoch {epochs} is kept in {self.checkpoint_file}"
 
     def _optimizer_step(self) -> Metrics:
         """One optimizer step from the accumulated gradients, then the batch EMAs (not
@@ -775,11 +777,10 @@ class Solver:
         try:
             self._write_checkpoints(epoch)
         except OSError as error:
-            kept = (f"the checkpoint of epoch {epoch} is kept in {self.checkpoint_file}"
-                    if epoch else "no epoch was checkpointed")
             raise TrainingError(
                 f"could not save epoch {epoch + 1}: {one_line(error)}: training stopped, "
-                f"{kept}; free some space and run the same command to resume.") from error
+                f"{self._kept(epoch)}; free some space and run the same command to "
+                "resume.") from error
         self._plot_curves()
 
     def _write_checkpoints(self, epoch: int) -> None:
