@@ -19,6 +19,7 @@ import torch
 from dora.xp import XP
 from omegaconf import OmegaConf
 
+from demucs import solver as solver_module
 from demucs import train
 from demucs.errors import ConfigError, ModelLoadingError, TrainingError
 from demucs.grids._explorers import summarize
@@ -419,7 +420,6 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """bf16 is emulated there (a step 2 to 16 times slower, bench/README.md): said once
     when training starts, not refused, as it still saves memory."""
-    from demucs import solver as solver_module
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(X86.format(flags))
     monkeypatch.setattr(solver_module, "cpu_has_bf16", lambda: cpu_has_bf16(cpuinfo))
@@ -500,13 +500,18 @@ def emulated_graphs(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ..
 
 
 @pytest.fixture
-def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def cuda_options_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lift the start-up refusal of the CUDA-only options (`optim.amp=fp16`,
+    `optim.cuda_graph`) without CUDA, so that their code paths can run here (PyTorch's
+    gradient scaler works on the CPU too)."""
+    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
+
+
+@pytest.fixture
+def graphs_on_cpu(cuda_options_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """`optim.cuda_graph` on the CPU, with `emulated_graphs` for CUDA's."""
-    from demucs import solver as solver_module
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", emulated_graphs)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(train, "check_optim",
-                        lambda optim, cuda: solver_module.check_optim(optim, True))
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -559,7 +564,6 @@ def test_bf16_training_keeps_float32_state() -> None:
 def test_svd_penalty_stays_float32_under_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """The penalty is of the float32 weights: it is computed outside autocast (with
     `svd.powm`, autocast ran its power iterations in bf16, 1 % off on an HDemucs)."""
-    from demucs import solver as solver_module
     seen: list[tuple[bool, torch.dtype]] = []
 
     def penalty(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
@@ -604,7 +608,6 @@ def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
 def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint that cannot be written (here, a full disk at epoch 2) stops the
     training with one line; epoch 1's files stay, and the same command resumes there."""
-    from demucs import solver as solver_module
     real = solver_module.save_atomic
 
     epoch = 0
@@ -681,14 +684,7 @@ def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> 
     assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
 
 
-@pytest.fixture
-def fp16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lift the start-up refusal of `optim.amp=fp16` without CUDA: PyTorch's gradient
-    scaler works on the CPU too, so the fp16 code paths can run here."""
-    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
-
-
-@pytest.mark.usefixtures("fp16_on_cpu")
+@pytest.mark.usefixtures("cuda_options_on_cpu")
 def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 run on the CPU, where PyTorch's gradient scaler works too (users are refused
     fp16 there, bf16 being the CPU's half precision): a batch whose loss overflows does
@@ -728,7 +724,7 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
     assert scaler["scale"] < 2. ** 16  # halved at each skipped step, and checkpointed
 
 
-@pytest.mark.usefixtures("fp16_on_cpu")
+@pytest.mark.usefixtures("cuda_options_on_cpu")
 def test_fp16_stops_when_every_batch_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Solver._batch_metrics
 
