@@ -195,19 +195,20 @@ class FusedSequential(nn.Sequential):
     hooks included."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = list(self) + [None, None]
+        modules = list(self)
         index = 0
-        while modules[index] is not None:
-            module, act = modules[index], _activation_of(modules[index + 1])
+        while index < len(modules):
+            module = modules[index]
+            then = modules[index + 1] if index + 1 < len(modules) else None
+            gain = modules[index + 2] if index + 2 < len(modules) else None
+            act = _activation_of(then)
             if (type(module) is GroupNorm and act is not None
                     and _fast(x, module.num_groups, module.weight, module.bias)):
-                gain = modules[index + 2]
                 gain = gain if isinstance(gain, ChannelScale) else None
                 x = _GroupNorm.apply(x, module.num_groups, module.weight, module.bias,
                                      module.eps, act, None if gain is None else gain.scale)
                 index += 2 if gain is None else 3
             else:
-                assert module is not None
                 x = module(x)
                 index += 1
         return x

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from demucs import norm, train
 from demucs.apply import apply_model
-from demucs.solver import GraphedStep
+from demucs.errors import TrainingError
+from demucs.solver import GraphedStep, Solver
 from demucs.train import main
 from helpers import new_xp, norm_steps, tiny_hdemucs, tiny_htdemucs
 from tools.synth_dataset import generate_dataset
@@ -55,8 +56,6 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
 def test_out_of_memory_on_cuda_is_one_line(dataset: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A real CUDA out-of-memory error in a training batch (an allocation no GPU holds)."""
-    from demucs.errors import TrainingError
-    from demucs.solver import Solver
     real = Solver._forward
 
     def huge(self: Solver, mix: torch.Tensor) -> torch.Tensor:
