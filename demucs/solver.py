@@ -33,7 +33,7 @@ import math
 import random
 import time
 import typing as tp
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -456,14 +456,17 @@ class Solver:
     def _run_epoch(self, epoch: int) -> tuple[dict[str, tp.Any], bool]:
         """The metrics of one epoch, and whether training stops after it."""
         metrics: dict[str, tp.Any] = {"train": self._train_stage(epoch)}
-        metrics["valid"] = self._valid_stage(epoch)
+        with self._stopping_out_of_memory(f"in the validation of epoch {epoch + 1}", "valid"):
+            metrics["valid"] = self._valid_stage(epoch)
         diverged = self._diverged(epoch, metrics["valid"])
         if diverged:
             logger.warning("Valid reco %.4f at epoch %d: the model diverged, stopping.",
                            metrics["valid"]["main"]["reco"], epoch + 1)
         is_last = diverged or epoch == self.args.epochs - 1
         if is_last or self._is_test_epoch(epoch):
-            metrics["test"] = self._test_stage(compute_sdr=bool(self.args.test.sdr and is_last))
+            with self._stopping_out_of_memory(f"in the test of epoch {epoch + 1}", "test"):
+                metrics["test"] = self._test_stage(
+                    compute_sdr=bool(self.args.test.sdr and is_last))
         self._log_epoch(epoch, metrics)
         return metrics, diverged
 
@@ -552,11 +555,10 @@ class Solver:
         progress = self._batches(loader, f"Train | Epoch {epoch + 1}")
         begin, total = time.monotonic(), progress.total
         for index, sources in enumerate(progress):
-            step = (index + 1) % self.accumulate == 0 or index + 1 == total
-            try:
-                averager.update(self._train_step(sources, step, (epoch, index)))
-            except torch.OutOfMemoryError as error:
-                raise TrainingError(self._out_of_memory(epoch, index)) from error
+            start = index - index % self.accumulate  # of this batch's optimizer step
+            group = min(self.accumulate, total - start)  # a last one may be shorter
+            with self._stopping_out_of_memory(f"at epoch {epoch + 1}, batch {index + 1}"):
+                averager.update(self._train_step(sources, group, (epoch, index)))
             eta = (time.monotonic() - begin) / (index + 1) * (total - index - 1)
             progress.update(**{key: f"{value:.4f}" for key, value in averager.mean().items()},
                             eta=format_duration(eta))
@@ -587,9 +589,11 @@ class Solver:
             self.graphed = GraphedStep(self.model, mix)
         return self.graphed(mix)
 
-    def _train_step(self, sources: torch.Tensor, step: bool,
+    def _train_step(self, sources: torch.Tensor, group: int,
                     where: tuple[int, int]) -> Metrics:
-        """Forward and backward of one batch; with `step`, the optimizer step too."""
+        """Forward and backward of one batch of an optimizer step over `group` batches
+        (its loss scaled by 1/group); the step itself after the group's last batch."""
+        step = where[1] % self.accumulate == group - 1  # the group's last batch
         sources = self.augment(sources.to(self.device))  # (B, S, C, T)
         mix = sources.sum(dim=1)  # (B, C, T)
         with distrib.local_gradients(self.dmodel, active=not step):
@@ -603,8 +607,8 @@ class Solver:
                 loss = loss + svd.penalty * penalty
             metrics["loss"] = loss.item()
             self._check_finite(metrics["loss"], where)
-            if self.accumulate > 1:
-                loss = loss / self.accumulate
+            if group > 1:
+                loss = loss / group
             self.scaler.scale(loss).backward()
         if step:
             metrics.update(self._optimizer_step())
@@ -625,21 +629,43 @@ class Solver:
             f"training stopped, {self._kept()}; lower optim.lr, set optim.clip_grad, or "
             "train in float32 (optim.amp=null).")
 
-    def _out_of_memory(self, epoch: int, batch: int) -> str:
-        """The line for a training batch that ran out of device memory, with what to change."""
-        workers = distrib.world_size()
-        size = f"batch_size={self.args.batch_size}" + (
-            f" ({self.args.batch_size // workers} per worker)" if workers > 1 else "")
+    @contextmanager
+    def _stopping_out_of_memory(self, where: str, stage: str = "train") -> tp.Iterator[None]:
+        """Running out of device memory stops the training with one line (PyTorch's
+        message and traceback as its cause, shown with `misc.verbose`)."""
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            raise TrainingError(self._out_of_memory(where, stage)) from error
+
+    def _out_of_memory(self, where: str, stage: str) -> str:
+        """The line for a stage that ran out of device memory `where`, with what to change:
+        training holds a batch, validation and test one track (or segment) at a time."""
+        if stage == "train":
+            workers = distrib.world_size()
+            details = [f"batch_size={self.args.batch_size}" + (
+                f" ({self.args.batch_size // workers} per worker)" if workers > 1 else "")]
+            fixes = ["lower batch_size (optim.accumulate=N keeps the examples per step)",
+                     "or dset.segment"]
+            if not self.args.optim.amp:
+                fixes.append("or train in bf16 (optim.amp=bf16)")
+        else:
+            whole = not self.args.test.split or (stage == "valid" and not self.args.valid_apply)
+            details = ["whole tracks" if whole else f"segments of {self.model.segment:.2f} s"]
+            if whole:
+                keys = ["test.split=true"] if not self.args.test.split else []
+                if stage == "valid" and not self.args.valid_apply:
+                    keys.append("valid_apply=true")
+                fixes = [f"set {' '.join(keys)} to run the model on segments"]
+            else:
+                fixes = ["lower model_segment (the length of those segments, by default 4 "
+                         "* dset.segment)"]
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
             peak = torch.cuda.max_memory_reserved(self.device) / 2 ** 30
-            size += f", {peak:.1f} of the GPU's {total:.1f} GiB reserved"
-        fixes = ["lower batch_size (optim.accumulate=N keeps the examples per step)",
-                 "or dset.segment"]
-        if not self.args.optim.amp:
-            fixes.append("or train in bf16 (optim.amp=bf16)")
-        return (f"{self.device.type} out of memory at epoch {epoch + 1}, batch {batch + 1} "
-                f"({size}): training stopped, {self._kept()}; {', '.join(fixes)}.")
+            details.append(f"{peak:.1f} of the GPU's {total:.1f} GiB reserved")
+        return (f"{self.device.type} out of memory {where} ({', '.join(details)}): training "
+                f"stopped, {self._kept()}; {', '.join(fixes)}.")
 
     def _kept(self, epochs: tp.Optional[int] = None) -> str:
         """What a training stopped now leaves: the checkpoint of its last complete epoch

@@ -586,11 +586,11 @@ def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
     training with one line saying where, what is kept and what to change."""
     real = Solver._train_step
 
-    def out_of_memory_in_second_epoch(self: Solver, sources: torch.Tensor, step: bool,
+    def out_of_memory_in_second_epoch(self: Solver, sources: torch.Tensor, group: int,
                                       where: tuple[int, int]) -> dict[str, float]:
         if where == (1, 1):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        return real(self, sources, step, where)
+        return real(self, sources, group, where)
 
     monkeypatch.setattr(Solver, "_train_step", out_of_memory_in_second_epoch)
     solver, xp = make_solver("epochs=3", f"optim.amp={amp or 'null'}")
@@ -602,6 +602,38 @@ def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
         f"stopped, the checkpoint of epoch 1 is kept in {xp.folder / 'checkpoint.th'}; lower "
         "batch_size (optim.accumulate=N keeps the examples per step), or dset.segment")
     assert ("optim.amp=bf16" in message) is (amp is None)  # bf16 offered where it is not on
+    assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
+
+
+@pytest.mark.parametrize("stage,argv,where,fix", [
+    ("valid", [], "in the validation of epoch 2 (segments of {segment:.2f} s)",
+     "lower model_segment (the length of those segments, by default 4 * dset.segment)."),
+    ("valid", ["valid_apply=false"], "in the validation of epoch 2 (whole tracks)",
+     "set valid_apply=true to run the model on segments."),
+    ("test", ["test.split=false"], "in the test of epoch 2 (whole tracks)",
+     "set test.split=true to run the model on segments.")])
+def test_out_of_memory_in_validation_or_test_is_one_line(
+        stage: str, argv: list[str], where: str, fix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and test hold one track (or one segment of it) at a time: running out
+    of memory there stops with one line naming the setting that runs on less."""
+    def out_of_memory(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    if stage == "valid":
+        real = Solver._valid_step
+        monkeypatch.setattr(Solver, "_valid_step", lambda self, streams: (
+            out_of_memory() if self.history else real(self, streams)))
+    else:
+        monkeypatch.setattr(Solver, "_is_test_epoch", lambda self, epoch: False)
+        monkeypatch.setattr(solver_module, "evaluate", out_of_memory)
+    solver, xp = make_solver("epochs=2", *argv)
+    with xp.enter(), pytest.raises(TrainingError) as caught:
+        solver.train()
+    assert str(caught.value) == (
+        f"cpu out of memory {where.format(segment=solver.model.segment)}: training stopped, "
+        f"the checkpoint of epoch 1 is kept in {xp.folder / 'checkpoint.th'}; {fix}")
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
     assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
 
 
@@ -682,6 +714,37 @@ def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> 
     train_big, train_small = big.history[0]["train"], small.history[0]["train"]
     assert train_small["grad"] == pytest.approx(train_big["grad"], rel=1e-9)
     assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
+
+
+def test_a_last_shorter_group_is_scaled_by_its_own_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 batches with optim.accumulate=3: a step over the first 3 (each loss scaled by
+    1/3), then one over the last (not scaled, where it was scaled by 1/3): each step's
+    gradient is the mean of its batches' gradients, as a bigger batch's would be."""
+    losses: list[float] = []
+    backward: list[float] = []
+    real_metrics = Solver._batch_metrics
+
+    def record(self: Solver, estimate: torch.Tensor,
+               sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real_metrics(self, estimate, sources)
+        losses.append(loss.item())
+        return loss, metrics
+
+    monkeypatch.setattr(Solver, "_batch_metrics", record)
+    monkeypatch.setattr(Solver, "_valid_stage", lambda self, epoch: {"loss": 0.})
+    monkeypatch.setattr(Solver, "_test_stage", lambda self, compute_sdr: {})
+    solver, xp = make_solver("epochs=1", "batch_size=1", "max_batches=3",
+                             "augment.remix.group_size=1", "optim.accumulate=3")
+    scale = solver.scaler.scale
+    solver.scaler.scale = lambda loss: backward.append(loss.item()) or scale(loss)  # type: ignore
+    with xp.enter():
+        solver.train()
+    assert len(losses) == len(backward) == 4
+    ratios = [scaled / loss for scaled, loss in zip(backward, losses)]
+    assert ratios == pytest.approx([1 / 3] * 3 + [1], rel=1e-6)
+    steps = {float(state["step"]) for state in solver.optimizer.state.values()}
+    assert steps == {2.}
 
 
 @pytest.mark.usefixtures("cuda_options_on_cpu")
