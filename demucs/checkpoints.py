@@ -144,22 +144,31 @@ def ema_key(kind: str, index: int) -> str:
 
 
 def get_rng_state() -> State:
-    """The state of the generators of torch (CPU and CUDA), numpy and Python."""
+    """The state of the generators of torch (CPU, and the current GPU's), numpy and Python.
+
+    Of the GPUs, only the one this worker trains on: with several workers, only the
+    first one's state is saved, and every worker's GPU generator is where the first
+    one's is (all are seeded alike and draw alike). A state per visible GPU would also
+    fail to load on a machine with fewer GPUs.
+    """
     name, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     state: State = {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "numpy": (name, torch.from_numpy(np.asarray(keys).astype(np.int64)), position,
                               has_gauss, gauss)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: State) -> None:
-    """Restore what `get_rng_state` returned."""
+    """Restore what `get_rng_state` returned (the GPU's state into the current GPU)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # earlier checkpoints: one per visible GPU,
+        cuda = cuda[0] if cuda else None  # the first the one the first worker drew on
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 

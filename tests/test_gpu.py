@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from demucs import norm, train
 from demucs.apply import apply_model
+from demucs.checkpoints import get_rng_state, set_rng_state
 from demucs.errors import TrainingError
 from demucs.solver import GraphedStep, Solver
 from demucs.train import main
@@ -51,6 +52,20 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
     assert solver.best_state is not None
     assert {value.dtype for value in solver.best_state.values()
             if value.is_floating_point()} == {torch.float32}
+
+
+def test_gpu_generator_state_round_trip() -> None:
+    """A checkpoint's generator state gives the same GPU draws again, also from an
+    earlier checkpoint's list of one state per GPU, longer than this machine's."""
+    torch.cuda.manual_seed(3)
+    torch.rand(8, device="cuda")
+    state = get_rng_state()
+    expected = torch.rand(8, device="cuda")
+    torch.rand(100, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(8, device="cuda"), expected)
+    set_rng_state(dict(state, cuda=[state["cuda"]] * (torch.cuda.device_count() + 7)))
+    assert torch.equal(torch.rand(8, device="cuda"), expected)
 
 
 def test_out_of_memory_on_cuda_is_one_line(dataset: Path,

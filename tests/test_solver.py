@@ -23,7 +23,7 @@ from demucs import solver as solver_module
 from demucs import train
 from demucs.errors import ConfigError, ModelLoadingError, TrainingError
 from demucs.grids._explorers import summarize
-from demucs.checkpoints import load_checkpoint
+from demucs.checkpoints import get_rng_state, load_checkpoint, set_rng_state
 from demucs.solver import Solver, check_optim
 from demucs.states import load_model
 from demucs.svd import svd_penalty
@@ -157,6 +157,56 @@ def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch, argv: list[
     assert same_state(resumed.model.state_dict(), reference.model.state_dict())
     assert resumed.best_state is not None and reference.best_state is not None
     assert same_state(resumed.best_state, reference.best_state)
+
+
+class FakeCuda:
+    """The GPU generators of a machine with `count` GPUs, this worker on GPU `current`."""
+
+    def __init__(self, count: int, current: int) -> None:
+        self.states = [torch.tensor([index], dtype=torch.uint8) for index in range(count)]
+        self.current = current
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ["is_available", "get_rng_state", "set_rng_state", "get_rng_state_all",
+                     "set_rng_state_all"]:
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def is_available(self) -> bool:
+        return True
+
+    def get_rng_state(self, device: int = -1) -> torch.Tensor:
+        return self.states[self.current if device == -1 else device].clone()
+
+    def set_rng_state(self, state: torch.Tensor, device: int = -1) -> None:
+        self.states[self.current if device == -1 else device] = state.clone()
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        return [state.clone() for state in self.states]
+
+    def set_rng_state_all(self, states: list[torch.Tensor]) -> None:
+        for device, state in enumerate(states):
+            self.states[device] = state.clone()  # IndexError past the last GPU
+
+
+def test_gpu_generator_state_moves_between_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint keeps the generator of the GPU the worker trains on, and restores it
+    into the GPU the resumed worker trains on, whatever the GPUs of either machine: an
+    XP of an 8-GPU box resumes on a 1-GPU one, and its second worker (GPU 1) resumes
+    where the first one was, not at the untouched state of the first one's GPU 1."""
+    saving = FakeCuda(count=8, current=0)
+    saving.states[0] = torch.tensor([42], dtype=torch.uint8)  # drawn from
+    saving.install(monkeypatch)
+    state = get_rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([42], dtype=torch.uint8))
+    for count, current in [(1, 0), (8, 1)]:
+        resuming = FakeCuda(count=count, current=current)
+        resuming.install(monkeypatch)
+        set_rng_state(state)
+        assert resuming.states[current].item() == 42
+        earlier = dict(state, cuda=saving.get_rng_state_all())  # a list per visible GPU
+        resuming.states[current] = torch.tensor([0], dtype=torch.uint8)
+        set_rng_state(earlier)
+        assert resuming.states[current].item() == 42
 
 
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
