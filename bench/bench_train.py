@@ -9,7 +9,12 @@ Each measurement runs in its own process, so that peaks do not mix.
 
     python bench/bench_train.py [--batch 4] [--seconds 7.8] [--steps 2] [--threads 2]
         [--models hdemucs demucs] [--devices cpu cuda] [--amps float32 bf16 fp16]
-        [--cuda-graph]
+        [--cuda-graph] [--profile 10]
+
+`--profile N` profiles one more step (torch.profiler) and prints, under each line, how
+many kernels it ran (operators on the CPU), the share of their time spent in copies
+(dtype casts first), and the N costliest: where a step bound by kernel launches
+spends them.
 
 Run from outside the repository with another `demucs` on the path (bench/README.md), the
 same figures come from that implementation.
@@ -54,10 +59,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def is_copy(name: str) -> bool:
+    """Whether a profiled operator (CPU) or kernel (CUDA) copies a tensor, converting
+    its dtype or not (CUDA runs both as one copy kernel)."""
+    return name in ("aten::_to_copy", "aten::copy_") or "copy_kernel" in name
+
+
+def profile_summary(step: tp.Callable[[], None], device: str, top: int) -> list[str]:
+    """One profiled `step`: the number of kernels (CUDA) or operators (CPU), the share
+    of their time in copies and casts, and the `top` costliest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    if cuda:
+        rows = [(event.self_device_time_total, event.count, event.key)
+                for event in prof.key_averages() if event.device_type == DeviceType.CUDA]
+    else:
+        rows = [(event.self_cpu_time_total, event.count, event.key)
+                for event in prof.key_averages() if event.self_cpu_time_total > 0
+                and not event.key.startswith(("Optimizer.", "autograd::", "ProfilerStep"))]
+    total = sum(spent for spent, _, _ in rows) or 1.
+    copies = sum(spent for spent, _, key in rows if is_copy(key))
+    copy_count = sum(count for _, count, key in rows if is_copy(key))
+    what = "kernels" if cuda else "operators"
+    lines = [f"  {sum(count for _, count, _ in rows)} {what}, {total / 1e3:.1f} ms; copies "
+             f"and casts {copy_count} ({copies / total:.0%} of the time)"]
+    for spent, count, key in sorted(rows, reverse=True)[:top]:
+        lines.append(f"  {spent / 1e3:8.2f} ms {count:5d}  {key[:90]}")
+    return lines
+
+
 def measure(name: str, amp: str, device: str, batch: int, seconds: float,
-            steps: int, graph: bool = False) -> dict[str, float]:
+            steps: int, graph: bool = False, top: int = 0) -> dict[str, tp.Any]:
     """Seconds per step (best), examples/s and peak memory (MB) above the start; with
-    `graph`, the forward and backward replayed as CUDA graphs (`optim.cuda_graph`)."""
+    `graph`, the forward and backward replayed as CUDA graphs (`optim.cuda_graph`); with
+    `top`, the `profile_summary` of one more step."""
     model = build(name).to(device).train()
     optim = adam(model)
     scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
@@ -72,34 +112,41 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
         from demucs.solver import GraphedStep  # ours only
         with cast:
             forward = GraphedStep(model, sources.sum(dim=1))
+
+    def train_step() -> None:
+        with cast:
+            estimate = forward(sources.sum(dim=1)).float()
+            loss = torch.nn.functional.l1_loss(estimate, sources)
+        optim.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optim)
+        scaler.update()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     durations = []
     with freed_memory_kept():
         for _ in range(steps + 1):  # the first step warms up
             begin = time.perf_counter()
-            with cast:
-                estimate = forward(sources.sum(dim=1)).float()
-                loss = torch.nn.functional.l1_loss(estimate, sources)
-            optim.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.step(optim)
-            scaler.update()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            train_step()
             durations.append(time.perf_counter() - begin)
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
-            else peak_rss_mb())
+        peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda"
+                else peak_rss_mb())
+        profile = profile_summary(train_step, device, top) if top else []
     step = min(durations[1:])
-    return {"step": step, "examples": batch / step, "memory": peak - start}
+    return {"step": step, "examples": batch / step, "memory": peak - start,
+            "profile": profile}
 
 
 def run_one(args: argparse.Namespace, name: str, amp: str,
-            device: str) -> tp.Optional[dict[str, float]]:
+            device: str) -> tp.Optional[dict[str, tp.Any]]:
     """`measure` in a fresh process (clean peak memory); None (and the error printed) if
     that process failed."""
     command = [sys.executable, __file__, "--one", name, amp, device,
                "--batch", str(args.batch), "--seconds", str(args.seconds),
                "--steps", str(args.steps), "--threads", str(args.threads)]
     command += ["--cuda-graph"] if args.cuda_graph and device == "cuda" else []
+    command += ["--profile", str(args.profile)] if args.profile else []
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         lines = (done.stderr.strip() or "no output").splitlines()
@@ -122,6 +169,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
                         help="fp16 runs on CUDA only; the first one is the reference")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on CUDA, replay the forward and backward as CUDA graphs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more step; list its N costliest kernels")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "AMP", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,7 +178,7 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     if args.one:
         name, amp, device = args.one
         print(json.dumps(measure(name, amp, device, args.batch, args.seconds, args.steps,
-                                 args.cuda_graph)))
+                                 args.cuda_graph, args.profile)))
         return
     runs = [(device, amp) for device in args.devices for amp in args.amps
             if not (device == "cpu" and amp == "fp16")]
@@ -140,7 +189,7 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     if "cpu" in args.devices:
         print(cpu_line())
     for name in args.models:
-        base: dict[str, dict[str, float]] = {}
+        base: dict[str, dict[str, tp.Any]] = {}
         for device, amp in runs:
             result = run_one(args, name, amp, device)
             if result is None:
@@ -151,6 +200,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
             print(f"{name:8s} {device:4s} {amp:7s} step {result['step']:6.2f} s | "
                   f"{result['examples']:6.2f} examples/s (x{speed:.2f}) | "
                   f"peak +{result['memory']:7.0f} MB (x{memory:.2f})")
+            for line in result.get("profile", []):
+                print(line)
 
 
 if __name__ == "__main__":
