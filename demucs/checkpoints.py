@@ -167,8 +167,8 @@ def set_rng_state(state: State) -> None:
     name, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # earlier checkpoints: one per visible GPU,
-        cuda = cuda[0] if cuda else None  # the first the one the first worker drew on
+    if isinstance(cuda, (list, tuple)):  # earlier checkpoints: a state per visible GPU,
+        cuda = cuda[0] if cuda else None  # and the first worker drew on the first GPU
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
 

@@ -53,6 +53,28 @@ def test_ema_biased_starts_from_initial_weights() -> None:
     assert torch.allclose(ema.state["weight"], torch.full((2, 3), expected))
 
 
+def test_ema_update_is_the_formula_tensor_by_tensor() -> None:
+    """The multi-tensor update gives, bit for bit, `avg * (1 - w) + w * value` computed
+    tensor by tensor, for weights and floating point buffers alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), nn.BatchNorm1d(8))
+    ema = ModelEMA(model, 0.9)
+    expected = {key: value.clone() for key, value in ema.state.items()}
+    count = 0.
+    for _ in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+            model[2].running_mean.add_(1.)
+        ema.update()
+        count = count * 0.9 + 1
+        current = model.state_dict()
+        for key, average in expected.items():
+            average.mul_(1 - 1 / count).add_(current[key], alpha=1 / count)
+    assert ema.state.keys() == expected.keys()
+    assert all(torch.equal(ema.state[key], value) for key, value in expected.items())
+
+
 def test_ema_swap_and_state_dict() -> None:
     linear = nn.Linear(3, 2)
     model = nn.Sequential(linear, nn.BatchNorm1d(2))  # BN has an int buffer
