@@ -796,18 +796,25 @@ class Solver:
                         path)
 
     def _save(self, epoch: int) -> None:
-        """Write the checkpoints of `epoch` (0-based); a write that fails (a full disk)
-        stops the training with one line, the previous files intact (atomic writes)."""
-        if not distrib.is_master():
-            return
-        try:
-            self._write_checkpoints(epoch)
-        except OSError as error:
+        """Write the checkpoints of `epoch` (0-based), on the first worker. A write that
+        fails (a full disk) stops the training with one line, the previous files intact
+        (atomic writes); with several workers, every one stops there (one scalar exchange
+        per epoch) rather than waiting for the first at its next exchange until a timeout."""
+        failure: tp.Optional[OSError] = None
+        if distrib.is_master():
+            try:
+                self._write_checkpoints(epoch)
+            except OSError as error:
+                failure = error
+        if distrib.total(float(failure is not None)):
+            what = (f"could not save epoch {epoch + 1}: {one_line(failure)}"
+                    if failure is not None
+                    else f"the first worker could not save epoch {epoch + 1}")
             raise TrainingError(
-                f"could not save epoch {epoch + 1}: {one_line(error)}: training stopped, "
-                f"{self._kept(epoch)}; free some space and run the same command to "
-                "resume.") from error
-        self._plot_curves()
+                f"{what}: training stopped, {self._kept(epoch)}; free some space and run the "
+                "same command to resume.") from failure
+        if distrib.is_master():
+            self._plot_curves()
 
     def _write_checkpoints(self, epoch: int) -> None:
         """`checkpoint.th` last: the resume point moves once the epoch's other files are

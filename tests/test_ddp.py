@@ -9,7 +9,8 @@ and then makes DDP's own all-reduce), and at the end of `Solver.train` saves wha
 worker holds. It shows what the files of the XP cannot: that both workers end with the
 same weights, that each saw its own examples, that the logged metrics are the averages
 over both, that gradients are exchanged once per optimizer step, and that only rank 0
-wrote files. Where a test asks, the probe also makes one worker's loss NaN.
+wrote files. Where a test asks, the probe also makes one worker's loss NaN, or the disk
+full when rank 0 saves epoch 2.
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
 
     def save_atomic(content, path):
         _saves.append(Path(path).name)
+        if os.environ.get("DDP_PROBE_FULL_DISK") and _saves.count("best.th") == 2:
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")  # at epoch 2
         _save_atomic(content, path)
 
     def train(self):
@@ -247,6 +251,24 @@ def test_nan_loss_on_one_worker_stops_every_worker(tmp_path: Path) -> None:
     assert status != 0
     assert message in output, output[-3000:]  # rank 0, whose own loss was finite
     assert message in worker_log.read_text(), worker_log.read_text()[-3000:]
+    assert len(load_checkpoint(folder / "checkpoint.th")["history"]) == 1
+
+
+def test_full_disk_on_the_first_worker_stops_every_worker(tmp_path: Path) -> None:
+    """Rank 0 cannot write epoch 2's checkpoint: both workers stop there, each with one
+    line, and the checkpoint of epoch 1 stays. Had rank 0 stopped alone, rank 1 would have
+    waited for it at its next exchange (Dora kills it here; other launchers leave it to
+    the all-reduce's timeout)."""
+    env = ddp_env(tmp_path, "gloo")
+    env["DDP_PROBE_FULL_DISK"] = "1"
+    status, output = run_ddp(tmp_path, env, ARGV)
+    folder, worker_log = xp_folder(tmp_path, output)
+    kept = (f"training stopped, the checkpoint of epoch 1 is kept in "
+            f"{folder / 'checkpoint.th'}; free some space and run the same command to resume.")
+    assert status != 0
+    assert f"could not save epoch 2: [Errno 28] No space left on device: {kept}" in output
+    assert (f"the first worker could not save epoch 2: {kept}"
+            in worker_log.read_text()), worker_log.read_text()[-3000:]
     assert len(load_checkpoint(folder / "checkpoint.th")["history"]) == 1
 
 
