@@ -57,7 +57,8 @@ def test_ema_update_is_the_formula_tensor_by_tensor() -> None:
     """The multi-tensor update gives, bit for bit, `avg * (1 - w) + w * value` computed
     tensor by tensor, for weights and floating point buffers alike."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), nn.BatchNorm1d(8))
+    norm = nn.BatchNorm1d(8)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.GroupNorm(2, 8), norm)
     ema = ModelEMA(model, 0.9)
     expected = {key: value.clone() for key, value in ema.state.items()}
     count = 0.
@@ -65,7 +66,8 @@ def test_ema_update_is_the_formula_tensor_by_tensor() -> None:
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(torch.randn_like(param))
-            model[2].running_mean.add_(1.)
+            assert norm.running_mean is not None
+            norm.running_mean.add_(1.)
         ema.update()
         count = count * 0.9 + 1
         current = model.state_dict()
