@@ -57,13 +57,17 @@ def barrier() -> None:
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """`model` wrapped for DistributedDataParallel when there are several workers."""
+    """`model` wrapped for DistributedDataParallel when there are several workers.
+
+    The gradients are views into DDP's all-reduce buckets rather than copies of them: the
+    same values, one copy of the gradients less per worker (83.6 M parameters: 334 MB)."""
     if not is_distributed():
         return model
     if torch.cuda.is_available():
         device = torch.cuda.current_device()
-        return DistributedDataParallel(model, device_ids=[device], output_device=device)
-    return DistributedDataParallel(model)
+        return DistributedDataParallel(model, device_ids=[device], output_device=device,
+                                       gradient_as_bucket_view=True)
+    return DistributedDataParallel(model, gradient_as_bucket_view=True)
 
 
 def local_gradients(model: nn.Module, active: bool = True) -> tp.ContextManager:
