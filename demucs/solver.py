@@ -660,6 +660,9 @@ class Solver:
             else:
                 fixes = ["lower model_segment (the length of those segments, by default 4 "
                          "* dset.segment)"]
+            if self.graphed is not None:
+                fixes.append("or set optim.cuda_graph=false (the training's CUDA graphs "
+                             "keep their memory meanwhile)")
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
             peak = torch.cuda.max_memory_reserved(self.device) / 2 ** 30

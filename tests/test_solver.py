@@ -766,6 +766,24 @@ def test_accumulation_equals_a_bigger_batch(monkeypatch: pytest.MonkeyPatch) -> 
     assert train_small["loss"] == pytest.approx(train_big["loss"], rel=1e-9)
 
 
+def test_out_of_memory_in_validation_with_cuda_graphs(graphs_on_cpu: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graphs keep their memory through validation: the line offers to drop them."""
+    def out_of_memory(self: Solver, streams: torch.Tensor) -> tp.Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    monkeypatch.setattr(Solver, "_valid_step", out_of_memory)
+    solver, xp = make_solver("epochs=1", "batch_size=1", "augment.remix.group_size=1",
+                             "optim.cuda_graph=true")
+    with xp.enter(), pytest.raises(TrainingError) as caught:
+        solver.train()
+    assert str(caught.value).startswith("cpu out of memory in the validation of epoch 1 (")
+    assert str(caught.value).endswith(
+        "lower model_segment (the length of those segments, by default 4 * dset.segment), "
+        "or set optim.cuda_graph=false (the training's CUDA graphs keep their memory "
+        "meanwhile).")
+
+
 def test_a_last_shorter_group_is_scaled_by_its_own_size(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """4 batches with optim.accumulate=3: a step over the first 3 (each loss scaled by
