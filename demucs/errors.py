@@ -45,6 +45,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def allocation_failed(error: BaseException) -> str:
+    """What an out-of-memory error says ran out and how much was asked, its first two
+    sentences ("CUDA out of memory. Tried to allocate 2.00 GiB"), without the rest."""
+    return ". ".join(one_line(error).split(". ")[:2]).rstrip(".")
+
+
 def print_error(prog: str, message: str) -> None:
     """Print `PROG: error: MESSAGE` on stderr (e.g. for one failed track of a batch)."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

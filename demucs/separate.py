@@ -25,7 +25,8 @@ import torch
 from .api import Separator, check_device, default_device
 from .apply import BagOfModels
 from .audio import SAVE_SUFFIXES, check_mp3_options, pcm_subtype, save_audio
-from .errors import DemucsError, exit_with_error, one_line, print_error, report_errors
+from .errors import (DemucsError, allocation_failed, exit_with_error, one_line, print_error,
+                     report_errors)
 from .pretrained import add_model_flags, list_models, model_label
 
 Stems = tp.Dict[str, torch.Tensor]
@@ -250,10 +251,9 @@ def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) 
 
 def out_of_memory(error: torch.OutOfMemoryError, args: argparse.Namespace) -> DemucsError:
     """A device out of memory on a track, with what takes less (its cause kept for -v)."""
-    allocation = ". ".join(one_line(error).split(". ")[:2]).rstrip(".")  # what, how much
     fix = "lower --segment" if args.split else "drop --no-split (or set --segment)"
-    hint = DemucsError(f"out of memory ({allocation}): {fix}, or separate on the CPU "
-                       "(-d cpu).")
+    hint = DemucsError(f"out of memory ({allocation_failed(error)}): {fix}, or separate on "
+                       "the CPU (-d cpu).")
     hint.__cause__ = error
     return hint
 

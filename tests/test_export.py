@@ -233,6 +233,25 @@ def test_pretrained_errors(repo: Path, musdb: Path, tmp_path: Path,
     assert "test.nope" in err
 
 
+@pytest.mark.parametrize("split,fix", [
+    ("true", "evaluate on the CPU (-d cpu)."),
+    ("false", "set test.split=true to separate the tracks in segments, or evaluate on the "
+              "CPU (-d cpu).")])
+def test_pretrained_out_of_memory_is_one_line(repo: Path, musdb: Path, split: str, fix: str,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of "
+            "79.10 GiB of which 1.20 GiB is free. Including non-PyTorch memory, ...")
+
+    monkeypatch.setattr(test_pretrained, "evaluate", out_of_memory)
+    err = pretrained_error(capsys, ["--repo", str(repo), "-n", "my_bag", "--musdb", str(musdb),
+                                    "-d", "cpu", f"test.split={split}"])
+    assert err == ("tools.test_pretrained: error: cpu out of memory (CUDA out of memory. "
+                   f"Tried to allocate 9.00 GiB): {fix}")
+
+
 def test_cfg_is_composed(musdb: Path) -> None:
     cfg = test_pretrained.get_config(["test.shifts=2"], musdb)
     assert isinstance(cfg, DictConfig)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from demucs import train
-from demucs.errors import DemucsError, report_errors
+from demucs.errors import DemucsError, allocation_failed, report_errors
 from demucs.evaluate import evaluate, get_test_set
 from demucs.pretrained import add_model_flags, get_model_from_args
 
@@ -53,8 +53,15 @@ def run(args: argparse.Namespace) -> None:
     test_set = get_test_set(cfg, model.sources)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out if args.out is not None else Path(tmp)
-        metrics = evaluate(model, cfg.test, test_set, args.device, folder,
-                           compute_sdr=bool(cfg.test.sdr))
+        try:
+            metrics = evaluate(model, cfg.test, test_set, args.device, folder,
+                               compute_sdr=bool(cfg.test.sdr))
+        except torch.OutOfMemoryError as error:
+            fix = "evaluate on the CPU (-d cpu)"
+            if not cfg.test.split:
+                fix = f"set test.split=true to separate the tracks in segments, or {fix}"
+            raise DemucsError(f"{args.device} out of memory ({allocation_failed(error)}): "
+                              f"{fix}.") from error
     print(format_table(metrics, model.sources))
 
 
