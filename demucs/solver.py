@@ -649,15 +649,15 @@ class Solver:
                      "or dset.segment"]
             if not self.args.optim.amp:
                 fixes.append("or train in bf16 (optim.amp=bf16)")
-        else:
-            whole = not self.args.test.split or (stage == "valid" and not self.args.valid_apply)
-            details = ["whole tracks" if whole else f"segments of {self.model.segment:.2f} s"]
-            if whole:
-                keys = ["test.split=true"] if not self.args.test.split else []
-                if stage == "valid" and not self.args.valid_apply:
-                    keys.append("valid_apply=true")
+        else:  # the keys that make the model run on segments rather than whole tracks
+            keys = [] if self.args.test.split else ["test.split=true"]
+            if stage == "valid" and not self.args.valid_apply:
+                keys.append("valid_apply=true")
+            if keys:
+                details = ["whole tracks"]
                 fixes = [f"set {' '.join(keys)} to run the model on segments"]
             else:
+                details = [f"segments of {self.model.segment:.2f} s"]
                 fixes = ["lower model_segment (the length of those segments, by default 4 "
                          "* dset.segment)"]
             if self.graphed is not None:
