@@ -723,6 +723,12 @@ class ToDouble(torch.nn.Module):
         return x.double()
 
 
+def skip_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training stages only: validation and the test are skipped."""
+    monkeypatch.setattr(Solver, "_valid_stage", lambda self, epoch: {"loss": 0.})
+    monkeypatch.setattr(Solver, "_test_stage", lambda self, compute_sdr: {})
+
+
 def gradients_of_first_step(monkeypatch: pytest.MonkeyPatch, *argv: str,
                             ) -> tuple[list[torch.Tensor], Solver]:
     """The gradients the optimizer sees at its first step, in float64 (so that float
@@ -736,8 +742,7 @@ def gradients_of_first_step(monkeypatch: pytest.MonkeyPatch, *argv: str,
         return real_step(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    monkeypatch.setattr(Solver, "_valid_stage", lambda self, epoch: {"loss": 0.})
-    monkeypatch.setattr(Solver, "_test_stage", lambda self, compute_sdr: {})
+    skip_evaluation(monkeypatch)
     solver, xp = make_solver("epochs=1", "max_batches=1", *argv)
     solver.model.double()
     solver.augment = torch.nn.Sequential(ToDouble())  # no augmentation
@@ -800,8 +805,7 @@ def test_a_last_shorter_group_is_scaled_by_its_own_size(
         return loss, metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", record)
-    monkeypatch.setattr(Solver, "_valid_stage", lambda self, epoch: {"loss": 0.})
-    monkeypatch.setattr(Solver, "_test_stage", lambda self, compute_sdr: {})
+    skip_evaluation(monkeypatch)
     solver, xp = make_solver("epochs=1", "batch_size=1", "max_batches=3",
                              "augment.remix.group_size=1", "optim.accumulate=3")
     scale = solver.scaler.scale
