@@ -57,7 +57,7 @@ from .evaluate import evaluate, get_test_set, new_sdr
 from .quantize import get_quantizer
 from .states import copy_state, save_atomic, serialize_model, swap_state
 from .svd import svd_penalty
-from .utils import cpu_has_bf16
+from .utils import cpu_has_bf16, peak_memory, reset_peak_memory
 from .weights import package_overrides, state_mismatch
 
 logger = logging.getLogger(__name__)
@@ -442,6 +442,7 @@ class Solver:
         first = len(self.history)
         begin = time.monotonic()
         for epoch in range(first, self.args.epochs):
+            reset_peak_memory(self.device)
             metrics, stop = self._run_epoch(epoch)
             self.link.push_metrics(metrics)
             self._save(epoch)
@@ -449,9 +450,9 @@ class Solver:
                 break
             per_epoch = (time.monotonic() - begin) / (epoch + 1 - first)
             left = self.args.epochs - epoch - 1
-            logger.info("Epoch %d done | %s per epoch | XP ETA %s (%d epochs left)",
-                        epoch + 1, format_duration(per_epoch),
-                        format_duration(per_epoch * left), left)
+            logger.info("Epoch %d done | %s per epoch | peak memory %s | XP ETA %s "
+                        "(%d epochs left)", epoch + 1, format_duration(per_epoch),
+                        self._peak_memory(), format_duration(per_epoch * left), left)
 
     def _run_epoch(self, epoch: int) -> tuple[dict[str, tp.Any], bool]:
         """The metrics of one epoch, and whether training stops after it."""
@@ -664,11 +665,21 @@ class Solver:
                 fixes.append("or set optim.cuda_graph=false (the training's CUDA graphs "
                              "keep their memory meanwhile)")
         if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
-            peak = torch.cuda.max_memory_reserved(self.device) / 2 ** 30
-            details.append(f"{peak:.1f} of the GPU's {total:.1f} GiB reserved")
+            details.append(self._peak_memory())
         return (f"{self.device.type} out of memory {where} ({', '.join(details)}): training "
                 f"stopped, {self._kept()}; {', '.join(fixes)}.")
+
+    def _peak_memory(self) -> str:
+        """The epoch's peak memory so far, for log lines: on a GPU what PyTorch reserved
+        out of the card's memory (where running out comes from), elsewhere the process's
+        peak resident memory."""
+        peak = peak_memory(self.device)
+        if peak is None:
+            return "unknown"
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
+            return f"{peak:.1f} of the GPU's {total:.1f} GiB reserved"
+        return f"{peak:.1f} GiB resident"
 
     def _kept(self, epochs: tp.Optional[int] = None) -> str:
         """What a training stopped now leaves: the checkpoint of its last complete epoch

@@ -131,6 +131,39 @@ def freed_memory_kept() -> tp.Iterator[None]:
         trim_heap()
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Make `peak_memory(device)` count from now: the CUDA allocator's peak on a GPU, the
+    process's peak resident memory elsewhere (Linux; where it cannot be reset, the peak
+    stays the process's since it started)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> tp.Optional[float]:
+    """In GiB, since `reset_peak_memory(device)`: on a GPU what PyTorch's allocator
+    reserved (what the next allocation competes with, unlike what tensors held), elsewhere
+    the process's peak resident memory (Linux `VmHWM`); None where the system does not
+    say."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2 ** 30
+    try:
+        lines = PROC_STATUS.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20  # kB
+    return None
+
+
 class DummyPoolExecutor:
     """Same interface as `concurrent.futures` executors, but runs jobs when asked."""
 

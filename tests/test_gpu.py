@@ -3,7 +3,9 @@ elsewhere (this project's CI machines have none; see docs/training.md for runnin
 a GPU machine: `pytest tests/test_gpu.py`)."""
 from __future__ import annotations
 
+import logging
 import random
+import re
 import typing as tp
 from pathlib import Path
 
@@ -40,9 +42,10 @@ def dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("argv,amp", [(TINY, "null"), (TINY, "bf16"), (TINY, "fp16"),
                                       (TINY_V4, "bf16")], ids=["f32", "bf16", "fp16", "v4-bf16"])
-def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
+def test_training_on_cuda(dataset: Path, argv: list[str], amp: str,
+                          caplog: pytest.LogCaptureFixture) -> None:
     xp = new_xp(argv + [f"optim.amp={amp}"])
-    with xp.enter():
+    with xp.enter(), caplog.at_level(logging.INFO, logger="demucs.solver"):
         train.run(xp.cfg)
         solver = train.get_solver(xp.cfg, model_only=True)  # resumes the finished XP
     assert next(solver.model.parameters()).is_cuda
@@ -52,6 +55,12 @@ def test_training_on_cuda(dataset: Path, argv: list[str], amp: str) -> None:
     assert solver.best_state is not None
     assert {value.dtype for value in solver.best_state.values()
             if value.is_floating_point()} == {torch.float32}
+    # each epoch's line gives the memory the allocator reserved out of the card's total
+    peaks = re.findall(r"Epoch \d done \| .* \| peak memory ([\d.]+) of the GPU's ([\d.]+) "
+                       r"GiB reserved \| XP ETA", caplog.text)
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    assert len(peaks) == 2 and all(0 < float(peak) < float(card) == round(total, 1)
+                                   for peak, card in peaks)
 
 
 def test_gpu_generator_state_round_trip() -> None:

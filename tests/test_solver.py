@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 import typing as tp
 from pathlib import Path
@@ -28,7 +29,7 @@ from demucs.solver import Solver, check_optim
 from demucs.states import load_model
 from demucs.svd import svd_penalty
 from demucs.train import main
-from demucs.utils import cpu_has_bf16
+from demucs.utils import cpu_has_bf16, peak_memory, reset_peak_memory
 from helpers import SOURCES, new_xp, same_state
 from tools.synth_dataset import generate_dataset
 
@@ -68,9 +69,11 @@ def train_xp(*argv: str) -> tuple[Solver, XP]:
     return solver, xp
 
 
-def test_train_writes_history_and_checkpoints() -> None:
-    solver, xp = train_xp("ema.batch=[0.9]", "ema.epoch=[0.5]", "save_every=1",
-                          "svd.penalty=1e-3", "svd.min_size=0", "test.every=1")
+def test_train_writes_history_and_checkpoints(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="demucs.solver"):
+        solver, xp = train_xp("ema.batch=[0.9]", "ema.epoch=[0.5]", "save_every=1",
+                              "svd.penalty=1e-3", "svd.min_size=0", "test.every=1",
+                              "misc.num_prints=2")
     for name in ["checkpoint.th", "checkpoint_1.th", "checkpoint_2.th", "best.th",
                  "history.json", "curves.png"]:
         assert (xp.folder / name).is_file(), name
@@ -104,6 +107,26 @@ def test_train_writes_history_and_checkpoints() -> None:
     assert {"ema_batch_0", "ema_epoch_0", "rng", "penalty_rng"} <= set(checkpoint)
     assert checkpoint["ema_batch_0"]["count"] > checkpoint["ema_epoch_0"]["count"] > 0
     assert load_checkpoint(xp.folder / "checkpoint_1.th")["history"] == history[:1]
+    # The log: each training progress line with the epoch's ETA, and after each epoch
+    # its time, its peak memory (here the process's resident one) and the XP's ETA.
+    assert re.search(r"Train \| Epoch 1 \| 1/2 \| .* \| Eta [\d.]+s", caplog.text)
+    ends = re.findall(r"Epoch (\d) done \| [\d.]+s per epoch \| peak memory ([\d.]+) GiB "
+                      r"resident \| XP ETA ([\d.]+)s \((\d) epochs left\)", caplog.text)
+    assert [(epoch, left) for epoch, _, _, left in ends] == [("1", "1"), ("2", "0")]
+    assert all(float(peak) > 0.1 for _, peak, _, _ in ends)
+    assert float(ends[0][2]) > 0 and float(ends[1][2]) == 0
+
+
+def test_peak_memory_counts_from_its_reset() -> None:
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory(cpu)
+    assert before is not None and before > 0
+    block = torch.ones(2 ** 26)  # 256 MiB, resident once written
+    assert tp.cast(float, peak_memory(cpu)) > before + 0.2
+    del block  # glibc hands blocks this large back to the system
+    reset_peak_memory(cpu)
+    assert tp.cast(float, peak_memory(cpu)) < before + 0.2
 
 
 def test_interrupted_save_keeps_previous_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
