@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `tools` is not an installed package
     sys.path.insert(0, str(REPO))
 
+from demucs.utils import peak_memory  # noqa: E402
 from tools import automix, automix_analysis  # noqa: E402
 from tools.automix_analysis import Settings, plan_all  # noqa: E402
 from tools.automix_workers import Workers  # noqa: E402
@@ -118,10 +120,8 @@ def bench_quality(tracks: int, seconds: float, samplerate: int, seed: int, drums
 def peak_mb() -> float:
     """Peak resident memory of this process in MiB (Linux: VmHWM, which unlike ru_maxrss
     does not count what a spawned process's parent held before the exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    peak = peak_memory(torch.device("cpu"))
+    return float("nan") if peak is None else peak * 1024
 
 
 def _analyse_one(root: Path, name: str, results: tp.Any) -> None:
