@@ -6,6 +6,7 @@
 #                  model, `tools.export` exports it, `demucs` separates a test track
 #   make demo-v4   the same with a tiny Hybrid Transformer Demucs (v4)
 #   make bench     every benchmark under bench/
+#   make gpu-check on a machine with a CUDA GPU: the GPU tests and training-step figures
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test lint typecheck pytest demo demo-v4 bench clean-demo
+.PHONY: install system-deps test lint typecheck pytest demo demo-v4 bench gpu-check clean-demo
 
 install: $(STAMP) system-deps
 
@@ -69,6 +70,9 @@ bench: install
 		[ -e "$$script" ] || continue; found=1; \
 		echo "== $$script"; $(PY) "$$script" || exit 1; \
 	done; [ $$found = 1 ] || echo "No benchmark under bench/ yet (see bench/README.md)."
+
+gpu-check: install
+	PYTHON=$(PY) bash bench/gpu_check.sh
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -2,10 +2,14 @@
 (`make demo` with a tiny Hybrid Demucs, `make demo-v4` with a tiny HTDemucs)."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from demucs.train import main
 from tools import demo
@@ -45,3 +49,16 @@ def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     root.write_text("not a folder")
     line = main_error(demo.main, ["--root", str(root)], capsys)
     assert line.startswith("tools.demo: error: ") and "a_file" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
+    """`make gpu-check` on a machine without CUDA stops before any part runs, with one
+    line and a non-zero status (its GPU tests would all be skipped, and pass)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "logs")}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stdout == (f"gpu_check: {sys.executable} has no torch that sees a CUDA GPU; "
+                           "run this on a machine with one.\n")
+    assert not (tmp_path / "logs").exists()
