@@ -6,7 +6,8 @@
 #      CPU, the norms' CUDA path;
 #   2. bench/bench_train.py on the full-size models (batch 4 x 7.8 s): eager in float32,
 #      bf16 and fp16, then with CUDA graphs in float32 and bf16 (the figures of
-#      bench/README.md), then one profiled step of each precision (kernels, casts).
+#      bench/README.md), then one profiled step of each precision (kernels, casts);
+#   3. bench/bench_group_norm.py: could the norms of a bf16 step skip their float32 copies.
 # Each part writes its log under $OUT (default bench/results/gpu); the exit status is the
 # tests'. Environment:
 #   PYTHON   the interpreter (default python3); its torch must be a CUDA build
@@ -76,5 +77,6 @@ run bench_graphed 240 "$PYTHON" bench/bench_train.py --devices cuda --steps 5 --
 # shellcheck disable=SC2086
 run bench_profile 180 "$PYTHON" bench/bench_train.py --devices cuda --steps 2 --threads 8 \
     --amps float32 bf16 --models $MODELS --profile 15
+run bench_group_norm 60 "$PYTHON" bench/bench_group_norm.py --device cuda
 echo "gpu_check: logs in $OUT; tests $([ "$tests" = 0 ] && echo passed || echo FAILED)"
 exit "$tests"
