@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ModelLoadingError, one_line
-from .states import safe_globals
+from .states import safe_globals, torch_file_damage
 
 State = dict[str, tp.Any]
 VERSION = 2
@@ -71,6 +71,10 @@ def _allowed_globals() -> dict[tuple[str, str], tp.Any]:
     return allowed
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A checkpoint references a global outside the allow-list."""
+
+
 class _Unpickler(pickle.Unpickler):
     """An unpickler that resolves only allow-listed globals (torch dtypes included)."""
 
@@ -85,7 +89,7 @@ class _Unpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.startswith("numpy") and name.endswith("DType"):  # numpy.dtypes.Float32DType
             return _lookup(module, name)
-        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
+        raise RefusedGlobal(f"refusing to load the global {module}.{name}")
 
 
 @functools.cache
@@ -99,16 +103,25 @@ def _restricted_pickle() -> types.ModuleType:
 def load_checkpoint(path: Path | str) -> State:
     """Read an XP checkpoint, ours or the original's, in our layout (see the module doc).
 
-    Raises `ModelLoadingError` for an unreadable file or a global outside the allow-list.
+    Raises `ModelLoadingError` for a damaged file (the zip's checksums are verified) or a
+    global outside the allow-list; other errors (out of memory, a bug) go through as they are.
     """
     try:
         package = torch.load(path, map_location="cpu", weights_only=False,
                              pickle_module=_restricted_pickle())
-    except pickle.UnpicklingError as error:
+    except RefusedGlobal as error:
         raise ModelLoadingError(f"{path}: {one_line(error)}; only checkpoints of tensors, "
                                 "containers and configs are loaded.") from None
-    except Exception as error:  # torch raises many types on corrupt data
-        raise ModelLoadingError(f"{path}: unreadable checkpoint ({one_line(error)}).") from None
+    except MemoryError:
+        raise
+    except Exception as error:
+        damage = torch_file_damage(path, error)
+        if damage is None:
+            raise
+        raise ModelLoadingError(f"{path}: unreadable checkpoint, {damage}.") from None
+    damage = torch_file_damage(path)  # resuming from damaged weights would go unnoticed
+    if damage is not None:
+        raise ModelLoadingError(f"{path}: unreadable checkpoint, {damage}.")
     if not isinstance(package, dict) or "state" not in package:
         raise ModelLoadingError(f"{path}: not an XP checkpoint (no 'state' entry).")
     return _plain(package)

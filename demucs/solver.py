@@ -374,10 +374,16 @@ class Solver:
                 continue
             try:
                 part.load(package[name])
-            except (ValueError, KeyError, RuntimeError, TypeError) as error:
+            except ValueError as error:  # a state that does not fit this XP's config
                 raise ModelLoadingError(f"{self.checkpoint_file}: its {name!r} does not fit "
                                         f"({one_line(error)[:200]}); "
                                         f"{self._resume_hint()}.") from None
+            except (KeyError, RuntimeError, TypeError) as error:  # maybe our bug: keep it
+                raise ModelLoadingError(
+                    f"{self.checkpoint_file}: loading its {name!r} failed "
+                    f"({type(error).__name__}: {one_line(error)[:200]}); the file is kept as "
+                    "it is. Run again with misc.verbose=true for the traceback, and report it "
+                    "if the checkpoint was written by this version.") from error
         logger.info("Resuming from %s after %d epochs.", self.checkpoint_file,
                     len(self.history))
 
@@ -408,8 +414,11 @@ class Solver:
             raise ConfigError(f"continue_from={ref}: no such checkpoint file.")
         path = self.find_xp(ref) / self.checkpoint_file.name
         if not path.is_file():
-            raise ConfigError(f"continue_from={ref}: XP {ref} has no checkpoint ({path}); "
-                              f"train it first with `dora run -f {ref}`.")
+            trained = sorted(other.parent.name for other in
+                             path.parent.parent.glob(f"*/{path.name}")) or ["none"]
+            raise ConfigError(f"continue_from={ref}: XP {ref} has not trained yet (no "
+                              f"{path}); train it first with `dora run -f {ref}`. XPs with "
+                              f"a checkpoint: {', '.join(trained)}.")
         return path
 
     def _continue_from(self, ref: str) -> None:

@@ -22,6 +22,7 @@ import os
 import pickle
 import typing as tp
 import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,29 +72,70 @@ def _torch_load(path: Path, trusted: bool) -> tp.Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def torch_file_damage(path: PathLike, error: tp.Optional[BaseException] = None
+                      ) -> tp.Optional[str]:
+    """Why the file at `path` is damaged, None when it looks whole; `error` is what
+    `torch.load` raised on it, if it did (with a whole file, that error comes from
+    elsewhere: a bug, memory). `torch.load` itself reads a zip whose tensor data was
+    overwritten without noticing: only the checksums tell.
+
+    `torch.save` writes a zip archive whose entries carry CRC checksums (torch before 1.6
+    wrote a bare pickle stream, which starts with the protocol byte 0x80).
+    """
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError):
+            return "the file is truncated (its zip archive has no end)"
+        if bad is not None:
+            return f"the file is damaged (its part {bad} fails its checksum)"
+        if not any(name.endswith("data.pkl") for name in names):
+            return "a zip archive, but not one written by torch.save"
+        return None
+    if head[:1] != b"\x80":
+        return "not a file written by torch.save"
+    if isinstance(error, (EOFError, pickle.UnpicklingError)):
+        return "the file is truncated or damaged"
+    return None
+
+
+def _refused(error: BaseException) -> bool:
+    # torch's safe loader refuses a global outside the allow-list with this error.
+    return isinstance(error, pickle.UnpicklingError) and (
+        "weights_only" in str(error) or "Unsupported global" in str(error))
+
+
 def load_package(path: PathLike, trusted: bool = False) -> State:
     """Read a model package from `path` without running code from the file.
 
     Raises `ModelLoadingError` with a one-line message naming the file when it is
-    missing, truncated, not a Demucs package, or references code outside the allow-list.
+    missing, damaged, not a Demucs package, or references code outside the allow-list.
+    Other errors (out of memory, a bug) go through as they are.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadingError(f"{path}: no such model file; check the path or the repo.")
     try:
         package = _torch_load(path, trusted)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+    except MemoryError:
+        raise
+    except Exception as error:
+        if _refused(error):
             raise ModelLoadingError(
                 f"{path}: refused to load, it references {_describe_unsafe(path)}; "
                 "only Demucs model packages load safely (pass trusted=True only for a file "
                 "you trust).") from None
-        raise ModelLoadingError(f"{path}: not a model package ({exc}).") from None
-    except Exception as exc:  # torch raises many types on corrupt data
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadingError(
-            f"{path}: unreadable model package, the file is truncated or corrupt "
-            f"({first_line}); download or export it again.") from None
+        damage = torch_file_damage(path, error)
+        if damage is None:
+            raise
+        raise ModelLoadingError(f"{path}: unreadable model package, {damage}; download or "
+                                "export it again.") from None
     check_package(package, path)
     return package
 

@@ -16,13 +16,15 @@ import logging
 import random
 import sys
 import typing as tp
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from dora.hydra import HydraMain
 from dora.xp import XP, get_xp
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.singleton import Singleton
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -282,8 +284,10 @@ def get_solver(cfg: DictConfig, model_only: bool = False) -> Solver:
 
 
 def xp_folder(sig: str) -> Path:
-    """The folder of the XP with signature `sig` (for `continue_from=SIG`)."""
-    return main.get_xp_from_sig(sig).folder
+    """The folder of the XP with signature `sig` (for `continue_from=SIG`); a
+    `ConfigError` naming the known XPs when no XP has that signature."""
+    main.get_argv_from_sig(sig)
+    return XP(sig=sig, dora=main.dora, cfg=None, argv=[]).folder
 
 
 def get_solver_from_sig(sig: str, model_only: bool = True) -> Solver:
@@ -329,6 +333,23 @@ def dora_errors(argv: tp.Sequence[str] = ()) -> tp.ContextManager:
     return report_errors(PROG, _verbose(argv)) if invoked_as_dora() else nullcontext()
 
 
+@contextmanager
+def hydra_set_aside() -> tp.Iterator[None]:
+    """Run the block as if no Hydra application were running, then put it back.
+
+    Dora composes a config (`get_xp`, `get_xp_from_sig`) with Hydra's
+    `initialize_config_dir`, which refuses to start while a Hydra application holds the
+    global state: inside the training process of `dora run`, a `dora run -d` worker or a
+    Slurm job, resolving another XP (`continue_from=SIG`, a grid's lookups) would fail.
+    """
+    held = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        yield
+    finally:
+        if held is not None:
+            Singleton._instances[GlobalHydra] = held
+
+
 class DemucsMain(HydraMain):
     """Dora's Hydra main, turning bad overrides into a `ConfigError` naming the key.
 
@@ -346,7 +367,8 @@ class DemucsMain(HydraMain):
         with dora_errors(argv):
             check_overrides(argv, self.full_config_path)
             try:
-                xp = super().get_xp(argv)
+                with hydra_set_aside():
+                    xp = super().get_xp(argv)
             except (HydraException, OmegaConfBaseException) as error:
                 raise ConfigError(f"invalid override: {_first_lines(error)}") from None
             check_config(xp.cfg)

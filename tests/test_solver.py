@@ -275,8 +275,10 @@ def test_continue_from_errors() -> None:
     with pytest.raises(ConfigError, match="unknown XP signature '00001234'"):
         make_solver("continue_from=00001234", model_only=True)  # Hydra reads 1234
     untrained = new_xp(TINY + ["epochs=3"])
-    with pytest.raises(ConfigError, match=f"XP {untrained.sig} has no checkpoint.*"
-                                          f"dora run -f {untrained.sig}"):
+    _, trained = train_xp("epochs=1")
+    with pytest.raises(ConfigError, match=f"XP {untrained.sig} has not trained yet.*"
+                                          f"dora run -f {untrained.sig}.*XPs with a "
+                                          f"checkpoint: {trained.sig}\\.$"):
         make_solver(f"continue_from={untrained.sig}", model_only=True)
 
 
@@ -292,6 +294,28 @@ def test_incompatible_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelLoadingError, match="dora run --clear .*epochs=1") as error:
         make_solver("epochs=1", model_only=True)
     assert "\n" not in str(error.value) and "checkpoint.th" in str(error.value)
+
+
+def test_checkpoint_part_failing_in_our_code_keeps_the_xp(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part that fails with an error of the loading code (not a config mismatch): no
+    advice to delete the XP, the file untouched, the cause kept for `misc.verbose`."""
+    _, xp = train_xp("epochs=1")
+    path = xp.folder / "checkpoint.th"
+    before = path.read_bytes()
+
+    def broken(state: tp.Any) -> None:
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(solver_module, "set_rng_state", broken)
+    with pytest.raises(ModelLoadingError) as error:
+        make_solver("epochs=1", model_only=True)
+    message = str(error.value)
+    assert f"{path}: loading its 'rng' failed (TypeError: 'NoneType'" in message
+    assert "kept" in message and "misc.verbose=true" in message
+    assert "--clear" not in message and "\n" not in message
+    assert isinstance(error.value.__cause__, TypeError)
+    assert path.read_bytes() == before
 
 
 def test_train_set_too_small() -> None:
