@@ -35,6 +35,14 @@ def init() -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // local_workers))
 
 
+def close() -> None:
+    """Leave the process group, so that its threads end before the interpreter does (a
+    worker exiting with them alive may abort: "terminate called without an active
+    exception", and Dora then reports a dead worker after a finished training)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return dora_distrib.rank()
 

@@ -417,10 +417,13 @@ def run(cfg: DictConfig) -> None:
     check_dataset_paths(cfg.dset)
     _absolute_paths(cfg.dset)
     distrib.init()
-    with freed_memory_kept():  # no page faults at every step (a fifth of a CPU step)
-        solver = get_solver(cfg)
-        logger.info("XP folder: %s", get_xp().folder)
-        solver.train()
+    try:
+        with freed_memory_kept():  # no page faults at every step (a fifth of a CPU step)
+            solver = get_solver(cfg)
+            logger.info("XP folder: %s", get_xp().folder)
+            solver.train()
+    finally:
+        distrib.close()
 
 
 def _dora_main(**kwargs: tp.Any) -> tp.Callable[[tp.Callable], DemucsMain]:

@@ -17,6 +17,7 @@ import pytest
 from demucs.errors import ConfigError, DemucsError
 from demucs.grids import _mdx, mdx_refine
 from demucs.grids._explorers import best_epoch, summarize
+from demucs import train
 from demucs.train import main
 from helpers import REPO, one_line
 from tools import make_outputs
@@ -93,6 +94,22 @@ def test_mdx_lineage(xp_store: Path, grids: dict[str, tp.Any]) -> None:
     assert parents == grid_sigs(grids["mdx"])[::3]
     roots = [_mdx.root(_mdx.lookup(sig)).sig for sig in _mdx.TRACK_B]
     assert roots == grid_sigs(grids["mdx_extra"])[::4]
+
+
+def test_xps_resolve_inside_a_running_hydra_app(xp_store: Path) -> None:
+    """As in the training process of `dora run`, a `-d` worker or a Slurm job, where
+    Hydra's global state is held (composing a config there used to fail)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(str(train.CONFIG_DIR), version_base=train.HYDRA_VERSION_BASE):
+        held = GlobalHydra.instance()
+        assert main.get_xp_from_sig("81de367c").cfg.hdemucs.channels == 48
+        assert _mdx.finetuned_from("c511e2ab").sig == "81de367c"
+        assert train.xp_folder("81de367c") == xp_store / "xps" / "81de367c"
+        with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
+            train.xp_folder("deadbeef")
+        assert GlobalHydra.instance() is held and held.is_initialized()  # put back
 
 
 def finish(xp_store: Path, sig: str, epochs: int) -> None:
