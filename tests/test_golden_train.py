@@ -19,6 +19,7 @@ parent and exports here.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ from demucs.errors import ModelLoadingError
 from demucs.solver import Solver, is_maximized
 from demucs.states import load_model, load_package
 from demucs.train import main
-from helpers import SOURCES, new_xp, same_state
+from helpers import REPO, SOURCES, new_xp, same_state
 from tools import export
 
 History = list[dict[str, tp.Any]]
@@ -248,6 +249,31 @@ def test_continue_from_original_xp(reference_dir: Path, outputs: Path) -> None:
     best = load_checkpoint(parent.folder / "checkpoint.th")["best_state"]
     assert same_state(child.model.state_dict(), best)
     assert not child.history
+
+
+@pytest.mark.slow
+def test_dora_run_continues_from_an_original_xp_folder(reference_dir: Path, tones: Path,
+                                                       tmp_path: Path) -> None:
+    """The user's way: the original's XP folder copied under outputs/xps/ (Dora wrote
+    its `.argv.json` there), then `dora run ARGV continue_from=SIG` in a subprocess."""
+    ref = golden(reference_dir, "g3")
+    folder = tmp_path / "outputs" / "xps" / ORIGINAL_SIG
+    copy_original_xp(reference_dir, folder)
+    (folder / ".argv.json").write_text(json.dumps(ref["argv"]))
+    shutil.copytree(tones / "tones", tmp_path / "tones")  # the argv's paths: from here
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    dora = Path(sys.executable).parent / "dora"
+    result = subprocess.run([str(dora), "-P", "demucs", "run", *ref["argv"], "seed=5",
+                             f"continue_from={ORIGINAL_SIG}"], cwd=tmp_path, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"Starting from the best_state of {folder / 'checkpoint.th'}" in result.stdout
+    child = main.get_xp(ref["argv"] + ["seed=5", f"continue_from={ORIGINAL_SIG}"])
+    history = json.loads((tmp_path / "outputs" / "xps" / child.sig / "history.json")
+                         .read_text())
+    assert len(history) == 1 and set(history[0]) == {"train", "valid", "test"}
 
 
 def test_export_original_xp(reference_dir: Path, outputs: Path, tmp_path: Path) -> None:
