@@ -23,21 +23,26 @@ from __future__ import annotations
 import math
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .apply import BagOfModels, TensorChunk, apply_model, max_allowed_segment
+from .apply import TensorChunk, apply_model
 from .audio import convert_audio, convert_audio_channels, read_audio
 from .audio import save_audio as save_audio  # re-exported, as upstream's api does
+from .bag import max_allowed_segment, sub_models
 from .errors import AudioError, ConfigError, ModelLoadingError
-from .pretrained import DEFAULT_MODEL, get_local_repo, get_remote_repo
+from .options import Callback as Callback
+from .options import SeparationOptions, takes_options
+from .options import check_device as check_device  # re-exported: their home before options
+from .options import default_device as default_device
+from .pretrained import DEFAULT_MODEL, get_local_repo, get_model, get_remote_repo
 from .utils import DummyPoolExecutor
 
 LoadAudioError = AudioError
 LoadModelError = ModelLoadingError
 PathLike = tp.Union[str, Path]
-Callback = tp.Callable[[tp.Dict[str, tp.Any]], None]
 MIN_SECONDS = 0.01  # shorter tracks are refused: nothing to separate
 
 
@@ -49,45 +54,6 @@ class _NotProvided:
 
 
 NotProvided: tp.Any = _NotProvided()
-
-
-def default_device() -> str:
-    """cuda if available, else mps if available, else cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device(device: tp.Union[str, torch.device]) -> torch.device:
-    """`device` as a `torch.device`; `ConfigError` when it is unknown or not available."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"Unknown device {str(device)!r}, use cpu, cuda, cuda:N or mps.") \
-            from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"Device {device} asked for, but CUDA is not available; "
-                              "use -d cpu.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"Device {device} asked for, but there are only "
-                              f"{torch.cuda.device_count()} CUDA device(s).")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"Device {device} asked for, but MPS is not available; "
-                              "use -d cpu.")
-    elif dev.type != "cpu":
-        raise ConfigError(f"Unsupported device {device}, use cpu, cuda, cuda:N or mps.")
-    return dev
-
-
-def sub_models(model: tp.Any) -> tp.List[tp.Any]:
-    """The models of a bag, or `[model]`."""
-    return list(model.models) if isinstance(model, BagOfModels) else [model]
 
 
 class _Job:
@@ -167,85 +133,38 @@ class Separator:
     Args:
         model: a pre-trained model or bag name, a signature, or a `.th`/`.yaml` path.
         repo: a local repository folder (default: the remote list of released models).
-        device: where to run the model (None: cuda, else mps, else cpu).
-        shifts: number of random shifts averaged (0: none).
-        overlap: overlap between segments, a fraction in [0, 1).
-        split: cut the track into segments (needed for long tracks and v4 models).
-        segment: segment length in seconds (default: the model's own).
-        jobs: threads working on segments in parallel (CPU only).
-        progress: show a progress bar per model and pass.
-        callback: called with a dict before and after each segment (see the module doc).
-        callback_arg: entries added to every dict given to `callback`.
+        **options: the fields of `SeparationOptions`, by keyword (upstream's device, shifts,
+            overlap, split, segment, jobs, progress, callback, callback_arg), checked
+            before the model loads; a `segment` longer than the model allows is refused.
     """
 
+    @takes_options(SeparationOptions)
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[PathLike] = None,
-                 device: tp.Union[str, torch.device, None] = None, shifts: int = 1,
-                 overlap: float = 0.25, split: bool = True, segment: tp.Optional[float] = None,
-                 jobs: int = 0, progress: bool = False, callback: tp.Optional[Callback] = None,
-                 callback_arg: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> None:
+                 **options: tp.Any) -> None:
         self._name = model
         self._repo = repo
-        device = default_device() if device is None else device
-        self._device = check_device(device)
-        self._shifts, self._overlap, self._split, self._jobs = 1, 0.25, True, 0
-        self._segment: tp.Optional[float] = None
-        self._progress = False
-        self._callback: tp.Optional[Callback] = None
-        self._callback_arg: tp.Dict[str, tp.Any] = {}
-        self._load_model()
-        self.update_parameter(device=device, shifts=shifts, overlap=overlap, split=split,
-                              segment=segment, jobs=jobs, progress=progress,
-                              callback=callback, callback_arg=callback_arg)
-
-    def _load_model(self) -> None:
-        from .pretrained import get_model
-        self._model: tp.Any = get_model(self._name, repo=self._repo)
+        self._options = SeparationOptions(**options)
+        self._model: tp.Any = get_model(model, repo=repo)
         self._model.cpu()
         self._model.eval()
         self._max_segment = max_allowed_segment(self._model)
+        self._check_segment(self._options.segment)
 
-    def update_parameter(self, device: tp.Any = NotProvided, shifts: tp.Any = NotProvided,
-                         overlap: tp.Any = NotProvided, split: tp.Any = NotProvided,
-                         segment: tp.Any = NotProvided, jobs: tp.Any = NotProvided,
-                         progress: tp.Any = NotProvided, callback: tp.Any = NotProvided,
-                         callback_arg: tp.Any = NotProvided) -> None:
-        """Change the options given (same meaning as in the constructor), checked first:
-        a bad value raises `ConfigError` and changes nothing."""
-        given = {key: value for key, value in locals().items()
-                 if key != "self" and value is not NotProvided}
-        checked = {key: self._check(key, value) for key, value in given.items()}
-        for key, value in checked.items():
-            setattr(self, f"_{key}", value)
+    @takes_options(SeparationOptions, default=NotProvided)
+    def update_parameter(self, **options: tp.Any) -> None:
+        """Change the options given (as in the constructor), checked first: a bad value
+        raises `ConfigError` and changes nothing."""
+        given = {key: value for key, value in options.items() if value is not NotProvided}
+        changed = replace(self._options, **given)
+        self._check_segment(changed.segment)
+        self._options = changed
 
-    def _check(self, key: str, value: tp.Any) -> tp.Any:
-        if key == "device":
-            return check_device(value)
-        if key == "shifts" and (isinstance(value, bool) or not isinstance(value, int)
-                                or value < 0):
-            raise ConfigError(f"shifts must be an integer, 0 or more, got {value!r}.")
-        if key == "overlap" and not (isinstance(value, (int, float)) and 0 <= value < 1):
-            raise ConfigError(f"overlap must be in [0, 1), got {value!r}.")
-        if key == "jobs" and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < 0):
-            raise ConfigError(f"jobs must be an integer, 0 or more, got {value!r}.")
-        if key == "segment" and value is not None:
-            return self._check_segment(value)
-        if key == "callback" and value is not None and not callable(value):
-            raise ConfigError(f"callback must be callable or None, got {value!r}.")
-        if key == "callback_arg":
-            return dict(value or {})
-        return value
-
-    def _check_segment(self, segment: tp.Any) -> float:
-        if isinstance(segment, bool) or not isinstance(segment, (int, float)) \
-                or not segment > 0 or not math.isfinite(segment):
-            raise ConfigError(f"segment must be a positive number of seconds, got {segment!r}.")
-        if segment > self._max_segment:
+    def _check_segment(self, segment: tp.Optional[float]) -> None:
+        if segment is not None and segment > self._max_segment:
             raise ConfigError(
                 f"segment {segment:g} s is longer than the model {self._name} allows: a "
                 f"Transformer model cannot use segments longer than it was trained on; the "
                 f"maximum segment is {self._max_segment:g} s.")
-        return float(segment)
 
     # Separation
     def separate_tensor(self, wav: torch.Tensor, sr: tp.Optional[int] = None
@@ -305,21 +224,23 @@ class Separator:
 
     def _apply(self, norm: torch.Tensor) -> torch.Tensor:
         """`apply_model` on the normalised `(C, T)` mix, `(S, C, T)` on the CPU."""
+        opts = self._options
+        device = tp.cast(torch.device, opts.device)  # the check made it a torch.device
         executor = None
-        if self._jobs > 0 and self._device.type == "cpu":
-            executor = ThreadPoolExecutor(self._jobs)
-        pool = _CallbackPool(self._model, norm.shape[-1], self._callback, self._callback_arg,
-                             executor)
-        if not self._split:
+        if opts.jobs > 0 and device.type == "cpu":
+            executor = ThreadPoolExecutor(opts.jobs)
+        pool = _CallbackPool(self._model, norm.shape[-1], opts.callback,
+                             opts.callback_arg or {}, executor)
+        if not opts.split:
             pool.report(pool.whole(), "start")
         try:
-            out = apply_model(self._model, norm[None], shifts=self._shifts, split=self._split,
-                              overlap=self._overlap, progress=self._progress,
-                              device=self._device, pool=pool, segment=self._segment)[0]
+            out = apply_model(self._model, norm[None], shifts=opts.shifts, split=opts.split,
+                              overlap=opts.overlap, progress=opts.progress, device=device,
+                              pool=pool, segment=opts.segment)[0]
         finally:
             if executor is not None:
                 executor.shutdown(cancel_futures=True)
-        if not self._split:
+        if not opts.split:
             pool.report(pool.whole(), "end")
         return out.cpu()
 
@@ -327,6 +248,11 @@ class Separator:
     @property
     def model(self) -> tp.Any:
         return self._model
+
+    @property
+    def options(self) -> SeparationOptions:
+        """The options in use (change them with `update_parameter`)."""
+        return self._options
 
     @property
     def samplerate(self) -> int:

@@ -26,7 +26,7 @@ import torch
 import yaml
 from torch import nn
 
-from .apply import BagOfModels
+from .bag import BagOfModels
 from .errors import ModelLoadingError
 from .states import load_model
 

@@ -18,21 +18,25 @@ import argparse
 import os
 import traceback
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .api import Separator, check_device, default_device
-from .apply import BagOfModels
-from .audio import SAVE_SUFFIXES, check_mp3_options, pcm_subtype, save_audio
+from .api import Separator
+from .audio import save_audio
+from .bag import BagOfModels
 from .errors import (DemucsError, allocation_failed, exit_with_error, one_line, print_error,
                      report_errors)
+from .options import OutputOptions, SeparationOptions
 from .pretrained import add_model_flags, list_models, model_label
 
 Stems = tp.Dict[str, torch.Tensor]
 
 
 def get_parser(prog: str = "demucs") -> argparse.ArgumentParser:
+    """The command's flags: the model, the tracks, then the flags of `OutputOptions` and
+    `SeparationOptions` (demucs/options.py), where each option is declared."""
     parser = argparse.ArgumentParser(prog, description="Separate the sources of the given tracks.")
     parser.add_argument("tracks", nargs="*", type=Path, help="Path to tracks")
     add_model_flags(parser)
@@ -41,124 +45,38 @@ def get_parser(prog: str = "demucs") -> argparse.ArgumentParser:
                              "bags and single models, and exit.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Show full tracebacks on errors.")
-    parser.add_argument("-o", "--out", type=Path, default=Path("separated"),
-                        help="Folder where to put extracted tracks. A subfolder with the "
-                             "model name will be created.")
-    parser.add_argument("--filename", default="{track}/{stem}.{ext}",
-                        help="Set the name of output file. Use {track}, {trackext}, {stem}, "
-                             "{ext} for the track name without extension, the track "
-                             "extension, the stem name and the default output extension. "
-                             "Default is {track}/{stem}.{ext}.")
-    parser.add_argument("-d", "--device", default=default_device(),
-                        help="Device to use, default is cuda if available, else mps if "
-                             "available, else cpu.")
-    parser.add_argument("--shifts", default=1, type=int,
-                        help="Number of random shifts for equivariant stabilization. "
-                             "Increase separation time but improves quality for Demucs. "
-                             "10 was used in the original paper.")
-    parser.add_argument("--overlap", default=0.25, type=float, help="Overlap between the splits.")
-    split_group = parser.add_mutually_exclusive_group()
-    split_group.add_argument("--no-split", action="store_false", dest="split", default=True,
-                             help="Doesn't split audio in chunks. This can use large amounts "
-                                  "of memory.")
-    split_group.add_argument("--segment", type=float,
-                             help="Set split size of each chunk, in seconds. This can help "
-                                  "save memory of graphic card. Transformer models allow at "
-                                  "most the length they were trained on.")
-    parser.add_argument("--two-stems", dest="stem", metavar="STEM",
-                        help="Only separate audio into {STEM} and no_{STEM}.")
-    parser.add_argument("--other-method", dest="other_method", default="add",
-                        choices=["none", "add", "minus"],
-                        help="With --two-stems, how to get the rest: 'add' sums the other "
-                             "stems into no_{STEM}, 'minus' writes the original track minus "
-                             "{STEM} as minus_{STEM}, 'none' writes only {STEM}.")
-    depth_group = parser.add_mutually_exclusive_group()
-    depth_group.add_argument("--int24", action="store_true",
-                             help="Save wav (or flac) output as 24 bits.")
-    depth_group.add_argument("--float32", action="store_true",
-                             help="Save wav output as float32 (2x bigger).")
-    parser.add_argument("--clip-mode", default="rescale", choices=["rescale", "clamp", "none"],
-                        help="Strategy for avoiding clipping: rescaling entire signal if "
-                             "necessary (rescale), hard clipping (clamp) or none.")
-    format_group = parser.add_mutually_exclusive_group()
-    format_group.add_argument("--flac", action="store_true",
-                              help="Convert the output wavs to flac.")
-    format_group.add_argument("--mp3", action="store_true",
-                              help="Convert the output wavs to mp3.")
-    parser.add_argument("--mp3-bitrate", default=320, type=int,
-                        help="Bitrate of converted mp3, in kbps (8 to 320).")
-    parser.add_argument("--mp3-preset", default=2, type=int,
-                        help="Encoder preset of MP3, 2 for highest quality, 7 for fastest "
-                             "speed. Default is 2.")
-    parser.add_argument("-j", "--jobs", default=0, type=int,
-                        help="Number of jobs. This can increase memory usage but will be "
-                             "much faster when multiple cores are available.")
+    OutputOptions.add_flags(parser)
+    SeparationOptions.add_flags(parser)
     return parser
 
 
-# Checks before the model loads
-def check_options(args: argparse.Namespace) -> None:
-    """Validate what argparse cannot, before any model is loaded."""
-    if args.segment is not None and not args.segment > 0:
-        raise DemucsError(f"--segment must be a positive number of seconds, got {args.segment}.")
-    if args.shifts < 0:
-        raise DemucsError(f"--shifts must be 0 or more, got {args.shifts}.")
-    if not 0 <= args.overlap < 1:
-        raise DemucsError(f"--overlap must be in [0, 1), got {args.overlap}.")
-    if args.jobs < 0:
-        raise DemucsError(f"--jobs must be 0 or more, got {args.jobs}.")
-    if args.mp3:
-        try:
-            check_mp3_options(args.mp3_bitrate, args.mp3_preset)
-        except DemucsError as error:
-            flag = "--mp3-bitrate" if "bitrate" in str(error) else "--mp3-preset"
-            raise DemucsError(f"{flag}: {error}") from None
-    args.device = check_device(args.device)
-    check_template(args)
-    check_writable(args.out)
+@dataclass(frozen=True)
+class Run:
+    """One run of the command: the model, the tracks and the options, checked."""
+    name: str
+    repo: tp.Optional[Path]
+    tracks: tp.List[Path]
+    output: OutputOptions
+    separation: SeparationOptions
+    verbose: bool
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Run":
+        """What the command line asks for; the options are checked (errors name the flags),
+        and so is the output folder."""
+        output = OutputOptions.from_args(args)
+        separation = SeparationOptions.from_args(args, progress=True)
+        check_writable(output.out)
+        return cls(args.name, args.repo, list(args.tracks), output, separation, args.verbose)
 
-def output_ext(args: argparse.Namespace) -> str:
-    return "mp3" if args.mp3 else "flac" if args.flac else "wav"
+    @property
+    def label(self) -> str:
+        """The model's name in output folders."""
+        return model_label(self.name)
 
-
-def render(args: argparse.Namespace, track: Path, stem: str) -> Path:
-    """The output file of `stem` of `track`: `OUT/NAME/` + the `--filename` template."""
-    track_name, _, track_ext = track.name.rpartition(".")
-    if not track_name:  # no extension
-        track_name, track_ext = track.name, ""
-    try:
-        relative = args.filename.format(track=track_name, trackext=track_ext, stem=stem,
-                                        ext=output_ext(args))
-    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
-        raise DemucsError(f"Invalid --filename {args.filename!r}: {error!r}; use the fields "
-                          "{track}, {trackext}, {stem} and {ext}.") from None
-    return args.out / model_label(args.name) / relative
-
-
-def check_template(args: argparse.Namespace) -> None:
-    """The template renders, is relative, names each stem apart, and its extension is a
-    format we write that agrees with --mp3/--flac/--float32."""
-    sample = render(args, Path("track.wav"), "drums")
-    if Path(args.filename).is_absolute():
-        raise DemucsError(f"--filename {args.filename!r} must be relative to the output "
-                          "folder (-o).")
-    if render(args, Path("track.wav"), "bass") == sample:
-        raise DemucsError(f"--filename {args.filename!r} would write every stem to the same "
-                          "file; use {stem} in it.")
-    suffix = sample.suffix.lower()
-    if suffix not in SAVE_SUFFIXES:
-        raise DemucsError(f"--filename {args.filename!r} gives files ending in {suffix!r}; "
-                          f"the output formats are {', '.join(SAVE_SUFFIXES)} (use {{ext}}).")
-    wanted = "." + output_ext(args)
-    if (args.mp3 or args.flac) and suffix != wanted:
-        raise DemucsError(f"--filename {args.filename!r} gives {suffix} files but "
-                          f"--{wanted[1:]} asks for {wanted}; use {{ext}} in the template.")
-    if suffix != ".mp3":
-        try:
-            pcm_subtype(suffix, 24 if args.int24 else 16, args.float32)
-        except DemucsError as error:
-            raise DemucsError(f"--float32 with {suffix} output: {error}") from None
+    def path(self, track: Path, stem: str) -> Path:
+        """The file of `stem` of `track`."""
+        return self.output.path(self.label, track, stem)
 
 
 def check_writable(folder: Path) -> None:
@@ -172,22 +90,22 @@ def check_writable(folder: Path) -> None:
         raise DemucsError(f"Output folder {folder}: {existing} is not writable.")
 
 
-def output_stems(args: argparse.Namespace, sources: tp.Sequence[str]) -> tp.List[str]:
+def output_stems(output: OutputOptions, sources: tp.Sequence[str]) -> tp.List[str]:
     """The names of the files written per track."""
-    if args.stem is None:
+    if output.stem is None:
         return list(sources)
-    extra = {"add": [f"no_{args.stem}"], "minus": [f"minus_{args.stem}"], "none": []}
-    return [args.stem] + extra[args.other_method]
+    extra = {"add": [f"no_{output.stem}"], "minus": [f"minus_{output.stem}"], "none": []}
+    return [output.stem] + extra[output.other_method]
 
 
-def check_outputs(args: argparse.Namespace, tracks: tp.Sequence[Path],
-                  stems: tp.Sequence[str]) -> None:
+def check_outputs(run: Run, stems: tp.Sequence[str]) -> None:
     """No two tracks write the same file, and no output overwrites an input."""
+    tracks = run.tracks
     inputs = {track.resolve(): track for track in tracks}
     owners: tp.Dict[Path, int] = {}
     for index, track in enumerate(tracks):
         for stem in stems:
-            path = render(args, track, stem)
+            path = run.path(track, stem)
             key = path.resolve()
             if key in inputs:
                 raise DemucsError(f"The output {path} of {track} would overwrite the input "
@@ -212,29 +130,26 @@ def early_failure(track: Path) -> tp.Optional[str]:
 
 
 # Separation
-def stems_to_write(args: argparse.Namespace, origin: torch.Tensor, stems: Stems) -> Stems:
+def stems_to_write(output: OutputOptions, origin: torch.Tensor, stems: Stems) -> Stems:
     """All stems, or with --two-stems the stem and the rest as --other-method says."""
-    if args.stem is None:
+    if output.stem is None:
         return stems
-    chosen = stems[args.stem]
-    out = {args.stem: chosen}
-    if args.other_method == "add":
-        out[f"no_{args.stem}"] = torch.stack(
-            [wav for name, wav in stems.items() if name != args.stem]).sum(0)
-    elif args.other_method == "minus":
-        out[f"minus_{args.stem}"] = origin - chosen
+    chosen = stems[output.stem]
+    out = {output.stem: chosen}
+    if output.other_method == "add":
+        out[f"no_{output.stem}"] = torch.stack(
+            [wav for name, wav in stems.items() if name != output.stem]).sum(0)
+    elif output.other_method == "minus":
+        out[f"minus_{output.stem}"] = origin - chosen
     return out
 
 
-def separate_track(separator: Separator, track: Path, args: argparse.Namespace) -> None:
+def separate_track(separator: Separator, track: Path, run: Run) -> None:
     print(f"Separating track {track}")
     origin, stems = separator.separate_audio_file(track)
-    kwargs: tp.Dict[str, tp.Any] = {
-        "samplerate": separator.samplerate, "bitrate": args.mp3_bitrate,
-        "preset": args.mp3_preset, "clip": args.clip_mode, "as_float": args.float32,
-        "bits_per_sample": 24 if args.int24 else 16}
-    for name, wav in stems_to_write(args, origin, stems).items():
-        save_audio(wav, render(args, track, name), **kwargs)
+    for name, wav in stems_to_write(run.output, origin, stems).items():
+        save_audio(wav, run.path(track, name), separator.samplerate,
+                   **run.output.save_kwargs())
 
 
 def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) -> None:
@@ -249,41 +164,41 @@ def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) 
     print_error(prog, message)
 
 
-def out_of_memory(error: torch.OutOfMemoryError, args: argparse.Namespace) -> DemucsError:
+def out_of_memory(error: torch.OutOfMemoryError, split: bool) -> DemucsError:
     """A device out of memory on a track, with what takes less (its cause kept for -v)."""
-    fix = "lower --segment" if args.split else "drop --no-split (or set --segment)"
+    fix = "lower --segment" if split else "drop --no-split (or set --segment)"
     hint = DemucsError(f"out of memory ({allocation_failed(error)}): {fix}, or separate on "
                        "the CPU (-d cpu).")
     hint.__cause__ = error
     return hint
 
 
-def load_separator(args: argparse.Namespace) -> Separator:
-    separator = Separator(args.name, repo=args.repo, device=args.device, shifts=args.shifts,
-                          overlap=args.overlap, split=args.split, jobs=args.jobs,
-                          progress=True)
-    if args.segment is not None:
-        try:
-            separator.update_parameter(segment=args.segment)
-        except DemucsError as error:
-            raise DemucsError(f"--segment: {error}") from None
-    model = separator.model
-    if args.stem is not None and args.stem not in separator.sources:
-        raise DemucsError(f'Stem "{args.stem}" is not in the selected model; STEM must be one '
+def load_separator(run: Run) -> Separator:
+    """The model of `run`, with its options; the segment and the stem checked against it."""
+    options = run.separation.as_dict()
+    segment = options.pop("segment")
+    separator = Separator(run.name, repo=run.repo, **options)
+    try:
+        separator.update_parameter(segment=segment)
+    except DemucsError as error:
+        raise DemucsError(f"--segment: {error}") from None
+    stem = run.output.stem
+    if stem is not None and stem not in separator.sources:
+        raise DemucsError(f'Stem "{stem}" is not in the selected model; STEM must be one '
                           f"of {', '.join(separator.sources)}.")
+    model = separator.model
     if isinstance(model, BagOfModels):
         print(f"Selected model is a bag of {len(model.models)} models. You will see that many "
               "progress bars per track.")
     return separator
 
 
-def separate(args: argparse.Namespace, prog: str) -> tp.List[Path]:
+def separate(run: Run, prog: str) -> tp.List[Path]:
     """Separate every track; return those that failed (each reported on stderr)."""
-    check_options(args)
-    check_outputs(args, args.tracks, ["STEM"])
+    check_outputs(run, ["STEM"])
     failed = []
     pending = []
-    for track in args.tracks:
+    for track in run.tracks:
         reason = early_failure(track)
         if reason is None:
             pending.append(track)
@@ -292,19 +207,19 @@ def separate(args: argparse.Namespace, prog: str) -> tp.List[Path]:
             failed.append(track)
     if not pending:
         return failed
-    separator = load_separator(args)
-    check_outputs(args, args.tracks, output_stems(args, separator.sources))
-    print(f"Separated tracks will be stored in {(args.out / model_label(args.name)).resolve()}")
+    separator = load_separator(run)
+    check_outputs(run, output_stems(run.output, separator.sources))
+    print(f"Separated tracks will be stored in {(run.output.out / run.label).resolve()}")
     for track in pending:
         try:
-            separate_track(separator, track, args)
+            separate_track(separator, track, run)
         except torch.OutOfMemoryError as error:  # nor running out of device memory
-            report_failure(prog, track, out_of_memory(error, args), args.verbose)
+            report_failure(prog, track, out_of_memory(error, run.separation.split), run.verbose)
             failed.append(track)
         except Exception as error:  # one track failing never stops the others
-            report_failure(prog, track, error, args.verbose)
+            report_failure(prog, track, error, run.verbose)
             failed.append(track)
-    return sorted(failed, key=args.tracks.index)
+    return sorted(failed, key=run.tracks.index)
 
 
 def print_models(repo: tp.Optional[Path]) -> None:
@@ -325,7 +240,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None, prog: str = "demucs") -> No
             return
         if not args.tracks:
             raise DemucsError("the following arguments are required: tracks (or --list-models)")
-        failed = separate(args, prog)
+        failed = separate(Run.from_args(args), prog)
     total = len(args.tracks)
     if failed:
         exit_with_error(prog, f"separated {total - len(failed)} of {total} tracks; failed: "

@@ -2,6 +2,8 @@
 progress callback, list_models, and `python -m demucs.api`."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import subprocess
 import sys
 import typing as tp
@@ -17,6 +19,7 @@ from demucs.apply import BagOfModels, apply_model
 from demucs.audio import read_audio, save_audio
 from demucs.errors import AudioError, ConfigError, ModelLoadingError
 from demucs.htdemucs import HTDemucs
+from demucs.options import SeparationOptions
 from demucs.pretrained import get_model
 from demucs.states import save_with_checksum, serialize_model
 
@@ -160,6 +163,31 @@ def test_update_parameter(repo: Path) -> None:
     separator.update_parameter(segment=None, overlap=0.25)
     _, back = separator.separate_tensor(wav)
     assert all(torch.equal(default[s], back[s]) for s in SOURCES)
+
+
+UPSTREAM_KEYWORDS = ["device", "shifts", "overlap", "split", "segment", "jobs", "progress",
+                     "callback", "callback_arg"]  # those of upstream Demucs 4.1's Separator
+
+
+def test_every_option_is_a_keyword(repo: Path) -> None:
+    """Separator and update_parameter take every field of SeparationOptions, by keyword."""
+    names = [item.name for item in dataclasses.fields(SeparationOptions)]
+    assert set(UPSTREAM_KEYWORDS) <= set(names)
+    assert list(inspect.signature(api.Separator).parameters) == ["model", "repo", *names]
+    assert list(inspect.signature(api.Separator.update_parameter).parameters)[1:] == names
+    every = SeparationOptions(device="cpu").as_dict()  # each field, at its default
+    separator = api.Separator("tinyd", repo=repo, **every)
+    assert separator.options == SeparationOptions(**every)
+    upstream: dict[str, tp.Any] = {
+        "device": "cpu", "shifts": 0, "overlap": 0.5, "split": False, "segment": 0.5, "jobs": 1,
+        "progress": True, "callback": print, "callback_arg": {"a": 1}}
+    assert sorted(upstream) == sorted(UPSTREAM_KEYWORDS)
+    separator.update_parameter(**upstream)
+    assert separator.options == SeparationOptions(**upstream) != SeparationOptions()
+    separator.update_parameter(**every)
+    assert separator.options == SeparationOptions(**every)
+    with pytest.raises(TypeError, match="nope"):
+        separator.update_parameter(nope=1)
 
 
 def test_segment_limit(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

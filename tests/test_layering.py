@@ -77,10 +77,34 @@ def test_find_cycle_finds_one() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle() -> None:
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the package -> the modules of the package it imports."""
     files = sorted((REPO / "demucs").rglob("*.py"))
     modules = {module_name(path) for path in files}
     # A package imports its modules on demand: `demucs` itself is not a dependency.
-    graph = {module_name(path): imported(path, modules) - {"demucs"} for path in files}
+    return {module_name(path): imported(path, modules) - {"demucs"} for path in files}
+
+
+def reachable(graph: dict[str, set[str]], module: str) -> set[str]:
+    """The modules importing `module` loads, itself included."""
+    seen = {module}
+    todo = [module]
+    while todo:
+        for other in graph[todo.pop()] - seen:
+            seen.add(other)
+            todo.append(other)
+    return seen
+
+
+def test_no_import_cycle() -> None:
+    graph = import_graph()
     assert len(graph) > 20 and graph["demucs.solver"] >= {"demucs.evaluate"}
     assert find_cycle(graph) == []
+
+
+def test_model_repositories_do_not_import_inference() -> None:
+    """Loading models and bags (`BagOfModels` in demucs.bag) needs no `apply_model`."""
+    graph = import_graph()
+    for module in ["demucs.bag", "demucs.repo", "demucs.pretrained", "demucs.states"]:
+        assert "demucs.apply" not in reachable(graph, module), module
+    assert "demucs.apply" in reachable(graph, "demucs.api")
