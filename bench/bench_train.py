@@ -109,7 +109,7 @@ def measure(name: str, amp: str, device: str, batch: int, seconds: float,
     start = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else peak_rss_mb()
     forward: tp.Callable[[torch.Tensor], torch.Tensor] = model
     if graph:  # after `start`: the graphs' memory pool counts in the peak
-        from demucs.solver import GraphedStep  # ours only
+        from demucs.cuda_graph import GraphedStep  # ours only
         with cast:
             forward = GraphedStep(model, sources.sum(dim=1))
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ModelLoadingError, one_line
-from .states import safe_globals, torch_file_damage
+from .states import safe_globals, save_atomic, serialize_model, swap_state, torch_file_damage
 
 State = dict[str, tp.Any]
 VERSION = 2
@@ -125,6 +125,27 @@ def load_checkpoint(path: Path | str) -> State:
     if not isinstance(package, dict) or "state" not in package:
         raise ModelLoadingError(f"{path}: not an XP checkpoint (no 'state' entry).")
     return _plain(package)
+
+
+def write_epoch(folder: Path, epoch: int, checkpoint: State,
+                write_best: tp.Callable[[Path], None], save_every: tp.Optional[int]) -> None:
+    """The files of the finished `epoch` (1-based) in the XP `folder`, each written
+    atomically: `checkpoint_EPOCH.th` every `save_every` epochs, `best.th` (through
+    `write_best`), then `checkpoint.th`, last, so that the resume point moves once the
+    epoch's other files are written."""
+    if save_every and epoch % save_every == 0:
+        save_atomic(checkpoint, folder / f"checkpoint_{epoch}.th")
+    write_best(folder / "best.th")
+    save_atomic(checkpoint, folder / "checkpoint.th")
+
+
+def save_package(model: torch.nn.Module, state: State, training_args: tp.Any,
+                 quantizer: tp.Any, path: Path) -> None:
+    """Write the model package (`demucs.states`) of `model` with the weights `state` to
+    `path`, atomically (`best.th`)."""
+    with swap_state(model, state):
+        # Saved inside the swap: on CPU the package's tensors are the parameters.
+        save_atomic(serialize_model(model, training_args, quantizer, half=False), path)
 
 
 def _plain(package: State) -> State:

@@ -7,10 +7,14 @@ several XPs on the same axes for comparison (`python -m tools.plot SIG [SIG ...]
 """
 from __future__ import annotations
 
+import logging
 import typing as tp
 from pathlib import Path
 
+from .errors import one_line
 from .utils import atomic_path
+
+logger = logging.getLogger(__name__)
 
 History = tp.Sequence[tp.Mapping[str, tp.Any]]
 
@@ -109,3 +113,12 @@ def plot_histories(histories: tp.Mapping[str, History], path: Path,
     loss.legend(fontsize="small")
     nsdr.legend(fontsize="small")
     _save(figure, path)
+
+
+def draw_curves(history: History, folder: Path, metric: str = "loss") -> None:
+    """`curves.png` of the XP in `folder`, redrawn after each epoch; a failure to draw
+    (matplotlib missing or failing) is a warning, never the end of a training."""
+    try:
+        plot_history(history, folder / "curves.png", metric, title=f"XP {folder.name}")
+    except Exception as error:  # only the picture is lost
+        logger.warning("Could not draw curves.png: %s", one_line(error))

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .states import swap_state
+from .states import copy_state, swap_state
 
 
 class ModelEMA:
@@ -71,7 +71,8 @@ class ModelEMA:
             yield
 
     def state_dict(self) -> dict[str, tp.Any]:
-        return {"state": self.state, "count": self.count}
+        """A copy of the average (on the CPU) and its count, for a checkpoint."""
+        return {"state": copy_state(self.state), "count": self.count}
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
         self.count = float(state["count"])

@@ -9,6 +9,7 @@ that `states`, `train` and the separation path can all read it without import cy
 """
 from __future__ import annotations
 
+import inspect
 import typing as tp
 
 from torch import nn
@@ -43,3 +44,8 @@ def model_class(name: str) -> type[nn.Module]:
     except (KeyError, TypeError):  # TypeError: an unhashable value from a config
         raise ConfigError(f"model={name!r} is not valid; choose one of: "
                           f"{', '.join(model_names())}.") from None
+
+
+def model_takes(name: str, argument: str) -> bool:
+    """Whether the constructor of the model registered as `name` takes `argument`."""
+    return argument in inspect.signature(model_class(name)).parameters

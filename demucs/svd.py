@@ -58,6 +58,10 @@ def top_singular_value_squared(matrix: torch.Tensor, dim: int = 1, niters: int =
     return torch.svd_lowrank(matrix, rank, niters)[1][0].pow(2)
 
 
+# The keys of the `svd` config section that are arguments of `svd_penalty`.
+SVD_KEYS = ("min_size", "dim", "niters", "powm", "convtr", "proba", "conv_only", "bs")
+
+
 def svd_penalty(model: nn.Module, min_size: float = 0.1, dim: int = 1, niters: int = 2,
                 powm: bool = False, convtr: bool = False, proba: float = 1,
                 conv_only: bool = False, exact: bool = False, bs: int = 1,

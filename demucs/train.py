@@ -11,7 +11,6 @@ one line and a non-zero exit status.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 import sys
@@ -31,113 +30,19 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import distrib
+from .checks import (OPTIMIZERS, check_choice, check_config, check_overrides, check_training,
+                     dset_option)
 from .errors import ConfigError, report_errors
-from .solver import Solver, check_metric, check_optim
-from .models import model_class
+from .models import model_class, model_takes
+from .solver import Solver
 from .utils import freed_memory_kept
 
 logger = logging.getLogger(__name__)
 
 PROG = "demucs.train"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_VERSION_BASE = "1.3"
-OPTIMIZERS = ("adam", "adamw")
-LOSSES = ("l1", "mse")
-CONFIG_GROUPS = ("dset", "svd", "variant")
-# `dset.backend` (upstream v4 picks a torchaudio backend with it): we always read wav
-# datasets with soundfile, so only these values mean what they say.
-BACKENDS = ("soundfile",)
 # The submodule of an HTDemucs trained in its own optimizer group (`htdemucs.t_lr`, ...).
 TRANSFORMER = "crosstransformer"
-
-
-# ---------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_choice(key: str, value: tp.Any, choices: tp.Iterable[str]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
-
-
-def group_choices(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The values a config group accepts: the yaml files of `conf/GROUP/`."""
-    return sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
-
-
-def check_overrides(argv: tp.Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
-    """Check the config group values given on the command line (`dset=...`, ...)."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if sep and key in CONFIG_GROUPS:
-            _check_choice(key, value, group_choices(key, config_dir))
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Check the values that select a class or a function (model, optimizer, loss), and
-    the dataset settings that go together."""
-    model_class(cfg.model)  # ConfigError naming the registered models
-    _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
-    _check_choice("optim.loss", cfg.optim.loss, LOSSES)
-    check_metric(cfg.test.metric, list(cfg.dset.sources))
-    check_optim(cfg.optim, torch.cuda.is_available())
-    check_dset(cfg.dset)
-    check_train_segment(cfg)
-
-
-def _takes(klass: type, argument: str) -> bool:
-    return argument in inspect.signature(klass).parameters
-
-
-def check_train_segment(cfg: DictConfig) -> None:
-    """A model kept at its training length (HTDemucs with `use_train_segment`) takes no
-    whole track: validation must go through `apply_model`, which cuts tracks into chunks
-    (for such a model even with `split=False`, so `test.split` may be false)."""
-    if cfg.use_train_segment and _takes(model_class(cfg.model), "use_train_segment"):
-        if not cfg.valid_apply:
-            raise ConfigError(f"valid_apply=false: model={cfg.model} runs on at most its "
-                              "training length (use_train_segment=true), so validation must "
-                              "cut tracks into chunks: keep valid_apply=true, or set "
-                              "use_train_segment=false.")
-
-
-def dset_option(dset: DictConfig, key: str, default: tp.Any = None) -> tp.Any:
-    """`dset.KEY`, or `default` for the keys only some dset groups define (`wav2_weight`,
-    `wav2_valid`: give them on the command line as `+dset.wav2_weight=...`)."""
-    return dset[key] if key in dset else default
-
-
-def check_dset(dset: DictConfig) -> None:
-    """The v4 dataset settings: a training set besides MusDB, valid_samples, wav2_weight."""
-    if dset.backend is not None:
-        _check_choice("dset.backend", dset.backend, BACKENDS)
-    if not dset.use_musdb and dset.wav is None:
-        raise ConfigError("dset.use_musdb=false leaves no training data: set dset.wav to a "
-                          "folder with train/ and valid/ track folders.")
-    samples = dset.valid_samples
-    if samples is not None and (not isinstance(samples, int) or samples <= 0):
-        raise ConfigError(f"dset.valid_samples={samples!r} must be a positive number of "
-                          "examples, or null to validate on the whole valid set.")
-    weight = dset_option(dset, "wav2_weight")
-    if weight is not None and not 0 < weight < 1:
-        raise ConfigError(f"dset.wav2_weight={weight!r} must be strictly between 0 and 1 "
-                          "(the share of training examples from dset.wav2), or null.")
-
-
-def check_dataset_paths(dset: DictConfig) -> None:
-    """Check that the dataset folders exist: `dset.musdb` always (the test set),
-    `dset.wav` and `dset.wav2` when set."""
-    hints = {"musdb": "the MusDB HQ folder (or set MUSDB_PATH)",
-             "wav": "a folder with train/ and valid/ track folders, or null",
-             "wav2": "a folder with train/ and valid/ track folders, or null"}
-    for key, hint in hints.items():
-        value = dset[key]
-        if key != "musdb" and value is None:
-            continue
-        if value is None or not Path(str(value)).expanduser().is_dir():
-            raise ConfigError(f"dset.{key}={value!r}: no such folder; set dset.{key} to {hint}.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,12 +55,11 @@ def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
     `use_train_segment=false` is passed on to the models that take it (HTDemucs), and only
     then: their default is true, so that the arguments stay those of upstream v4.
     """
-    klass = model_class(cfg.model)  # an unknown name fails here, before its section is read
     section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
     kwargs = {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
               "samplerate": cfg.dset.samplerate,
               "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
-    if not cfg.use_train_segment and _takes(klass, "use_train_segment"):
+    if not cfg.use_train_segment and model_takes(cfg.model, "use_train_segment"):
         kwargs["use_train_segment"] = False
     return kwargs
 
@@ -184,7 +88,7 @@ def param_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict[str, tp.A
 
 def get_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     """Adam or AdamW over the model parameters (see `param_groups`), from `cfg.optim`."""
-    _check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)
+    check_choice("optim.optim", cfg.optim.optim, OPTIMIZERS)  # a builder fails loudly
     klass = torch.optim.Adam if cfg.optim.optim == "adam" else torch.optim.AdamW
     # foreach: the multi-tensor implementation, also on CPU (where PyTorch defaults to a
     # loop over the parameters): the same values bit for bit, a third less time.
@@ -259,6 +163,10 @@ def get_loaders(cfg: DictConfig) -> dict[str, tp.Any]:
     workers = cfg.misc.num_workers
     train = distrib.loader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                            num_workers=workers)
+    if len(train) == 0:
+        raise ConfigError(f"The train set has {len(train_set)} examples: not one batch of "
+                          f"batch_size={cfg.batch_size}; lower batch_size or dset.segment, or "
+                          "add tracks.")
     valid = distrib.loader(valid_set, batch_size=1 if cfg.dset.full_cv else batch_size,
                            shuffle=False, num_workers=workers)
     return {"train": train, "valid": valid}
@@ -272,8 +180,8 @@ def seed_all(seed: int) -> None:
 
 
 def get_solver(cfg: DictConfig, model_only: bool = False) -> Solver:
-    """The training loop for `cfg`; with `model_only`, without data (to load a checkpoint)."""
-    check_config(cfg)
+    """The training loop for `cfg` (checked by `main.get_xp`); with `model_only`, without
+    data (to load a checkpoint)."""
     seed_all(cfg.seed)
     model = get_model(cfg)
     if torch.cuda.is_available():
@@ -406,15 +314,15 @@ def _absolute_paths(dset: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    """Everything `main` does, raising `DemucsError` on user mistakes."""
-    check_config(cfg)
+    """Everything `main` does, raising `DemucsError` on user mistakes (`cfg` was checked
+    by `main.get_xp`, through which Dora runs every XP)."""
     if cfg.misc.verbose:
         logging.getLogger("demucs").setLevel(logging.DEBUG)
     if cfg.misc.show:
         torch.manual_seed(cfg.seed)
         show_model(get_model(cfg), cfg.dset.samplerate)
         return
-    check_dataset_paths(cfg.dset)
+    check_training(cfg)
     _absolute_paths(cfg.dset)
     distrib.init()
     try:

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from demucs import train
+from demucs import checks, train
 from demucs.demucs import Demucs
 from demucs.errors import ConfigError
 from demucs.hdemucs import HDemucs
@@ -123,28 +123,28 @@ def test_groups_match_reference(reference_dir: Path, facts_file: str) -> None:
     expected = parse_groups((reference_dir / facts_file).read_text())
     assert expected
     for name, facts in expected.items():
-        content = OmegaConf.load(train.CONFIG_DIR / f"{name}.yaml")
+        content = OmegaConf.load(checks.CONFIG_DIR / f"{name}.yaml")
         ours = as_facts(tp.cast(dict, OmegaConf.to_container(content) or {}))
         assert set(ours) == set(facts), name
         assert without_paths(ours) == without_paths(facts), name
 
 
 def test_group_files() -> None:
-    assert train.group_choices("dset") == [
+    assert checks.group_choices("dset") == [
         "aetl", "auto_extra", "auto_extra_test", "auto_mus", "extra44", "extra_mmi_goodclean",
         "extra_test", "musdb44", "sdx23_bleeding", "sdx23_labelnoise"]
-    assert train.group_choices("svd") == ["base", "base2", "default"]
-    assert train.group_choices("variant") == ["default", "example", "finetune"]
-    auto_extra = OmegaConf.load(train.CONFIG_DIR / "dset" / "auto_extra.yaml")
+    assert checks.group_choices("svd") == ["base", "base2", "default"]
+    assert checks.group_choices("variant") == ["default", "example", "finetune"]
+    auto_extra = OmegaConf.load(checks.CONFIG_DIR / "dset" / "auto_extra.yaml")
     assert auto_extra.dset.wav is not None
 
 
 def test_hydra_settings_are_explicit() -> None:
-    config = OmegaConf.load(train.CONFIG_DIR / "config.yaml")
+    config = OmegaConf.load(checks.CONFIG_DIR / "config.yaml")
     assert config.hydra.job.chdir is False
     assert train.HYDRA_VERSION_BASE == "1.3"
     assert main.hydra_kwargs == {"version_base": "1.3"}
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(str(checks.CONFIG_DIR), version_base="1.3"):
         full = compose("config", return_hydra_config=True)
     assert full.hydra.job.chdir is False
     choices = full.hydra.runtime.choices
@@ -196,12 +196,12 @@ def cfg_of(*argv: str) -> DictConfig:
 
 def test_dataset_paths(tmp_path: Path) -> None:
     cfg = cfg_of(f"dset.musdb={tmp_path}")
-    train.check_dataset_paths(cfg.dset)
+    checks.check_dataset_paths(cfg.dset)
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError, match=f"dset.musdb='{missing}'"):
-        train.check_dataset_paths(cfg_of(f"dset.musdb={missing}").dset)
+        checks.check_dataset_paths(cfg_of(f"dset.musdb={missing}").dset)
     with pytest.raises(ConfigError, match=f"dset.wav='{missing}'"):
-        train.check_dataset_paths(cfg_of(f"dset.musdb={tmp_path}", f"dset.wav={missing}").dset)
+        checks.check_dataset_paths(cfg_of(f"dset.musdb={tmp_path}", f"dset.wav={missing}").dset)
 
 
 @pytest.mark.parametrize("name, klass", [("adam", torch.optim.Adam),

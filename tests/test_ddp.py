@@ -50,12 +50,12 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
 
     import torch
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from demucs import distrib, solver
+    from demucs import checkpoints, distrib, metrics, solver
 
     _out = Path(os.environ["DDP_PROBE_DIR"])
     _reductions, _saves, _exchanges = [], [], []
-    _reduce, _train, _save_atomic, _wrap = (solver.Averager.reduce, solver.Solver.train,
-                                            solver.save_atomic, distrib.wrap)
+    _reduce, _train, _save_atomic, _wrap = (metrics.Averager.reduce, solver.Solver.train,
+                                            checkpoints.save_atomic, distrib.wrap)
 
     def exchange(state, bucket):  # DDP's own all-reduce (average), each bucket recorded
         _exchanges.append(bucket.index())
@@ -92,8 +92,8 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
                     "reductions": _reductions, "saves": _saves, "exchanges": _exchanges},
                    _out / f"rank{os.environ['RANK']}.th")
 
-    solver.Averager.reduce, solver.Solver.train = reduce, train
-    solver.save_atomic, distrib.wrap = save_atomic, wrap
+    metrics.Averager.reduce, solver.Solver.train = reduce, train
+    checkpoints.save_atomic, distrib.wrap = save_atomic, wrap
 
     if os.environ.get("DDP_PROBE_NAN_RANK") == os.environ["RANK"]:
         _metrics = solver.Solver._batch_metrics

@@ -17,7 +17,7 @@ import pytest
 from demucs.errors import ConfigError, DemucsError
 from demucs.grids import _mdx, mdx_refine
 from demucs.grids._explorers import best_epoch, summarize
-from demucs import train
+from demucs import checks, train
 from demucs.train import main
 from helpers import REPO, one_line
 from tools import make_outputs
@@ -102,7 +102,7 @@ def test_xps_resolve_inside_a_running_hydra_app(xp_store: Path) -> None:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(str(train.CONFIG_DIR), version_base=train.HYDRA_VERSION_BASE):
+    with initialize_config_dir(str(checks.CONFIG_DIR), version_base=train.HYDRA_VERSION_BASE):
         held = GlobalHydra.instance()
         assert main.get_xp_from_sig("81de367c").cfg.hdemucs.channels == 48
         assert _mdx.finetuned_from("c511e2ab").sig == "81de367c"
@@ -180,6 +180,8 @@ COMMANDS = {
     "bad_metric": ["dora", "run", "test.metric=sdr"],
     "bad_optim_verbose": ["dora", "run", "optim.optim=sgd", "misc.verbose=true"],
     "show": ["dora", "run", "model=hdemucs", "hdemucs.channels=4", "misc.show=1"],
+    "bad_weights": ["dora", "run", "weights=[1,1]"],
+    "bad_segment": ["demucs.train", "dset.segment=1"],
 }
 
 
@@ -267,6 +269,9 @@ def test_cli_refine_before_mdx(cli: dict[str, Future]) -> None:
     ("bad_optim", "optim.optim='sgd' is not valid; choose one of: adam, adamw"),
     ("bad_path", "dset.musdb='/no/such/folder': no such folder"),
     ("bad_metric", "test.metric='sdr' is not a valid metric; choose one of: loss, reco, ms"),
+    ("bad_weights", "weights=[1.0, 1.0]: give one non-negative weight per source (drums, "
+                    "bass, other, vocals), not all zero."),
+    ("bad_segment", "dset.segment=1 must be longer than dset.shift=1"),
 ])
 def test_cli_bad_input(cli: dict[str, Future], name: str, message: str) -> None:
     assert message in one_line_error(cli, name)

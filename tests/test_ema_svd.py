@@ -13,7 +13,7 @@ from demucs import distrib
 from demucs.ema import ModelEMA
 from demucs.errors import ConfigError
 from demucs.quantize import get_quantizer, model_size
-from demucs.solver import Averager
+from demucs.metrics import Averager
 from demucs.svd import power_iteration, svd_penalty, top_singular_value_squared
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from dora.xp import XP
 from demucs import train
 from demucs.checkpoints import load_checkpoint
 from demucs.errors import ModelLoadingError
-from demucs.solver import Solver, is_maximized
+from demucs.curves import is_maximized
+from demucs.solver import Solver
 from demucs.states import load_model, load_package
 from demucs.train import main
 from helpers import REPO, SOURCES, new_xp, same_state

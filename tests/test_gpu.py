@@ -17,7 +17,8 @@ from demucs import norm, train
 from demucs.apply import apply_model
 from demucs.checkpoints import get_rng_state, set_rng_state
 from demucs.errors import TrainingError
-from demucs.solver import GraphedStep, Solver
+from demucs.cuda_graph import GraphedStep
+from demucs.solver import Solver
 from demucs.train import main
 from helpers import new_xp, norm_steps, tiny_hdemucs, tiny_htdemucs
 from tools.synth_dataset import generate_dataset

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from demucs import models, states, train
+from demucs import checks, models, states, train
 from demucs.errors import ConfigError
 
 from helpers import imported_modules, same_state
@@ -43,7 +43,7 @@ def test_unknown_name_lists_the_registered_ones(name: str) -> None:
     cfg = cfg_of("demucs")
     cfg.model = name
     with pytest.raises(ConfigError, match="demucs, hdemucs"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
 
 
 def test_allow_list_is_the_registry_and_the_quantizers() -> None:
@@ -83,4 +83,4 @@ def test_registry_is_a_leaf_module() -> None:
     loaded = {m for m in imported_modules("demucs.models") if m.startswith("demucs.")}
     assert loaded <= {"demucs.models", "demucs.demucs", "demucs.hdemucs", "demucs.hlayers",
                       "demucs.htdemucs", "demucs.transformer", "demucs.spec", "demucs.wiener",
-                      "demucs.utils", "demucs.errors", "demucs.norm"}, loaded
+                      "demucs.utils", "demucs.errors", "demucs.norm", "demucs.lean"}, loaded

@@ -21,11 +21,14 @@ from dora.xp import XP
 from omegaconf import OmegaConf
 
 from demucs import solver as solver_module
-from demucs import train
+from demucs import checkpoints, checks, train
 from demucs.errors import ConfigError, ModelLoadingError, TrainingError
 from demucs.grids._explorers import summarize
 from demucs.checkpoints import get_rng_state, load_checkpoint, set_rng_state
-from demucs.solver import Solver, check_optim
+from demucs.checks import check_optim
+from demucs.cuda_graph import GraphedStep, check_cuda_graph
+from demucs.losses import reco_losses
+from demucs.solver import Solver
 from demucs.states import load_model
 from demucs.svd import svd_penalty
 from demucs.train import main
@@ -319,20 +322,28 @@ def test_checkpoint_part_failing_in_our_code_keeps_the_xp(
 
 
 def test_train_set_too_small() -> None:
-    solver, xp = make_solver("batch_size=64", "augment.remix.group_size=4")
-    with xp.enter(), pytest.raises(ConfigError, match="not one batch of batch_size=64"):
-        solver.train()
+    with pytest.raises(ConfigError, match="not one batch of batch_size=64"):
+        make_solver("batch_size=64", "augment.remix.group_size=4")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["dset.segment=1"], "dset.segment=1 must be longer than dset.shift=1"),
     (["continue_from=1e3"], "quote it"),
-    (["weights=[1,1]"], "one non-negative weight per source"),
     (["quant.diffq=1", "quant.qat=8"], "choose one quantizer"),
 ])
 def test_config_errors(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_solver(*argv, model_only=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dset.segment=1"], "dset.segment=1 must be longer than dset.shift=1"),
+    (["weights=[1,1]"], "one non-negative weight per source"),
+])
+def test_training_errors(argv: list[str], message: str) -> None:
+    """What only training needs: refused when it starts, not when the XP is listed."""
+    cfg = main.get_xp(TINY + argv).cfg
+    with pytest.raises(ConfigError, match=message):
+        checks.check_training(cfg)
 
 
 def test_model_only_solver_has_no_data() -> None:
@@ -380,12 +391,11 @@ def test_valid_metrics_are_weighted() -> None:
 
 
 def test_mse_loss_and_reco() -> None:
-    solver, _ = make_solver("optim.loss=mse", model_only=True)
     sources = torch.zeros(2, 4, 2, 10)
     estimate = sources.clone()
     estimate[0] += 1.  # example 0: mse 1 everywhere
     estimate[1] += 3.  # example 1: mse 9
-    loss, reco = solver._reco_losses(estimate, sources)
+    loss, reco = reco_losses("mse", estimate, sources)
     assert loss.tolist() == [5.] * 4  # mean over the batch of the per-example mse
     assert reco.tolist() == [2.] * 4  # mean over the batch of their root
 
@@ -519,13 +529,13 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(
     when training starts, not refused, as it still saves memory."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(X86.format(flags))
-    monkeypatch.setattr(solver_module, "cpu_has_bf16", lambda: cpu_has_bf16(cpuinfo))
+    monkeypatch.setattr(checks, "cpu_has_bf16", lambda: cpu_has_bf16(cpuinfo))
     solver, xp = make_solver("epochs=1", "max_batches=1", f"optim.amp={amp or 'null'}")
-    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.solver"):
+    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.checks"):
         solver.train()
     assert caplog.text.count("this CPU has no bf16 instructions") == warned
     caplog.clear()
-    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.solver"):
+    with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.checks"):
         solver.train()  # nothing left to train: nothing said
     assert "bf16 instructions" not in caplog.text
 
@@ -541,7 +551,6 @@ def test_cuda_graph_refusals(argv: list[str], model: str, message: str,
     """What the CUDA graphs cannot hold fails at start-up (`Solver` checks these on the
     GPU machine; the check itself needs no GPU)."""
     from demucs import distrib
-    from demucs.solver import check_cuda_graph
     from helpers import tiny_hdemucs, tiny_htdemucs
     check_cuda_graph(main.get_xp(TINY).cfg, tiny_htdemucs())  # the default HTDemucs is fine
     args = main.get_xp(TINY + argv).cfg
@@ -601,7 +610,7 @@ def cuda_options_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lift the start-up refusal of the CUDA-only options (`optim.amp=fp16`,
     `optim.cuda_graph`) without CUDA, so that their code paths can run here (PyTorch's
     gradient scaler works on the CPU too)."""
-    monkeypatch.setattr(train, "check_optim", lambda optim, cuda: check_optim(optim, True))
+    monkeypatch.setattr(checks, "check_optim", lambda optim, cuda: check_optim(optim, True))
 
 
 @pytest.fixture
@@ -617,7 +626,6 @@ def test_cuda_graph_bookkeeping(accumulate: int, graphs_on_cpu: None) -> None:
     eager history bit for bit, every batch replayed, and gradients accumulated over two
     batches (a `.grad` sharing the graph's gradient buffers would double the second
     batch's gradients and lose the first's)."""
-    from demucs.solver import GraphedStep
     argv = ["batch_size=1", "augment.remix.group_size=1", "max_batches=1", "epochs=2",
             f"optim.accumulate={accumulate}"]
     graphed, _ = train_xp(*argv, "optim.cuda_graph=true")
@@ -630,7 +638,6 @@ def test_cuda_graph_bookkeeping(accumulate: int, graphs_on_cpu: None) -> None:
 
 
 def test_graphed_step_runs_other_shapes_and_eval_eagerly(graphs_on_cpu: None) -> None:
-    from demucs.solver import GraphedStep
     from helpers import tiny_hdemucs
     model = tiny_hdemucs(channels=4).train()
     step = GraphedStep(model, torch.randn(2, 2, 44100))
@@ -722,7 +729,6 @@ def test_out_of_memory_in_validation_or_test_is_one_line(
         monkeypatch.setattr(Solver, "_valid_step", lambda self, streams: (
             out_of_memory() if self.history else real(self, streams)))
     else:
-        monkeypatch.setattr(Solver, "_is_test_epoch", lambda self, epoch: False)
         monkeypatch.setattr(solver_module, "evaluate", out_of_memory)
     solver, xp = make_solver("epochs=2", *argv)
     with xp.enter(), pytest.raises(TrainingError) as caught:
@@ -737,7 +743,7 @@ def test_out_of_memory_in_validation_or_test_is_one_line(
 def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint that cannot be written (here, a full disk at epoch 2) stops the
     training with one line; epoch 1's files stay, and the same command resumes there."""
-    real = solver_module.save_atomic
+    real = checkpoints.save_atomic
 
     epoch = 0
 
@@ -748,7 +754,7 @@ def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPat
             raise OSError(errno.ENOSPC, "No space left on device")
         real(content, path)
 
-    monkeypatch.setattr(solver_module, "save_atomic", full_disk_at_epoch_2)
+    monkeypatch.setattr(checkpoints, "save_atomic", full_disk_at_epoch_2)
     solver, xp = make_solver("epochs=3")
     with xp.enter(), pytest.raises(TrainingError) as caught:
         solver.train()
@@ -757,7 +763,7 @@ def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPat
         f"checkpoint of epoch 1 is kept in {xp.folder / 'checkpoint.th'}; free some space "
         "and run the same command to resume.")
     assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
-    monkeypatch.setattr(solver_module, "save_atomic", real)
+    monkeypatch.setattr(checkpoints, "save_atomic", real)
     resumed, xp = make_solver("epochs=3")
     assert len(resumed.history) == 1
     with xp.enter():

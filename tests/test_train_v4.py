@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, Subset
 
-from demucs import train
+from demucs import checks, train
 from demucs.errors import ConfigError
 from demucs.htdemucs import HTDemucs
 from demucs.train import main
@@ -162,7 +162,7 @@ def test_wav2_folder_is_checked(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     cfg = cfg_of(f"dset.musdb={tmp_path}", f"dset.wav2={missing}")
     with pytest.raises(ConfigError, match=f"dset.wav2='{missing}': no such folder"):
-        train.check_dataset_paths(cfg.dset)
+        checks.check_dataset_paths(cfg.dset)
 
 
 # ---------------------------------------------------------------------------------------
