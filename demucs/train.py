@@ -263,8 +263,13 @@ class DemucsMain(HydraMain):
 
     Programs calling `get_xp` get the `ConfigError`; the `dora` command and `python -m
     demucs.train` report it as one line and a non-zero exit (with the traceback when
-    `misc.verbose=true`).
+    `misc.verbose=true`). Dora asks for the same XP several times in one process (`dora
+    run`: three); its config is checked the first time.
     """
+
+    def __init__(self, *args: tp.Any, **kwargs: tp.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checked: set[str] = set()  # signatures whose config passed `check_config`
 
     def __call__(self) -> tp.Any:
         # `python -m demucs.train ARGV` (and `dora run`, which calls it in process).
@@ -279,7 +284,9 @@ class DemucsMain(HydraMain):
                     xp = super().get_xp(argv)
             except (HydraException, OmegaConfBaseException) as error:
                 raise ConfigError(f"invalid override: {_first_lines(error)}") from None
-            check_config(xp.cfg)
+            if xp.sig not in self._checked:
+                check_config(xp.cfg)
+                self._checked.add(xp.sig)
             return xp
 
     def get_argv_from_sig(self, sig: str) -> list[str]:

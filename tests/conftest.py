@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import typing as tp
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,12 @@ def reference_dir() -> Path:
     if not path.is_dir():
         skip_or_fail(f"reference facts not found at {path} (set DEMUCS_REFERENCE)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def configs_checked_afresh() -> tp.Iterator[None]:
+    """`train.main` checks the config of a signature once per process; tests change what
+    the checks see (CUDA refusals lifted on the CPU, ...), so each test starts afresh."""
+    from demucs.train import main  # here, not at collection: the training stack is heavy
+    main._checked.clear()
+    yield
