@@ -42,10 +42,10 @@ def current_mb() -> float:
 
 
 def measure(seconds: float, keep_heap: bool, floor: bool = False) -> dict[str, float]:
-    from demucs import apply, hdemucs
+    from demucs import apply, lean
     from demucs.apply import apply_model
     if keep_heap:
-        apply.trim_heap = hdemucs.trim_heap = lambda: None
+        apply.trim_heap = lean.trim_heap = lambda: None
     model = build("hdemucs").eval()
     mix = torch.randn(1, 2, int(seconds * 44100))
     random.seed(0)

@@ -36,6 +36,7 @@ import tqdm
 from .apply import apply_model
 from .audio import convert_audio, save_audio
 from .errors import ConfigError, DatasetError
+from .lean import lean_inference
 from .utils import DummyPoolExecutor
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def separate(model: tp.Any, track: EvalTrack, test_cfg: tp.Any,
         std = torch.ones_like(std)  # a silent track: nothing to rescale
     mix = (track.mixture - mean) / std
     mix = convert_audio(mix, track.samplerate, model.samplerate, model.audio_channels)
-    with torch.no_grad():
+    with lean_inference():
         estimates = apply_model(model, mix[None].to(device), shifts=test_cfg.shifts,
                                 split=test_cfg.split, overlap=test_cfg.overlap)[0]
     estimates = estimates.cpu() * std + mean

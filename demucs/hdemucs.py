@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import lean
 from .demucs import rescale_module
 from .hlayers import (HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding,
                       add_frequency_embedding)
 from .spec import ispectro, spectro
-from .utils import capture_init, trim_heap
+from .utils import capture_init
 from .wiener import mixture_phase_filter, wiener
 
 
@@ -44,37 +45,31 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
-# Below this size of a layer's output, what the layer freed is too little to be worth
-# giving back (trimming costs page faults later): the inner layers never trim.
-TRIM_BYTES = 16 * 2 ** 20
-
-
-def release_freed_memory(output: torch.Tensor) -> None:
-    """Between two layers without gradients, after a large one (judged by its `output`):
-    the memory the layer freed goes back to the system (`trim_heap`) rather than staying
-    in a fragmented heap."""
-    if not torch.is_grad_enabled() and output.nbytes >= TRIM_BYTES:
-        trim_heap()
-
-
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`x * scale + shift`; without gradients in place of `x`, a tensor the caller owns."""
-    if torch.is_grad_enabled():
-        return x * scale + shift
-    return x.mul_(scale).add_(shift)
+class Bottleneck(tp.NamedTuple):
+    """What `HybridSpectrogram._build_branches` leaves at the innermost layer."""
+    channels: int  # of the freq branch
+    channels_time: int  # of the time branch
+    freqs: int  # frequencies left (1 once the freq axis has collapsed)
 
 
 class HybridSpectrogram:
-    """What HDemucs and HTDemucs share: STFT and inverse aligned with the time branch,
-    the freq branch input, the masks (complex-as-channels, mixture phase or Wiener
-    filtering), and the decoders of both branches.
+    """What HDemucs and HTDemucs share: the encoders and decoders of both branches
+    (`_build_branches`), STFT and inverse aligned with the time branch, the freq branch
+    input, the masks (complex-as-channels, mixture phase or Wiener filtering), and the
+    decoding.
 
-    Needs the attributes `nfft`, `hop_length`, `cac`, `wiener_iters`, `end_iters`,
-    `wiener_residual`, `hybrid`, `hybrid_old`, `decoder`, `tdecoder` (when hybrid) and
-    `training` (from `nn.Module`).
+    Needs the attributes `audio_channels`, `sources`, `nfft`, `hop_length`, `cac`,
+    `wiener_iters`, `end_iters`, `wiener_residual`, `hybrid`, `hybrid_old`, `depth`,
+    `kernel_size`, `stride`, `context` and `training` (from `nn.Module`).
     """
+    encoder: nn.ModuleList
     decoder: nn.ModuleList
+    tencoder: nn.ModuleList
     tdecoder: nn.ModuleList
+    freq_emb: tp.Optional[ScaledEmbedding]
+    freq_emb_scale: float
+    audio_channels: int
+    sources: tp.List[str]
     nfft: int
     hop_length: int
     cac: bool
@@ -83,7 +78,118 @@ class HybridSpectrogram:
     wiener_residual: bool
     hybrid: bool
     hybrid_old: bool
+    depth: int
+    kernel_size: int
+    stride: int
+    context: int
     training: bool
+
+    def _build_branches(self, *, channels: int, channels_time: tp.Optional[int],
+                        growth: float, time_stride: int, rewrite: bool, context_enc: int,
+                        norm_starts: int, norm_groups: int, dconv_mode: int,
+                        dconv_kw: tp.Dict[str, tp.Any],
+                        multi_freqs: tp.Optional[tp.Sequence[float]], multi_freqs_depth: int,
+                        freq_emb: float, emb_scale: float, emb_smooth: bool,
+                        dconv_lstm: tp.Optional[int] = None,
+                        dconv_attn: tp.Optional[int] = None) -> Bottleneck:
+        """Make `encoder` and `decoder` (freq branch), `tencoder` and `tdecoder` (time
+        branch, when hybrid) and `freq_emb`, in the order that fixes the seeded weights
+        and the state_dict keys. The arguments are the constructors' (see `HDemucs`);
+        `dconv_kw` holds the DConvs' options, to which the layers from `dconv_lstm` and
+        `dconv_attn` on (None: none) add a BLSTM and attention.
+
+        The freq layers stride along frequency until a single frequency is left: the
+        layer where that happens has a kernel as large as the frequencies left and no
+        padding, and its time layer only the first convolution (`empty`), whose output
+        the freq layer adds (the branches merge there). The layers after that one stride
+        along time, `time_stride`, and have no time twin.
+        """
+        self.freq_emb = None
+        self.freq_emb_scale = freq_emb
+        self.encoder = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        if self.hybrid:
+            self.tencoder = nn.ModuleList()
+            self.tdecoder = nn.ModuleList()
+        bands = list(multi_freqs or [])
+        chin = self.audio_channels
+        chin_z = chin * 2 if self.cac else chin  # channels of the freq branch
+        chout, chout_z = channels_time or channels, channels
+        freqs = self.nfft // 2
+        common = {"rewrite": rewrite, "norm_groups": norm_groups}
+        for index in range(self.depth):
+            freq = freqs > 1
+            last_freq = freq and freqs <= self.kernel_size
+            if last_freq:  # the branches merge: the same channels
+                chout = chout_z = max(chout, chout_z)
+            kw = self._layer_kw(index, freqs, time_stride, norm_starts, common, dconv_kw,
+                                dconv_lstm, dconv_attn)
+            kwt = dict(kw, freq=0, kernel_size=self.kernel_size, stride=self.stride, pad=True)
+            multi = bool(bands) and index < multi_freqs_depth
+            twin = self.hybrid and freq
+            self._add_encoders(chin, chout, chin_z, chout_z, bands if multi else None,
+                               kw, kwt if twin else None, empty=last_freq,
+                               dconv=bool(dconv_mode & 1), context=context_enc)
+            if index == 0:  # the decoders' outputs: the sources
+                chin = self.audio_channels * len(self.sources)
+                chin_z = chin * 2 if self.cac else chin
+            self._add_decoders(chin, chout, chin_z, chout_z, bands if multi else None,
+                               kw, kwt if twin else None, empty=last_freq,
+                               dconv=bool(dconv_mode & 2), last=index == 0)
+            chin, chin_z = chout, chout_z
+            chout, chout_z = int(growth * chout), int(growth * chout_z)
+            if freq:
+                freqs = 1 if freqs <= self.kernel_size else freqs // self.stride
+            if index == 0 and freq_emb:
+                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
+                                                scale=emb_scale)
+        return Bottleneck(chin_z, chin, freqs)
+
+    def _layer_kw(self, index: int, freqs: int, time_stride: int, norm_starts: int,
+                  common: tp.Dict[str, tp.Any], dconv_kw: tp.Dict[str, tp.Any],
+                  dconv_lstm: tp.Optional[int], dconv_attn: tp.Optional[int]
+                  ) -> tp.Dict[str, tp.Any]:
+        """The options of the freq layer `index`, `freqs` frequencies before it (see
+        `_build_branches`), beyond the `common` ones."""
+        freq, last_freq = freqs > 1, 1 < freqs <= self.kernel_size
+        dconv = dict(dconv_kw, gelu=True)
+        if dconv_lstm is not None:
+            dconv["lstm"] = index >= dconv_lstm
+        if dconv_attn is not None:
+            dconv["attn"] = index >= dconv_attn
+        ker, stri = (self.kernel_size, self.stride) if freq else (2 * time_stride, time_stride)
+        return dict(common, kernel_size=freqs if last_freq else ker, stride=stri, freq=freq,
+                    pad=not last_freq, norm=index >= norm_starts, dconv_kw=dconv)
+
+    def _add_encoders(self, chin: int, chout: int, chin_z: int, chout_z: int,
+                      bands: tp.Optional[tp.List[float]], kw: tp.Dict[str, tp.Any],
+                      kwt: tp.Optional[tp.Dict[str, tp.Any]], empty: bool, dconv: bool,
+                      context: int) -> None:
+        """A freq encoder layer (in `bands` when given) and its time twin (with the
+        options `kwt`, when given; only its first convolution when `empty`)."""
+        enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=dconv, context=context, **kw)
+        if kwt is not None:
+            self.tencoder.append(HEncLayer(chin, chout, dconv=dconv, context=context,
+                                           empty=empty, **kwt))
+        self.encoder.append(MultiWrap(enc, bands) if bands else enc)
+
+    def _add_decoders(self, chin: int, chout: int, chin_z: int, chout_z: int,
+                      bands: tp.Optional[tp.List[float]], kw: tp.Dict[str, tp.Any],
+                      kwt: tp.Optional[tp.Dict[str, tp.Any]], empty: bool, dconv: bool,
+                      last: bool) -> None:
+        """The decoder layers mirroring the encoders of `_add_encoders`, from `chout` to
+        `chin` channels, inserted first: the decoders run innermost first. The layers in
+        bands look along time only (`context_freq=False`); the `last` has no final GELU."""
+        context = self.context
+        kw_dec = dict(kw, context_freq=False) if bands else kw
+        dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=dconv, last=last, context=context,
+                                   **kw_dec)
+        if bands:
+            dec = MultiWrap(dec, bands)
+        if kwt is not None:
+            self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv, empty=empty,
+                                              last=last, context=context, **kwt))
+        self.decoder.insert(0, dec)
 
     def _spec(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""
@@ -135,7 +241,7 @@ class HybridSpectrogram:
             if tdec is not None and tdec.empty:
                 xt = tdec(pre[:, :, 0], None, lengths_t.pop(-1))[0]
             del pre  # not kept alive through the next, larger, layer
-            release_freed_memory(x)
+            lean.release_freed_memory(x)
         assert not saved and not saved_t and not lengths_t
         return x, xt
 
@@ -145,20 +251,14 @@ class HybridSpectrogram:
         (B, S, C', Fr, frames) for the mixture `mix` (B, C, T): `_mask`, then `_ispec`.
 
         The mixture spectrogram is computed again here (the same values) rather than kept
-        through the U-Nets. Without gradients, and unless Wiener filtering couples the
-        sources, one source at a time, summed in place into `add_to`: the complex
-        spectrograms of all sources and their inverse transforms never exist together.
+        through the U-Nets. Lean, one source at a time unless Wiener filtering couples
+        them (`lean.add_sources`).
         """
         z, length = self._spec(mix), mix.shape[-1]
         niters = self.end_iters if self.training else self.wiener_iters
         coupled = not self.cac and niters >= 0 and (niters > 0 or self.wiener_residual)
-        if torch.is_grad_enabled() or coupled or add_to is None:
-            x = self._ispec(self._mask(z, m), length)
-            return x if add_to is None else add_to + x
-        for source in range(m.shape[1]):
-            add_to[:, source] += self._ispec(self._mask(z, m[:, source:source + 1]),
-                                             length)[:, 0]
-        return add_to
+        return lean.add_sources(lambda sources: self._ispec(self._mask(z, sources), length),
+                                m, add_to, coupled)
 
     def _magnitude(self, z: torch.Tensor) -> torch.Tensor:
         """Input of the freq branch: the magnitude, or real and imaginary parts as
@@ -316,89 +416,21 @@ class HDemucs(HybridSpectrogram, nn.Module):
         self.hop_length = nfft // 4
         self.wiener_iters = wiener_iters
         self.end_iters = end_iters
-        self.freq_emb: tp.Optional[ScaledEmbedding] = None
         self.hybrid = hybrid
         self.hybrid_old = hybrid_old
-
-        self.encoder = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        if hybrid:
-            self.tencoder = nn.ModuleList()
-            self.tdecoder = nn.ModuleList()
-
-        chin = audio_channels
-        chin_z = chin * 2 if cac else chin  # channels of the freq branch
-        chout = channels_time or channels
-        chout_z = channels
-        freqs = nfft // 2
-
-        for index in range(depth):
-            freq = freqs > 1
-            stri, ker = stride, kernel_size
-            if not freq:
-                ker, stri = time_stride * 2, time_stride
-            pad = True
-            last_freq = False
-            if freq and freqs <= kernel_size:
-                ker = freqs
-                pad = False
-                last_freq = True
-            kw: tp.Dict[str, tp.Any] = {
-                "kernel_size": ker, "stride": stri, "freq": freq, "pad": pad,
-                "norm": index >= norm_starts, "rewrite": rewrite, "norm_groups": norm_groups,
-                "dconv_kw": {
-                    "lstm": index >= dconv_lstm, "attn": index >= dconv_attn,
-                    "depth": dconv_depth, "compress": dconv_comp, "init": dconv_init,
-                    "gelu": True,
-                },
-            }
-            kwt = dict(kw, freq=0, kernel_size=kernel_size, stride=stride, pad=True)
-            kw_dec = dict(kw)
-            multi = bool(multi_freqs) and index < multi_freqs_depth
-            if multi:
-                kw_dec["context_freq"] = False
-            if last_freq:
-                chout_z = max(chout, chout_z)
-                chout = chout_z
-
-            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=bool(dconv_mode & 1),
-                                       context=context_enc, **kw)
-            if hybrid and freq:
-                tenc = HEncLayer(chin, chout, dconv=bool(dconv_mode & 1), context=context_enc,
-                                 empty=last_freq, **kwt)
-                self.tencoder.append(tenc)
-            if multi:
-                assert multi_freqs is not None
-                enc = MultiWrap(enc, multi_freqs)
-            self.encoder.append(enc)
-
-            if index == 0:
-                chin = self.audio_channels * len(self.sources)
-                chin_z = chin * 2 if cac else chin
-            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=bool(dconv_mode & 2),
-                                       last=index == 0, context=context, **kw_dec)
-            if multi:
-                assert multi_freqs is not None
-                dec = MultiWrap(dec, multi_freqs)
-            if hybrid and freq:
-                tdec = HDecLayer(chout, chin, dconv=bool(dconv_mode & 2), empty=last_freq,
-                                 last=index == 0, context=context, **kwt)
-                self.tdecoder.insert(0, tdec)
-            self.decoder.insert(0, dec)
-
-            chin, chin_z = chout, chout_z
-            chout, chout_z = int(growth * chout), int(growth * chout_z)
-            if freq:
-                freqs = 1 if freqs <= kernel_size else freqs // stride
-            if index == 0 and freq_emb:
-                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
-                                                scale=emb_scale)
-                self.freq_emb_scale = freq_emb
-
-        if hybrid and freqs > 1:
+        bottom = self._build_branches(
+            channels=channels, channels_time=channels_time, growth=growth,
+            time_stride=time_stride, rewrite=rewrite, context_enc=context_enc,
+            norm_starts=norm_starts, norm_groups=norm_groups, dconv_mode=dconv_mode,
+            dconv_kw={"depth": dconv_depth, "compress": dconv_comp, "init": dconv_init},
+            dconv_lstm=dconv_lstm, dconv_attn=dconv_attn, multi_freqs=multi_freqs,
+            multi_freqs_depth=multi_freqs_depth, freq_emb=freq_emb, emb_scale=emb_scale,
+            emb_smooth=emb_smooth)
+        if hybrid and bottom.freqs > 1:
             raise ValueError(f"A hybrid model needs the frequency axis to collapse before the "
                              f"last layer: with nfft={nfft}, stride={stride} and depth={depth}, "
-                             f"{freqs} frequencies remain; increase depth or disable hybrid.")
+                             f"{bottom.freqs} frequencies remain; increase depth or disable "
+                             "hybrid.")
         if rescale:
             rescale_module(self, reference=rescale)
 
@@ -421,10 +453,10 @@ class HDemucs(HybridSpectrogram, nn.Module):
         x, xt = self._encode_decode(x, xt)
 
         S = len(self.sources)
-        x = scale_shift(x.view(B, S, -1, Fq, T), std[:, None], mean[:, None])
+        x = lean.scale_shift(x.view(B, S, -1, Fq, T), std[:, None], mean[:, None])
         if not self.hybrid:
             return self._waveforms(mix, x)
-        xt = scale_shift(xt.view(B, S, -1, length), stdt[:, None], meant[:, None])
+        xt = lean.scale_shift(xt.view(B, S, -1, length), stdt[:, None], meant[:, None])
         return self._waveforms(mix, x, add_to=xt)
 
     def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
@@ -452,7 +484,7 @@ class HDemucs(HybridSpectrogram, nn.Module):
             if idx == 0 and self.freq_emb is not None:
                 x = add_frequency_embedding(x, self.freq_emb, self.freq_emb_scale)
             saved.append(x)
-            release_freed_memory(x)
+            lean.release_freed_memory(x)
 
         # The decoders start from zeros: the signal comes through the skips.
         x = torch.zeros_like(x)

@@ -2,6 +2,8 @@
 band wrapper and the scaled frequency embedding.
 
 They are importable from `demucs.hdemucs` too, where the original code defined them.
+The steps that inference without gradients computes in less memory (convolutions by
+blocks, GELU in place) go through `demucs.lean`, the plain operation otherwise.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import lean
 from .demucs import DConv
 from .norm import GroupNorm
+
 
 class ScaledEmbedding(nn.Module):
     """Embedding with a larger effective learning rate (weights stored divided by `scale`).
@@ -59,11 +63,6 @@ def _norm_fn(norm: bool, groups: int) -> tp.Callable[[int], nn.Module]:
     return make
 
 
-# Without gradients, a DConv over frequencies runs on this many (batch, frequency) rows at
-# a time: each row is independent, and its wide GLU intermediates then stay small.
-DCONV_ROWS = 16
-
-
 def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tensor:
     """Apply a DConv over time, independently for each frequency when `freq`."""
     if not freq:
@@ -71,100 +70,7 @@ def _dconv_on_freq(dconv: nn.Module, y: torch.Tensor, freq: bool) -> torch.Tenso
     B, C, Fr, T = y.shape
     rows = y.permute(0, 2, 1, 3).reshape(-1, C, T)  # (B * Fr, C, T)
     del y
-    if torch.is_grad_enabled() or len(rows) <= DCONV_ROWS:
-        out = dconv(rows)
-    else:  # inference: row blocks, written in place of their input
-        for start in range(0, len(rows), DCONV_ROWS):
-            rows[start:start + DCONV_ROWS] = dconv(rows[start:start + DCONV_ROWS])
-        out = rows
-    return out.view(B, Fr, C, T).permute(0, 2, 1, 3)
-
-
-# Without gradients, a convolution whose whole output (double-width for a rewrite, the
-# column buffer for a transposed one) would take `LEAN_BYTES` or more runs on blocks of
-# time steps whose outputs stay under `BLOCK_BYTES`: the whole never exists. Smaller ones
-# (chunks of a few seconds) run whole, which is faster.
-LEAN_BYTES = 64 * 2 ** 20
-BLOCK_BYTES = 4 * 2 ** 20
-
-
-def _in_blocks(step_bytes: int, length: int) -> int:
-    """Time steps per block for outputs of `step_bytes` per step (0: run whole)."""
-    if torch.is_grad_enabled() or step_bytes * length < LEAN_BYTES:
-        return 0
-    return max(1, BLOCK_BYTES // step_bytes)
-
-
-def _gelu(y: torch.Tensor) -> torch.Tensor:
-    """GELU of a tensor the layer owns: in place of it without gradients."""
-    return F.gelu(y) if torch.is_grad_enabled() else torch.ops.aten.gelu_(y)
-
-
-def _per_time_step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` for a layer that treats each time step (last axis) on its own, such as
-    the (k, 1) convolutions of the freq branch; without gradients, on blocks of time
-    steps written into the output, which avoids the convolutions' whole-size buffers."""
-    length = x.shape[-1]
-    if torch.is_grad_enabled() or length == 1:
-        return layer(x)
-    first = layer(x[..., :1])
-    step = _in_blocks(first.numel() * first.element_size(), length)
-    if not step:
-        return layer(x)
-    out = first.new_empty(*first.shape[:-1], length)
-    out[..., :1] = first
-    for start in range(1, length, step):
-        out[..., start:start + step] = layer(x[..., start:start + step])
-    return out
-
-
-def _transposed_in_blocks(conv_tr: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """`conv_tr(y)` for a ConvTranspose1d of the time branch; without gradients, on
-    blocks of input steps whose outputs overlap-add into the result, the bias added
-    once at the end, which avoids the whole-size column buffer of the convolution."""
-    assert isinstance(conv_tr, nn.ConvTranspose1d)
-    stride, kernel = conv_tr.stride[0], conv_tr.kernel_size[0]
-    length = y.shape[-1]
-    step = _in_blocks(conv_tr.out_channels * kernel * y.shape[0] * y.element_size(), length)
-    if not step or conv_tr.padding[0] != 0:
-        return conv_tr(y)
-    out = y.new_zeros(y.shape[0], conv_tr.out_channels, (length - 1) * stride + kernel)
-    for start in range(0, length, step):
-        block = F.conv_transpose1d(y[..., start:start + step], conv_tr.weight, None, stride)
-        out[..., start * stride:start * stride + block.shape[-1]] += block
-    if conv_tr.bias is not None:
-        out += conv_tr.bias[:, None]
-    return out
-
-
-def _rewrite_glu(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
-                 skip: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
-    """GLU(norm(conv(x + skip))) over channels: (B, C, [Fr,] T) -> same shape.
-
-    Without gradients and for a large input, blocks of time steps are computed one after
-    the other, each with the `context` steps around it (zeros beyond the ends, as the
-    convolution pads), so neither `x + skip` nor the double-width convolution output
-    exists as a whole. A group norm needs whole-tensor statistics: it runs whole.
-    """
-    assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
-    length = x.shape[-1]
-    step = _in_blocks(conv.out_channels * x[:, 0, ..., 0].numel() * x.element_size(), length)
-    if not step or not isinstance(norm, nn.Identity):
-        return F.glu(norm(conv(x if skip is None else x + skip)), dim=1)
-    context = int(conv.padding[-1])
-    convolve = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
-    padding = [int(pad) for pad in conv.padding[:-1]] + [0]  # time: real neighbours
-    out = x.new_empty(x.shape[0], conv.out_channels // 2, *x.shape[2:])
-    for start in range(0, length, step):
-        end = min(length, start + step)
-        low, high = max(0, start - context), min(length, end + context)
-        block = x[..., low:high]
-        if skip is not None:
-            block = block + skip[..., low:high]
-        block = F.pad(block, (context - (start - low), context - (high - end)))
-        block = convolve(block, conv.weight, conv.bias, 1, padding)
-        out[..., start:end] = F.glu(block, dim=1)
-    return out
+    return lean.by_rows(dconv, rows).view(B, Fr, C, T).permute(0, 2, 1, 3)
 
 
 class HEncLayer(nn.Module):
@@ -227,7 +133,7 @@ class HEncLayer(nn.Module):
             le = x.shape[-1]
             if le % self.stride != 0:
                 x = F.pad(x, (0, self.stride - (le % self.stride)))
-        y = _per_time_step(self.conv, x) if self.freq else self.conv(x)
+        y = lean.per_time_step(self.conv, x) if self.freq else self.conv(x)
         if self.empty:
             return y
         if inject is not None:
@@ -237,11 +143,11 @@ class HEncLayer(nn.Module):
             if inject.dim() == 3 and y.dim() == 4:
                 inject = inject[:, :, None]
             y = y + inject
-        y = _gelu(self.norm1(y))
+        y = lean.gelu(self.norm1(y))
         if self.dconv is not None:
             y = _dconv_on_freq(self.dconv, y, self.freq)
         if self.rewrite is not None:
-            return _rewrite_glu(self.rewrite, self.norm2, y)
+            return lean.rewrite_glu(self.rewrite, self.norm2, y)
         return y
 
 
@@ -395,13 +301,13 @@ class HDecLayer(nn.Module):
         else:
             assert skip is not None
             if self.rewrite is not None:
-                y = _rewrite_glu(self.rewrite, self.norm1, x, skip)
+                y = lean.rewrite_glu(self.rewrite, self.norm1, x, skip)
             else:
                 y = x + skip
             if self.dconv is not None:
                 y = _dconv_on_freq(self.dconv, y, self.freq)
-        z = self.norm2(_per_time_step(self.conv_tr, y) if self.freq
-                       else _transposed_in_blocks(self.conv_tr, y))
+        z = self.norm2(lean.per_time_step(self.conv_tr, y) if self.freq
+                       else lean.transposed_conv1d(self.conv_tr, y))
         if self.freq:
             if self.pad:
                 z = z[..., self.pad:-self.pad, :]
@@ -409,5 +315,5 @@ class HDecLayer(nn.Module):
             assert length is not None
             z = z[..., self.pad:self.pad + length]
         if not self.last:
-            z = _gelu(z)
+            z = lean.gelu(z)
         return z, y

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import lean
 from .demucs import rescale_module
 from .errors import ConfigError
-from .hdemucs import HybridSpectrogram, release_freed_memory, scale_shift
-from .hlayers import (HDecLayer, HEncLayer, MultiWrap, ScaledEmbedding,
-                      add_frequency_embedding)
+from .hdemucs import HybridSpectrogram
+from .hlayers import add_frequency_embedding
 from .transformer import CrossTransformerEncoder, check_dense_attention
 from .utils import capture_init
 
@@ -191,80 +191,19 @@ class HTDemucs(HybridSpectrogram, nn.Module):
         self.hop_length = nfft // 4
         self.wiener_iters = wiener_iters
         self.end_iters = end_iters
-        self.freq_emb: tp.Optional[ScaledEmbedding] = None
-        self.freq_emb_scale = freq_emb
-
-        self.encoder = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        self.tencoder = nn.ModuleList()
-        self.tdecoder = nn.ModuleList()
-        chin = audio_channels
-        chin_z = chin * 2 if cac else chin  # channels of the freq branch
-        chout = channels_time or channels
-        chout_z = channels
-        freqs = nfft // 2
-        bands = list(multi_freqs or [])
-        for index in range(depth):
-            freq = freqs > 1
-            stri, ker = stride, kernel_size
-            if not freq:
-                ker, stri = time_stride * 2, time_stride
-            pad = True
-            last_freq = False
-            if freq and freqs <= kernel_size:
-                ker = freqs
-                pad = False
-                last_freq = True
-            kw: tp.Dict[str, tp.Any] = {
-                "kernel_size": ker, "stride": stri, "freq": freq, "pad": pad,
-                "norm": index >= norm_starts, "rewrite": rewrite, "norm_groups": norm_groups,
-                "dconv_kw": {"depth": dconv_depth, "compress": dconv_comp,
-                             "init": dconv_init, "gelu": True},
-            }
-            kwt = dict(kw, freq=0, kernel_size=kernel_size, stride=stride, pad=True)
-            kw_dec = dict(kw)
-            multi = bool(bands) and index < multi_freqs_depth
-            if multi:
-                kw_dec["context_freq"] = False
-            if last_freq:
-                chout_z = max(chout, chout_z)
-                chout = chout_z
-
-            enc: nn.Module = HEncLayer(chin_z, chout_z, dconv=bool(dconv_mode & 1),
-                                       context=context_enc, **kw)
-            if freq:
-                self.tencoder.append(HEncLayer(chin, chout, dconv=bool(dconv_mode & 1),
-                                               context=context_enc, empty=last_freq, **kwt))
-            if multi:
-                enc = MultiWrap(enc, bands)
-            self.encoder.append(enc)
-
-            if index == 0:
-                chin = self.audio_channels * len(self.sources)
-                chin_z = chin * 2 if cac else chin
-            dec: nn.Module = HDecLayer(chout_z, chin_z, dconv=bool(dconv_mode & 2),
-                                       last=index == 0, context=context, **kw_dec)
-            if multi:
-                dec = MultiWrap(dec, bands)
-            if freq:
-                self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=bool(dconv_mode & 2),
-                                                  empty=last_freq, last=index == 0,
-                                                  context=context, **kwt))
-            self.decoder.insert(0, dec)
-
-            chin, chin_z = chout, chout_z
-            chout, chout_z = int(growth * chout), int(growth * chout_z)
-            if freq:
-                freqs = 1 if freqs <= kernel_size else freqs // stride
-            if index == 0 and freq_emb:
-                self.freq_emb = ScaledEmbedding(freqs, chin_z, smooth=emb_smooth,
-                                                scale=emb_scale)
+        bottom = self._build_branches(
+            channels=channels, channels_time=channels_time, growth=growth,
+            time_stride=time_stride, rewrite=rewrite, context_enc=context_enc,
+            norm_starts=norm_starts, norm_groups=norm_groups, dconv_mode=dconv_mode,
+            dconv_kw={"depth": dconv_depth, "compress": dconv_comp, "init": dconv_init},
+            multi_freqs=multi_freqs, multi_freqs_depth=multi_freqs_depth,
+            freq_emb=freq_emb, emb_scale=emb_scale, emb_smooth=emb_smooth)
         if rescale:
             rescale_module(self, reference=rescale)
 
-        # Bottleneck: `chin_z` channels in the freq branch, `chin` in the time branch.
         self.crosstransformer: tp.Optional[CrossTransformerEncoder] = None
-        dim, dim_t = self._build_bottom_convs(chin_z, chin, bottom_channels)
+        dim, dim_t = self._build_bottom_convs(bottom.channels, bottom.channels_time,
+                                              bottom_channels)
         if t_layers > 0:
             if dim != dim_t:
                 raise ConfigError(
@@ -336,8 +275,8 @@ class HTDemucs(HybridSpectrogram, nn.Module):
         x, xt = self._encode_decode(x, xt)
 
         B, S = x.shape[0], len(self.sources)
-        x = scale_shift(x.view(B, S, -1, *x.shape[-2:]), std[:, None], mean[:, None])
-        xt = scale_shift(xt.view(B, S, -1, mix.shape[-1]), stdt[:, None], meant[:, None])
+        x = lean.scale_shift(x.view(B, S, -1, *x.shape[-2:]), std[:, None], mean[:, None])
+        xt = lean.scale_shift(xt.view(B, S, -1, mix.shape[-1]), stdt[:, None], meant[:, None])
         return self._waveforms(mix, x, add_to=xt)[..., :length]
 
     def _fit_training_length(self, mix: torch.Tensor) -> torch.Tensor:
@@ -374,7 +313,7 @@ class HTDemucs(HybridSpectrogram, nn.Module):
             if idx == 0 and self.freq_emb is not None:
                 x = add_frequency_embedding(x, self.freq_emb, self.freq_emb_scale)
             saved.append(x)
-            release_freed_memory(x)
+            lean.release_freed_memory(x)
 
         # Unlike HDemucs, the decoders start from the transformer output.
         return self._decode(*self._bottleneck(x, xt), saved, saved_t, lengths, lengths_t)

@@ -276,7 +276,8 @@ class CrossTransformerEncoder(nn.Module):
         group_norm: groups of the norms inside the layers (0: LayerNorm).
         norm_first, norm_out: pre-norm layers, with a final one-group norm.
         max_period: longest period of the sinusoidal embeddings.
-        weight_decay, lr: of the optimizer group of the transformer (`make_optim_group`).
+        weight_decay, lr: not used by the module (the optimizer group of the transformer
+            takes the model's `t_weight_decay` and `t_lr`: `train.param_groups`).
         layer_scale: LayerScale on the residual branches.
         gelu: GELU (else ReLU) in the feed-forward blocks.
         sin_random_shift: with 'sin', positions shifted by a random draw in
@@ -315,7 +316,6 @@ class CrossTransformerEncoder(nn.Module):
         self.classic_parity = 1 if cross_first else 0
         self.emb = emb
         self.max_period = max_period
-        self.weight_decay = weight_decay
         self.weight_pos_embed = weight_pos_embed
         self.sin_random_shift = sin_random_shift
         self.cape_mean_normalize = cape_mean_normalize
@@ -325,7 +325,6 @@ class CrossTransformerEncoder(nn.Module):
             # Stored weights start as N(0, 1/15^2) and count 15 times; the embedding
             # enters at 0.2 of that (measured on the reference packages).
             self.position_embeddings = ScaledEmbedding(max_positions, dim, scale=15.)
-        self.lr = lr
         self.norm_in, self.norm_in_t = self._input_norms(dim, norm_in, norm_in_group)
 
         layer_kw: tp.Dict[str, tp.Any] = {
@@ -392,11 +391,3 @@ class CrossTransformerEncoder(nn.Module):
                 max_period=self.max_period)
         positions = torch.arange(length, device=device)
         return SCALED_EMB_WEIGHT * self.position_embeddings(positions)[:, None]
-
-    def make_optim_group(self) -> tp.Dict[str, tp.Any]:
-        """The optimizer parameter group of the transformer (own weight decay and lr)."""
-        group: tp.Dict[str, tp.Any] = {"params": list(self.parameters()),
-                                       "weight_decay": self.weight_decay}
-        if self.lr is not None:
-            group["lr"] = self.lr
-        return group

@@ -92,8 +92,9 @@ def trim_heap() -> None:
     Separating a long track allocates and frees many buffers of a few MB to a few hundred
     MB. glibc serves those under 32 MB from its heap, where freed blocks stay resident
     between longer-lived ones: a fragmented heap that grows from segment to segment and
-    adds up to half to the peak memory. The models call this after each layer when
-    running without gradients, and `apply_model` after each chunk (bench/README.md).
+    adds up to half to the peak memory. The lean inference path calls this after each
+    large layer (`demucs.lean.release_freed_memory`), and `apply_model` after each chunk
+    (bench/README.md).
     """
     libc = _glibc()
     if libc is not None:

@@ -192,14 +192,6 @@ def test_cape_augmentation_changes_training_outputs_only() -> None:
     assert torch.equal(forward(model, mix), forward(model, mix))
 
 
-def test_transformer_has_its_own_optimizer_group() -> None:
-    model = tiny_htdemucs(t_weight_decay=0.05, t_lr=3e-4)
-    assert model.crosstransformer is not None
-    group = model.crosstransformer.make_optim_group()
-    assert group["weight_decay"] == 0.05 and group["lr"] == 3e-4
-    assert len(group["params"]) == len(list(model.crosstransformer.parameters()))
-
-
 # ---------------------------------------------------------------------------------------
 # Training length (use_train_segment)
 

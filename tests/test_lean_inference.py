@@ -1,47 +1,53 @@
-"""The memory-lean inference path (no gradients): blocked convolutions, in-place GELU,
+"""The memory-lean inference path (`demucs.lean`): blocked convolutions, in-place GELU,
 one source at a time through the inverse STFT, window sums by region. It computes what
-the whole-tensor path (gradients enabled) computes, and never writes into its inputs."""
+the whole-tensor path computes, never writes into its inputs, and is the path that
+`apply_model`, evaluation and the `demucs` command take."""
 from __future__ import annotations
 
 import os
 import sys
 import typing as tp
+from pathlib import Path
 
 import pytest
 import torch
 
-from demucs import hlayers
-from demucs.apply import _divide_by_window_sums, _transition_weight
+from demucs import evaluate, lean, separate
+from demucs.apply import _divide_by_window_sums, _transition_weight, apply_model
+from demucs.audio import save_audio
 from demucs.hlayers import HDecLayer, HEncLayer
+from demucs.lean import BlockSizes, block_sizes, lean_inference
+from demucs.states import save_with_checksum, serialize_model
 from demucs.utils import freed_memory_kept, trim_heap
 
-from helpers import tiny_hdemucs, tiny_htdemucs
+from helpers import noise, tiny_hdemucs, tiny_htdemucs
+
+# Blocks of a few time steps and rows, with remainders, even on tiny models.
+SMALL_BLOCKS = BlockSizes(lean_bytes=0, block_bytes=1000, dconv_rows=3)
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of a few time steps and rows, with remainders, even on tiny models."""
-    monkeypatch.setattr(hlayers, "BLOCK_BYTES", 1000)
-    monkeypatch.setattr(hlayers, "LEAN_BYTES", 0)
-    monkeypatch.setattr(hlayers, "DCONV_ROWS", 3)
+def small_blocks() -> tp.Iterator[None]:
+    with block_sizes(SMALL_BLOCKS):
+        yield
 
 
 def both_paths(model: torch.nn.Module, mix: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """The output without gradients (lean) and with them (whole tensors)."""
+    """The output of the lean path and of the whole-tensor one, both without gradients."""
     model.eval()
     original = mix.clone()
-    with torch.no_grad():
-        lean = model(mix)
+    with lean_inference():
+        lean_out = model(mix)
     assert torch.equal(mix, original)
-    with torch.enable_grad():
-        whole = model(mix).detach()
-    return lean, whole
+    with lean_inference(False):
+        whole = model(mix)
+    return lean_out, whole
 
 
-def assert_same_output(lean: torch.Tensor, whole: torch.Tensor) -> None:
+def assert_same_output(lean_out: torch.Tensor, whole: torch.Tensor) -> None:
     """Float rounding apart (block sums in another order): 1e-5 of the scale."""
-    assert lean.shape == whole.shape
-    err = (lean - whole).abs().max().item()
+    assert lean_out.shape == whole.shape
+    err = (lean_out - whole).abs().max().item()
     assert err <= 1e-5 * whole.abs().max().item(), err
 
 
@@ -59,8 +65,8 @@ HDEMUCS_CASES: tp.Dict[str, tp.Dict[str, tp.Any]] = {
 @pytest.mark.parametrize("kwargs", list(HDEMUCS_CASES.values()), ids=list(HDEMUCS_CASES))
 def test_hdemucs_lean_path_computes_the_same(kwargs: tp.Dict[str, tp.Any]) -> None:
     torch.manual_seed(1)
-    lean, whole = both_paths(tiny_hdemucs(**kwargs), torch.randn(2, 2, 9000))
-    assert_same_output(lean, whole)
+    lean_out, whole = both_paths(tiny_hdemucs(**kwargs), torch.randn(2, 2, 9000))
+    assert_same_output(lean_out, whole)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"cac": False, "wiener_iters": -1, "end_iters": -1},
@@ -69,8 +75,87 @@ def test_hdemucs_lean_path_computes_the_same(kwargs: tp.Dict[str, tp.Any]) -> No
 def test_htdemucs_lean_path_computes_the_same(kwargs: tp.Dict[str, tp.Any]) -> None:
     model = tiny_htdemucs(**kwargs)
     torch.manual_seed(1)
-    lean, whole = both_paths(model, torch.randn(1, 2, int(model.segment * model.samplerate)))
-    assert_same_output(lean, whole)
+    lean_out, whole = both_paths(model, torch.randn(1, 2, int(model.segment * model.samplerate)))
+    assert_same_output(lean_out, whole)
+
+
+# ---------------------------------------------------------------------------------------
+# Where the lean path is taken
+
+
+class Spy(tp.NamedTuple):
+    """A call of `lean.per_time_step` (the freq branch's convolutions): the switch as it
+    was, the input's time steps and those of each call of the convolution."""
+    switch: tp.Optional[bool]
+    length: int
+    calls: tp.List[int]
+
+    @property
+    def blocked(self) -> bool:
+        return len(self.calls) > 1
+
+
+@pytest.fixture
+def spied(monkeypatch: pytest.MonkeyPatch) -> tp.List[Spy]:
+    """The calls of `lean.per_time_step` from now on."""
+    seen: tp.List[Spy] = []
+    original = lean.per_time_step
+
+    def spy(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls: tp.List[int] = []
+
+        def counted(chunk: torch.Tensor) -> torch.Tensor:
+            calls.append(chunk.shape[-1])
+            return layer(chunk)
+        out = original(tp.cast(torch.nn.Module, counted), x)
+        seen.append(Spy(lean.requested(), x.shape[-1], calls))
+        return out
+    monkeypatch.setattr(lean, "per_time_step", spy)
+    return seen
+
+
+def test_bare_forward_without_gradients_takes_the_lean_path(spied: tp.List[Spy]) -> None:
+    """The choice documented in `demucs.lean`: no switch set, no gradients -> lean."""
+    model = tiny_hdemucs().eval()
+    mix = torch.randn(1, 2, 9000)
+    with torch.no_grad():
+        model(mix)
+    assert spied and all(spy.switch is None and spy.blocked for spy in spied)
+    spied.clear()
+    model(mix)
+    assert spied and not any(spy.blocked for spy in spied)
+
+
+def test_switched_off_it_runs_whole(spied: tp.List[Spy]) -> None:
+    with lean_inference(False):
+        tiny_hdemucs().eval()(torch.randn(1, 2, 9000))
+    assert spied and not any(spy.blocked for spy in spied)
+
+
+def test_apply_model_turns_it_on(spied: tp.List[Spy]) -> None:
+    """With gradients enabled around it, too."""
+    apply_model(tiny_hdemucs(segment=1).eval(), torch.randn(1, 2, 9000), shifts=0,
+                split=True)
+    assert spied and all(spy.switch is True and spy.blocked for spy in spied)
+
+
+def test_evaluation_turns_it_on(spied: tp.List[Spy]) -> None:
+    model = tiny_hdemucs(segment=1).eval()
+    track = evaluate.EvalTrack("track", noise(2, 9000), noise(8, 9000).view(4, 2, -1), 44100)
+    test_cfg = tp.cast(tp.Any, type("TestCfg", (), {"shifts": 0, "split": True,
+                                                    "overlap": 0.25}))
+    evaluate.separate(model, track, test_cfg, "cpu")
+    assert spied and all(spy.switch is True and spy.blocked for spy in spied)
+
+
+def test_the_demucs_command_turns_it_on(spied: tp.List[Spy], tmp_path: Path) -> None:
+    package = tmp_path / "tiny.th"
+    save_with_checksum(serialize_model(tiny_hdemucs(segment=1), {"model": "hdemucs"}),
+                       package)
+    save_audio(noise(2, 9000), tmp_path / "mix.wav", 44100, as_float=True)
+    separate.main(["-n", str(next(tmp_path.glob("tiny*.th"))), str(tmp_path / "mix.wav"),
+                   "-o", str(tmp_path / "out"), "--shifts", "0", "-d", "cpu"])
+    assert spied and all(spy.switch is True and spy.blocked for spy in spied)
 
 
 @pytest.mark.parametrize("freq", [True, False])
@@ -83,7 +168,7 @@ def test_layers_leave_their_inputs_alone(freq: bool) -> None:
     y = encoder(x)
     skip = torch.randn_like(y)
     inputs = [x.clone(), y.clone(), skip.clone()]
-    with torch.no_grad():
+    with lean_inference():
         encoder(x)
         decoder(y, skip, 200)
     for before, after in zip(inputs, [x, y, skip]):
