@@ -134,6 +134,7 @@ def test_mdx_refine(xp_store: Path, grids: dict[str, tp.Any]) -> None:
 def test_slurm_params(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEMUCS_SLURM_PARTITION", raising=False)
     monkeypatch.delenv("DEMUCS_SLURM_CONSTRAINT", raising=False)
+    monkeypatch.delenv("DEMUCS_SLURM_SETUP", raising=False)
     assert _mdx.slurm_params() == {"gpus": 8, "time": 3 * 24 * 60}
     monkeypatch.setenv("DEMUCS_SLURM_PARTITION", "learnfair")
     monkeypatch.setenv("DEMUCS_SLURM_CONSTRAINT", "volta32gb")

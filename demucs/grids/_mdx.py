@@ -5,13 +5,13 @@ XPs are found by signature in the XP folder (`outputs/xps/SIG/.argv.json`), fill
 """
 from __future__ import annotations
 
-import os
 import typing as tp
 
 from dora.xp import XP
 
 from ..errors import ConfigError, DemucsError
 from ..train import dora_errors, main
+from . import _slurm
 
 # Track A (MusDB HQ only): fine-tuned on automix, from the XPs of the `mdx` grid.
 TRACK_A = ("0d19c1c6", "7ecf8ec1", "c511e2ab", "7d865c68")
@@ -22,18 +22,12 @@ DIFFQ = (1e-4, 3e-4)
 
 SLURM_GPUS = 8
 SLURM_TIME = 3 * 24 * 60  # minutes
-# Environment variables giving the Slurm partition and constraint for these grids;
-# otherwise Dora's `-p/--partition`, `--constraint` flags and `slurm.*` config apply.
-SLURM_ENV = {"partition": "DEMUCS_SLURM_PARTITION", "constraint": "DEMUCS_SLURM_CONSTRAINT"}
 
 
 def slurm_params() -> dict[str, tp.Any]:
-    """Slurm settings of the MDX grids: 8 GPUs for 3 days, partition from the env."""
-    params: dict[str, tp.Any] = {"gpus": SLURM_GPUS, "time": SLURM_TIME}
-    for key, variable in SLURM_ENV.items():
-        if os.environ.get(variable):
-            params[key] = os.environ[variable]
-    return params
+    """Slurm settings of the MDX grids: 8 GPUs for 3 days; the partition, constraint and
+    setup from the environment (`_slurm.SLURM_ENV`); `dora grid` flags win."""
+    return _slurm.slurm_params(gpus=SLURM_GPUS, time=SLURM_TIME)
 
 
 def lookup(sig: str) -> XP:
@@ -69,12 +63,12 @@ def quantized(xp: XP, diffq: float) -> XP:
     return main.get_xp(list(xp.argv) + [f"quant.diffq={diffq}"])
 
 
-def require_trained(xp: XP, what: str) -> None:
-    """Fail clearly unless `xp` has trained all its epochs."""
+def require_trained(xp: XP, what: str, grid: str = "mdx") -> None:
+    """Fail clearly unless `xp` (an XP of the grid `grid`) has trained all its epochs."""
     xp.link.load()
     done, epochs = len(xp.link.history), xp.cfg.epochs
     if done < epochs:
         with dora_errors():
             raise DemucsError(f"{what} needs XP {xp.sig} to have finished training, but it has "
-                          f"trained {done} of {epochs} epochs: run `dora grid mdx` and "
+                              f"trained {done} of {epochs} epochs: run `dora grid {grid}` and "
                               "wait for it to finish first.")
