@@ -133,9 +133,10 @@ class Separator:
     Args:
         model: a pre-trained model or bag name, a signature, or a `.th`/`.yaml` path.
         repo: a local repository folder (default: the remote list of released models).
-        **options: the fields of `SeparationOptions`, by keyword (upstream's device, shifts,
-            overlap, split, segment, jobs, progress, callback, callback_arg), checked
-            before the model loads; a `segment` longer than the model allows is refused.
+        **options: the fields of `SeparationOptions`, by keyword or by position in
+            upstream's order (device, shifts, overlap, split, segment, jobs, progress,
+            callback, callback_arg), checked before the model loads; a `segment` longer
+            than the model allows is refused.
     """
 
     @takes_options(SeparationOptions)

@@ -17,6 +17,7 @@ A new option is one field here; the code that uses it reads it from the record.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
 import typing as tp
@@ -111,18 +112,35 @@ class Options:
 
 def takes_options(record: tp.Type[Options], default: tp.Any = inspect.Parameter.empty
                   ) -> tp.Callable[[FuncT], FuncT]:
-    """Show the fields of `record` as keyword arguments of the decorated function, in
-    place of its `**options` (for `help()` and `inspect.signature`), with `default` as
-    their default (when given, else the field's)."""
+    """Show the fields of `record` as arguments of the decorated function, in place of
+    its `*args, **options` (for `help()` and `inspect.signature`), with `default` as
+    their default (when given, else the field's). The function gets them by keyword:
+    the positional ones are named after the fields, in their order (upstream's order)."""
     def decorate(func: FuncT) -> FuncT:
         signature = inspect.signature(func)
-        kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        added = [inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY,
+        kept = [p for p in signature.parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        added = [inspect.Parameter(item.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                    default=item.default if default is inspect.Parameter.empty
                                    else default, annotation=item.type)
                  for item in fields(record)]
-        func.__signature__ = signature.replace(parameters=kept + added)  # type: ignore
-        return func
+        names = [item.name for item in fields(record)]
+
+        @functools.wraps(func)
+        def named(*args: tp.Any, **options: tp.Any) -> tp.Any:
+            own, extra = args[:len(kept)], args[len(kept):]
+            if len(extra) > len(names):
+                raise TypeError(f"{func.__qualname__}() takes at most "
+                                f"{len(kept) + len(names)} positional arguments")
+            for name, value in zip(names, extra):
+                if name in options:
+                    raise TypeError(f"{func.__qualname__}() got multiple values for "
+                                    f"argument {name!r}")
+                options[name] = value
+            return func(*own, **options)
+
+        named.__signature__ = signature.replace(parameters=kept + added)  # type: ignore
+        return tp.cast(FuncT, named)
     return decorate
 
 

@@ -188,6 +188,14 @@ def test_every_option_is_a_keyword(repo: Path) -> None:
     assert separator.options == SeparationOptions(**every)
     with pytest.raises(TypeError, match="nope"):
         separator.update_parameter(nope=1)
+    # By position too, in upstream's order.
+    positional = api.Separator("tinyd", repo, "cpu", 0, 0.5, False)
+    assert positional.options == SeparationOptions(device="cpu", shifts=0, overlap=0.5,
+                                                   split=False)
+    positional.update_parameter("cpu", 2)
+    assert positional.options.shifts == 2 and positional.options.overlap == 0.5
+    with pytest.raises(TypeError, match="multiple values for argument 'device'"):
+        api.Separator("tinyd", repo, "cpu", device="cpu")
 
 
 def test_segment_limit(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
