@@ -20,7 +20,8 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["demucs", "demucs.*"]),
+    # tools/: the scripts of the training workflow (`python -m tools.export SIG`, ...).
+    packages=find_packages(include=["demucs", "demucs.*", "tools"]),
     package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
     include_package_data=True,
     install_requires=read_requirements("requirements_minimal.txt"),

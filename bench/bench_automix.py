@@ -22,7 +22,6 @@ import argparse
 import multiprocessing
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import typing as tp
@@ -32,15 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tools` is not an installed package
-    sys.path.insert(0, str(REPO))
 
-from demucs.utils import peak_memory  # noqa: E402
-from tools import automix, automix_analysis  # noqa: E402
-from tools.automix_analysis import Settings, plan_all  # noqa: E402
-from tools.automix_workers import Workers  # noqa: E402
-from tools.synth_dataset import PATTERNS, Song, generate_dataset, synth_song, write_track  # noqa: E402
+from demucs.utils import peak_memory
+from tools import automix, automix_analysis
+from tools.automix_analysis import Settings, plan_all
+from tools.automix_workers import Workers
+from tools.synth_dataset import PATTERNS, Song, generate_dataset, synth_song, write_track
 
 RATIOS = {"2:1": 2., "3:2": 1.5, "4:3": 4 / 3}
 TEMPO_TOLERANCE = 0.04

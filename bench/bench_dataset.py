@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 import typing as tp
@@ -23,13 +22,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tools` is not an installed package
-    sys.path.insert(0, str(REPO))
 
-from demucs.repitch import wrap_repitch  # noqa: E402
-from demucs.wav import get_musdb_wav_datasets  # noqa: E402
-from tools.synth_dataset import SOURCES, generate_dataset  # noqa: E402
+from demucs.repitch import wrap_repitch
+from demucs.wav import get_musdb_wav_datasets
+from tools.synth_dataset import SOURCES, generate_dataset
 
 
 def timed(fn: tp.Callable[[], tp.Any]) -> tuple[float, tp.Any]:

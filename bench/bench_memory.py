@@ -24,8 +24,7 @@ import typing as tp
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from bench_separation import build  # noqa: E402  (the 81de367c configuration)
+from bench_separation import build  # the 81de367c configuration
 
 ORIGINAL_120S_MB = 2.7 * 1024
 HEAPS = {"trimmed": "heap trimmed", "kept": "heap kept"}

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import sys
 import typing as tp
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from demucs import norm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_separation import build  # noqa: E402
+from bench_separation import build
 
 MB = 2 ** 20
 

@@ -36,8 +36,7 @@ import torch
 
 import demucs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_separation import adam, build, freed_memory_kept  # noqa: E402
+from bench_separation import adam, build, freed_memory_kept
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,12 +24,12 @@ OUT=${OUT:-bench/results/gpu}
 
 # What the checks import beyond torch, numpy and pytest (the separation path, the solver,
 # Hydra and Dora, the synthetic dataset): pure-Python packages (wheels built here where
-# the registry has only sources), and three with compiled parts, fetched for the GPU
+# the registry has only sources), and four with compiled parts, fetched for the GPU
 # machine's Python version.
 PURE=(antlr4-python3-runtime==4.9.3 colorlog dora-search ffmpeg-python future hydra-colorlog
       hydra-core julius musdb 'omegaconf>=2.3,<2.4' pyaml pycparser retrying stempeg submitit
-      treetable)
-COMPILED=(cffi lameenc soundfile)
+      tqdm treetable)
+COMPILED=(cffi lameenc PyYAML soundfile)
 
 if [ "${1:-}" = "--wheels" ]; then
     dir=${2:?usage: bash bench/gpu_check.sh --wheels DIR [PYTHON_VERSION]}

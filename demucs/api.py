@@ -141,7 +141,8 @@ class Separator:
 
     @takes_options(SeparationOptions)
     def __init__(self, model: str = DEFAULT_MODEL, repo: tp.Optional[PathLike] = None,
-                 **options: tp.Any) -> None:
+                 *by_position: tp.Any, **options: tp.Any) -> None:
+        # `takes_options` gives the options by keyword: `by_position` is always empty.
         self._name = model
         self._repo = repo
         self._options = SeparationOptions(**options)
@@ -152,7 +153,7 @@ class Separator:
         self._check_segment(self._options.segment)
 
     @takes_options(SeparationOptions, default=NotProvided)
-    def update_parameter(self, **options: tp.Any) -> None:
+    def update_parameter(self, *by_position: tp.Any, **options: tp.Any) -> None:
         """Change the options given (as in the constructor), checked first: a bad value
         raises `ConfigError` and changes nothing."""
         given = {key: value for key, value in options.items() if value is not NotProvided}

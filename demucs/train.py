@@ -29,11 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import ConcatDataset, Dataset
 
-from . import distrib
+from . import distrib, wav
 from .checks import (OPTIMIZERS, check_choice, check_config, check_overrides, check_training,
                      dset_option)
 from .errors import ConfigError, report_errors
 from .models import model_class, model_takes
+from .repitch import wrap_repitch
 from .solver import Solver
 from .utils import freed_memory_kept
 
@@ -106,7 +107,6 @@ def _add_wav2(train_set: tp.Any, valid_set: tp.Any, dset: DictConfig,
     """Add the second wav dataset `dset.wav2`: a share `dset.wav2_weight` of the training
     examples (repeating one of the sets, see `wav.weighted_repeats`; null: as is), and,
     with `dset.wav2_valid`, of the valid examples (a random subset of its valid set)."""
-    from . import wav
     extra_train, extra_valid = wav.get_wav_datasets(dset, "wav2")
     weight = dset_option(dset, "wav2_weight")
     repeats = (1, 1)
@@ -130,8 +130,6 @@ def get_datasets(cfg: DictConfig) -> tuple[tp.Any, tp.Any]:
     (`augment.repitch`), which crops its examples to `(1 - max_tempo / 100)` of
     `dset.segment`.
     """
-    from . import wav  # datasets are only needed to train
-    from .repitch import wrap_repitch
     parts = []
     if cfg.dset.use_musdb:
         parts.append(wav.get_musdb_wav_datasets(cfg.dset))

@@ -393,7 +393,7 @@ class Wavset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------
 # Builders from the `dset` config
 
-def _musdb_valid_tracks() -> list[str]:
+def musdb_valid_tracks() -> list[str]:
     """The official MusDB validation tracks, as shipped with the `musdb` package (read
     without importing it: its import needs ffmpeg, which training on wav files does not)."""
     import importlib.util
@@ -450,7 +450,7 @@ def get_musdb_wav_datasets(dset: tp.Any) -> tuple[Wavset, Wavset]:
                            "be the MusDB-HQ folder holding train/ and test/.")
     cache = _cache_file(dset, "musdb", dset.musdb)
     metadata, = cached_metadata(cache, [root], list(dset.sources), dset.normalize)
-    valid_tracks = set(_musdb_valid_tracks())
+    valid_tracks = set(musdb_valid_tracks())
     valid = {name: meta for name, meta in metadata.items() if name in valid_tracks}
     train = {name: meta for name, meta in metadata.items()
              if dset.train_valid or name not in valid_tracks}

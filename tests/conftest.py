@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import typing as tp
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tools` is a folder of scripts, not an installed package
-    sys.path.insert(0, str(REPO))
+from helpers import require_programs, skip_or_fail
 
-from helpers import require_programs, skip_or_fail  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -148,9 +148,7 @@ def test_export_errors(dora_dir: Path, tmp_path: Path,
 ])
 def test_command_error_traceback_only_when_verbose(tmp_path: Path, verbose: bool,
                                                    command: list[str], message: str) -> None:
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(repo), os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     argv = [sys.executable, "-m", *command, *(["-v"] if verbose else [])]
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

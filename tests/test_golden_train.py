@@ -38,7 +38,7 @@ from demucs.curves import is_maximized
 from demucs.solver import Solver
 from demucs.states import load_model, load_package
 from demucs.train import main
-from helpers import REPO, SOURCES, new_xp, same_state
+from helpers import SOURCES, new_xp, same_state
 from tools import export
 
 History = list[dict[str, tp.Any]]
@@ -263,7 +263,6 @@ def test_dora_run_continues_from_an_original_xp_folder(reference_dir: Path, tone
     (folder / ".argv.json").write_text(json.dumps(ref["argv"]))
     shutil.copytree(tones / "tones", tmp_path / "tones")  # the argv's paths: from here
     env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     dora = Path(sys.executable).parent / "dora"
     result = subprocess.run([str(dora), "-P", "demucs", "run", *ref["argv"], "seed=5",
                              f"continue_from={ORIGINAL_SIG}"], cwd=tmp_path, env=env,

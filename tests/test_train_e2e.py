@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 
 from demucs.grids._explorers import summarize
-from helpers import REPO, SOURCES, assert_same_tensors, on_ci
+from helpers import SOURCES, assert_same_tensors, on_ci
 from tools.synth_dataset import generate_dataset
 
 # Everything random is on: repitch (when soundstretch is there), remix, scale, flips,
@@ -138,10 +138,9 @@ def test_exported_model_separates(runs: dict[str, tp.Any], dataset: dict[str, st
     cwd = runs["root"] / "full"
     sig = xp_folder(cwd).name
     track = sorted((Path(dataset["MUSDB_PATH"]) / "test").iterdir())[0] / "mixture.wav"
-    env = {**dataset, "PYTHONPATH": str(REPO)}  # tools/ is a folder of scripts
     for command in [["tools.export", sig, "-o", "release_models"],
                     ["demucs", "--repo", "release_models", "-n", sig, str(track), "-o", "out"]]:
-        result = run(cwd, env, "-m", *command)
+        result = run(cwd, dataset, "-m", *command)
         assert result.returncode == 0, result.stderr[-3000:]
     stems = cwd / "out" / sig / "mixture"
     assert sorted(path.name for path in stems.iterdir()) == sorted(f"{s}.wav" for s in SOURCES)

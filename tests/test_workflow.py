@@ -29,7 +29,7 @@ import soundfile as sf
 import torch
 
 from demucs.checkpoints import load_checkpoint
-from helpers import REPO, SOURCES, require_programs
+from helpers import SOURCES, require_programs
 from tools.synth_dataset import generate_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -102,8 +102,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
     env.update(MUSDB_PATH=str(root / "data" / "musdbhq"),
                AUTOMIX_MUSDB_PATH=str(root / "data" / "automix"),
-               METADATA_PATH=str(root / "metadata"), DORA_PACKAGE="demucs",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+               METADATA_PATH=str(root / "metadata"), DORA_PACKAGE="demucs")
     generate_dataset(root / "data" / "musdbhq", tracks=8, seconds=8, test_tracks=1,
                      valid_tracks=4)  # automix remixes 4 validation tracks together
     return Workspace(root, env)

@@ -61,7 +61,7 @@ import torch
 from demucs.errors import ConfigError, DatasetError, report_errors
 from demucs.repitch import find_soundstretch, repitch
 from demucs.utils import atomic_path
-from demucs.wav import _musdb_valid_tracks
+from demucs.wav import musdb_valid_tracks
 from tools.automix_analysis import (EXT, SOURCES, SPLITS, RemixPlan, Settings, StemPlan,
                                     TrackAnalysis, analyse_track, plan_all, read_stem,
                                     stem_path, track_names)
@@ -85,7 +85,7 @@ HEADROOM = 0.99  # peak of the loudest 16-bit file, relative to full scale
 
 def validation_tracks() -> set[str]:
     """The official MusDB validation tracks, as the datasets of `demucs.wav` use them."""
-    return set(_musdb_valid_tracks())
+    return set(musdb_valid_tracks())
 
 
 def split_names(root: Path, names: tp.Sequence[str],

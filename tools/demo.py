@@ -61,7 +61,6 @@ def environment(root: Path) -> tp.Dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DORA_")}
     env["MUSDB_PATH"] = str(root / "musdb")
     env["METADATA_PATH"] = str(root / "metadata")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
