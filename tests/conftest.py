@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import require_programs, skip_or_fail
+from tools.synth_dataset import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,28 @@ def reference_dir() -> Path:
     if not path.is_dir():
         skip_or_fail(f"reference facts not found at {path} (set DEMUCS_REFERENCE)")
     return path
+
+
+@pytest.fixture(scope="module")
+def musdb(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic MusDB-HQ folder, DATA/musdb in a fresh DATA, made once per module with
+    the `generate_dataset` arguments of the module's `MUSDB` dict (its size)."""
+    sizes = getattr(request.module, "MUSDB", None)
+    if sizes is None:
+        pytest.fail(f"{request.module.__name__} uses the musdb fixture without a MUSDB dict "
+                    "(the generate_dataset arguments: tracks, seconds, ...)")
+    return generate_dataset(tmp_path_factory.mktemp("data") / "musdb", **sizes)
+
+
+@pytest.fixture
+def xp_folder(musdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Dora's XPs in tmp_path; the dataset (`musdb`, its metadata next to it) from the
+    environment, as users set it."""
+    from demucs.train import main
+    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
+    monkeypatch.setenv("MUSDB_PATH", str(musdb))
+    monkeypatch.setenv("METADATA_PATH", str(musdb.parent / "metadata"))
+    return tmp_path / "outputs"
 
 
 @pytest.fixture(autouse=True)

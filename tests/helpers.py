@@ -22,10 +22,11 @@ from torch import nn
 
 from dora.xp import XP
 
-from demucs import norm
+from demucs import norm, train
 from demucs.demucs import Demucs, LayerScale
 from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
+from demucs.solver import Solver
 from demucs.train import main as xp_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,3 +274,11 @@ def new_xp(argv: tp.Sequence[str]) -> XP:
     xp = xp_main.get_xp(list(argv))
     xp_main.init_xp(xp)
     return xp
+
+
+def make_solver(base: tp.Sequence[str], *argv: str, model_only: bool = False
+                ) -> tuple[Solver, XP]:
+    """The solver of the XP `base + argv` (registered in Dora's folder), and that XP."""
+    xp = new_xp([*base, *argv])
+    with xp.enter():
+        return train.get_solver(xp.cfg, model_only=model_only), xp

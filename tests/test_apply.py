@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -33,14 +34,28 @@ def test_shifts_of_pointwise_model_are_exact() -> None:
 
 
 def test_split_close_to_no_split_for_real_model() -> None:
-    model = tiny_hdemucs(segment=1.0, depth=5).eval()
+    # An untrained HDemucs is equivariant only to shifts by multiples of 1024 samples (its
+    # STFT hop, and 4 ** 5, the stride of its time branch): in 1 s chunks (stride 33075)
+    # the output differs from the unsplit one by 19 %, as much as for an input merely
+    # shifted by 256 samples (16 %): that is the aliasing of random weights, not the
+    # chunking. Chunks of 11 * 4096 samples put every chunk on that grid (stride 33792).
+    model = tiny_hdemucs(segment=Fraction(11 * 4096, 44100), depth=5).eval()
     mix = torch.randn(1, 2, 3 * 44100)
     whole = apply_model(model, mix, shifts=0, split=False)
     chunked = apply_model(model, mix, shifts=0, split=True, overlap=0.25)
     assert whole.shape == chunked.shape == (1, 4, 2, 3 * 44100)
-    # Chunk boundaries change the context a little, not the overall estimate.
-    rel = (whole - chunked).norm() / whole.norm()
-    assert rel < 0.2
+    # What is left is the context each chunk lacks near its borders, cross-faded. Measured
+    # on this model and input (seed 0): each source's SNR over the whole signal >= 32.3 dB,
+    # and <= 3.6 % relative error in every 0.1 s window; the bounds allow about twice that.
+    # (Other seeds spread wider: over seeds 0-9 the worst source has 23.6 to 40.6 dB, but
+    # 16.6 dB for a near-silent one of seed 5, and the worst window 1 to 7.6 %: re-measure
+    # if the initialisation of the tiny model changes.)
+    error = whole - chunked
+    snr = 10 * torch.log10(whole.square().sum((-2, -1)) / error.square().sum((-2, -1)))
+    assert snr.min() > 26, snr  # dB, a relative error under 5 % on each source
+    local = [error[..., t:t + 4410].norm() / whole[..., t:t + 4410].norm()
+             for t in range(0, whole.shape[-1], 4410)]
+    assert max(local) < 0.075, max(local)
 
 
 def test_shifts_average_the_shifted_outputs() -> None:

@@ -38,6 +38,9 @@ STEM_FIELDS = {"track", "offset_seconds", "tempo_factor", "pitch_semitones"}
 LOOSE = ["--max-tempo", "60", "--max-pitch", "6", "--workers", "1"]
 PARALLEL = [*LOOSE[:-1], "2"]
 VICTIM = "synth_007"  # the last train track: workers finish other tracks before it
+# The `musdb` fixture (conftest.py): generate_dataset's arguments.
+MUSDB = {"tracks": TRACKS, "seconds": SECONDS, "samplerate": SR, "seed": 0, "test_tracks": 0,
+         "valid_tracks": VALID}
 
 
 def _manifest(out: Path) -> dict[str, tp.Any]:
@@ -48,12 +51,6 @@ def _remix_folders(out: Path) -> set[str]:
     """The remix folders of `out`, as `split/name`."""
     return {f"{split}/{p.name}" for split in automix.SPLITS for p in (out / split).iterdir()
             if p.is_dir() and not p.name.startswith(".")}
-
-
-@pytest.fixture(scope="module")
-def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=TRACKS, seconds=SECONDS,
-                            samplerate=SR, seed=0, test_tracks=0, valid_tracks=VALID)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from demucs import evaluate as ev
 from demucs.errors import ConfigError, DatasetError
 from demucs.hdemucs import HDemucs
 from helpers import SOURCES, Scaler, imported_modules, require_programs
-from tools.synth_dataset import generate_dataset
 
 SECONDS = 2.
+MUSDB = {"tracks": 0, "test_tracks": 3, "seconds": SECONDS}  # `musdb` fixture's size
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,12 +79,6 @@ def test_import_is_light() -> None:
 
 # ---------------------------------------------------------------------------------------
 # evaluate on a synthetic MusDB
-
-
-@pytest.fixture(scope="module")
-def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=0, test_tracks=3,
-                            seconds=SECONDS)
 
 
 def run_eval(model: tp.Any, cfg: DictConfig, folder: Path,

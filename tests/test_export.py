@@ -19,22 +19,16 @@ from demucs.states import save_atomic
 from demucs.states import copy_state, load_model, load_package
 from tools import export, test_pretrained
 from helpers import SOURCES, main_error, new_xp
-from tools.synth_dataset import generate_dataset
 
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=5", "model_segment=1",
         "epochs=2"]
+MUSDB = {"tracks": 0, "test_tracks": 2, "seconds": 2.}  # `musdb` fixture's size
 
 
 @pytest.fixture
 def dora_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(train.main.dora, "dir", tmp_path / "outputs")
     return tmp_path / "outputs"
-
-
-@pytest.fixture(scope="module")
-def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("musdb"), tracks=0, test_tracks=2,
-                            seconds=2.)
 
 
 def fake_xp(argv: list[str], epochs_done: int, checkpoint: bool = True) -> tuple[str, tp.Any]:

@@ -18,18 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from dora.xp import XP
 
 from demucs import train
 from demucs.errors import ModelLoadingError
 from demucs.htdemucs import HTDemucs
-from demucs.solver import Solver
 from demucs.weights import package_overrides, state_mismatch
 from demucs.states import load_model, save_atomic, serialize_model
 from demucs.train import main
 from tools.synth_dataset import generate_dataset
 
-from helpers import SOURCES, new_xp, same_state
+from helpers import SOURCES, make_solver, same_state
 
 SIX = [*SOURCES, "guitar", "piano"]
 SIX_ARG = "dset.sources=[drums,bass,other,vocals,guitar,piano]"
@@ -37,30 +35,16 @@ TINY = ["model=htdemucs", "htdemucs.channels=8", "htdemucs.t_layers=1", "htdemuc
         "htdemucs.nfft=1024", "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=1",
         "max_batches=1", "misc.num_workers=0", "misc.num_prints=1", "test.sdr=false",
         "augment.remix.group_size=2", "augment.repitch.proba=0"]
+# The `musdb` fixture: 3 s tracks with the 4 usual sources.
+MUSDB: dict[str, tp.Any] = {"tracks": 2, "seconds": 3, "valid_tracks": 1, "test_tracks": 1}
+# Every test runs in a temporary Dora folder, with MUSDB_PATH set to the `musdb` fixture.
+pytestmark = pytest.mark.usefixtures("xp_folder")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MusDB-shaped sets of 3 s tracks with the 4 usual sources, and with 6."""
-    root = tmp_path_factory.mktemp("data")
-    generate_dataset(root / "musdb", tracks=2, seconds=3, valid_tracks=1, test_tracks=1)
-    generate_dataset(root / "six", tracks=2, seconds=3, valid_tracks=1, test_tracks=1,
-                     sources=SIX)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def xp_folder(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
-    monkeypatch.setenv("MUSDB_PATH", str(data / "musdb"))
-    monkeypatch.setenv("METADATA_PATH", str(data / "metadata"))
-    return tmp_path / "outputs"
-
-
-def make_solver(*argv: str, model_only: bool = False) -> tuple[Solver, XP]:
-    xp = new_xp(TINY + list(argv))
-    with xp.enter():
-        return train.get_solver(xp.cfg, model_only=model_only), xp
+def six(musdb: Path) -> Path:
+    """The same set with 6 sources, next to `musdb` (they share its metadata folder)."""
+    return generate_dataset(musdb.parent / "six", **MUSDB, sources=SIX)
 
 
 def export(path: Path, *argv: str, seed: int = 1) -> dict[str, tp.Any]:
@@ -88,7 +72,7 @@ def float_state(package: dict[str, tp.Any]) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_finetune_from_a_repo_starts_from_the_package(tmp_path: Path) -> None:
     package = export(tmp_path / "release_models" / "v4tiny.th")
-    solver, xp = make_solver("continue_pretrained=v4tiny",
+    solver, xp = make_solver(TINY, "continue_pretrained=v4tiny",
                              f"pretrained_repo={tmp_path / 'release_models'}")
     assert isinstance(solver.model, HTDemucs)
     assert same_state(solver.model, float_state(package))
@@ -102,7 +86,7 @@ def test_finetune_from_a_repo_starts_from_the_package(tmp_path: Path) -> None:
 
 def test_finetune_from_a_package_path(tmp_path: Path) -> None:
     package = export(tmp_path / "models" / "v4tiny.th")
-    solver, _ = make_solver(f"continue_pretrained={tmp_path / 'models' / 'v4tiny.th'}",
+    solver, _ = make_solver(TINY, f"continue_pretrained={tmp_path / 'models' / 'v4tiny.th'}",
                             model_only=True)
     assert same_state(solver.model, float_state(package))
 
@@ -111,17 +95,17 @@ def test_finetune_from_a_bag_of_one_model(tmp_path: Path) -> None:
     """As the released `htdemucs`, a bag holding one model."""
     package = export(tmp_path / "repo" / "v4tiny.th")
     (tmp_path / "repo" / "mybag.yaml").write_text("models: ['v4tiny']\n")
-    solver, _ = make_solver("continue_pretrained=mybag", f"pretrained_repo={tmp_path / 'repo'}",
-                            model_only=True)
+    solver, _ = make_solver(TINY, "continue_pretrained=mybag",
+                            f"pretrained_repo={tmp_path / 'repo'}", model_only=True)
     assert same_state(solver.model, float_state(package))
 
 
 @pytest.mark.slow
-def test_finetune_six_sources(data: Path, tmp_path: Path,
+def test_finetune_six_sources(six: Path, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MUSDB_PATH", str(data / "six"))
+    monkeypatch.setenv("MUSDB_PATH", str(six))
     package = export(tmp_path / "models" / "six.th", SIX_ARG)
-    solver, xp = make_solver(SIX_ARG, "weights=[1,1,1,1,1,1]", "continue_pretrained=six",
+    solver, xp = make_solver(TINY, SIX_ARG, "weights=[1,1,1,1,1,1]", "continue_pretrained=six",
                              f"pretrained_repo={tmp_path / 'models'}")
     assert isinstance(solver.model, HTDemucs) and solver.model.sources == SIX
     assert same_state(solver.model, float_state(package))
@@ -138,7 +122,7 @@ def test_other_settings_load_with_a_warning(tmp_path: Path,
     path = tmp_path / "v4tiny.th"
     package = export(path, "htdemucs.t_dropout=0.1", "htdemucs.t_emb=cape")
     with caplog.at_level(logging.WARNING, logger="demucs.solver"):
-        solver, _ = make_solver(f"continue_pretrained={path}", model_only=True)
+        solver, _ = make_solver(TINY, f"continue_pretrained={path}", model_only=True)
     assert same_state(solver.model, float_state(package))
     assert "built with htdemucs.t_dropout=0.1 htdemucs.t_emb=cape" in caplog.text
 
@@ -151,7 +135,7 @@ def finetune_error(tmp_path: Path, package_argv: list[str], *argv: str) -> str:
     path = tmp_path / "other.th"
     export(path, *package_argv)
     with pytest.raises(ModelLoadingError) as error:
-        make_solver(f"continue_pretrained={path}", *argv, model_only=True)
+        make_solver(TINY, f"continue_pretrained={path}", *argv, model_only=True)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"continue_pretrained={path}: ")
     return message
@@ -178,7 +162,7 @@ def test_mismatch_of_model_class(tmp_path: Path) -> None:
     assert "set model=hdemucs hdemucs.channels=8 " in message
 
 
-def test_mismatch_through_the_command(data: Path, tmp_path: Path) -> None:
+def test_mismatch_through_the_command(tmp_path: Path) -> None:
     """`python -m demucs.train` reports it as one line and exits 1."""
     path = tmp_path / "other.th"
     export(path, "htdemucs.t_layers=2")

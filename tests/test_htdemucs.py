@@ -27,8 +27,18 @@ from demucs.transformer import CrossTransformerEncoder
 from helpers import (SOURCES, assert_tensor_close, noise, normalized, tiny_hdemucs,
                      tiny_htdemucs)
 
-CASES = ["v4_htdemucs", "v4_htdemucs_6s", "v4_htdemucs_bottom", "v4_htdemucs_wiener",
-         "v4_htdemucs_exported"]
+SIX = [*SOURCES, "guitar", "piano"]
+# The packages of the reference's v4/golden/ with the sources and the training length
+# (`kwargs['segment']`, seconds) each holds: the manifest's `segment` for the four XP
+# cases, which upstream stores as the int 1; 3/4 s as a Fraction for the exported one.
+PACKAGES: tp.Dict[str, tp.Tuple[tp.List[str], tp.Union[int, fractions.Fraction]]] = {
+    "v4_htdemucs": (SOURCES, 1),
+    "v4_htdemucs_6s": (SIX, 1),
+    "v4_htdemucs_bottom": (SOURCES, 1),
+    "v4_htdemucs_wiener": (SOURCES, 1),
+    "v4_htdemucs_exported": (SOURCES, fractions.Fraction(3, 4)),
+}
+CASES = list(PACKAGES)
 # Options tried on `tiny_htdemucs`.
 OPTIONS: tp.Dict[str, tp.Dict[str, tp.Any]] = {
     "sin": {},
@@ -124,9 +134,35 @@ def test_exported_package_has_fraction_segment_and_half_state(golden: Path,
     assert model.valid_length(1000) == 33075 and max_allowed_segment(model) == 0.75
 
 
-def test_all_v4_packages_load_safely(golden: Path) -> None:
-    for path in sorted(golden.glob("*.th")):
-        assert isinstance(load_package(path)["kwargs"]["segment"], (int, fractions.Fraction))
+def test_all_v4_packages_load_safely_as_the_models_described(
+        golden: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v4/golden/ holds exactly `PACKAGES` (an empty or missing folder fails); each loads
+    through torch's safe loader alone and rebuilds the HTDemucs the reference describes."""
+    assert sorted(path.stem for path in golden.glob("*.th")) == sorted(PACKAGES)
+    manifest = {case["name"]: case
+                for case in json.loads((golden / "manifest_v4.json").read_text())}
+    assert set(manifest) == set(PACKAGES) - {"v4_htdemucs_exported"}
+    safe_flags: tp.List[tp.Any] = []
+    torch_load = torch.load
+
+    def spy(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        safe_flags.append(kwargs.get("weights_only"))
+        return torch_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    for name, (sources, segment) in PACKAGES.items():
+        safe_flags.clear()
+        package = load_package(golden / f"{name}.th")
+        assert safe_flags == [True], name
+        kwargs = package["kwargs"]
+        assert package["klass"] is HTDemucs, name
+        assert type(kwargs["segment"]) is type(segment) and kwargs["segment"] == segment, name
+        if name in manifest:
+            assert fractions.Fraction(manifest[name]["segment"]) == segment, name
+            assert manifest[name]["kwargs"]["sources"] == sources, name
+        model = load_model(package)
+        assert type(model) is HTDemucs and model.sources == sources, name
+        assert (model.samplerate, model.audio_channels) == (44100, 2), name
+        assert model.segment == segment and max_allowed_segment(model) == float(segment)
 
 
 # ---------------------------------------------------------------------------------------

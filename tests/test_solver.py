@@ -33,40 +33,19 @@ from demucs.states import load_model
 from demucs.svd import svd_penalty
 from demucs.train import main
 from demucs.utils import cpu_has_bf16, peak_memory, reset_peak_memory
-from helpers import SOURCES, new_xp, same_state
-from tools.synth_dataset import generate_dataset
+from helpers import SOURCES, make_solver, new_xp, same_state
 
 TINY = ["model=hdemucs", "hdemucs.channels=4", "hdemucs.depth=4", "hdemucs.nfft=1024",
         "dset.segment=2", "dset.shift=1", "batch_size=2", "epochs=2", "max_batches=2",
         "misc.num_workers=0", "misc.num_prints=1", "test.sdr=false",
         "augment.remix.group_size=2", "augment.repitch.proba=0"]
-
-
-@pytest.fixture(scope="module")
-def musdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    generate_dataset(root / "musdb", tracks=3, seconds=3, valid_tracks=1,
-                           test_tracks=1)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def xp_folder(musdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Dora's XPs in tmp_path; the dataset from the environment, as users set it."""
-    monkeypatch.setattr(main.dora, "dir", tmp_path / "outputs")
-    monkeypatch.setenv("MUSDB_PATH", str(musdb / "musdb"))
-    monkeypatch.setenv("METADATA_PATH", str(musdb / "metadata"))
-    return tmp_path / "outputs"
-
-
-def make_solver(*argv: str, model_only: bool = False) -> tuple[Solver, XP]:
-    xp = new_xp(TINY + list(argv))
-    with xp.enter():
-        return train.get_solver(xp.cfg, model_only=model_only), xp
+MUSDB = {"tracks": 3, "seconds": 3, "valid_tracks": 1, "test_tracks": 1}  # `musdb` fixture's size
+# Every test runs in a temporary Dora folder, with MUSDB_PATH set to the `musdb` fixture.
+pytestmark = pytest.mark.usefixtures("xp_folder")
 
 
 def train_xp(*argv: str) -> tuple[Solver, XP]:
-    solver, xp = make_solver(*argv)
+    solver, xp = make_solver(TINY, *argv)
     with xp.enter():
         solver.train()
     return solver, xp
@@ -145,7 +124,7 @@ def test_interrupted_save_keeps_previous_checkpoint(monkeypatch: pytest.MonkeyPa
         real_save(self, epoch)
 
     monkeypatch.setattr(Solver, "_save", save)
-    solver, xp = make_solver()
+    solver, xp = make_solver(TINY)
     with xp.enter(), pytest.raises(KeyboardInterrupt):
         solver.train()
     monkeypatch.setattr(os, "fsync", real_fsync)
@@ -174,7 +153,7 @@ def test_resume_in_process_is_exact(monkeypatch: pytest.MonkeyPatch, argv: list[
         raise KeyboardInterrupt("stopped after the first epoch")
 
     monkeypatch.setattr(Solver, "_save", save_then_stop)
-    solver, xp = make_solver(*argv)
+    solver, xp = make_solver(TINY, *argv)
     with xp.enter(), pytest.raises(KeyboardInterrupt):
         solver.train()
     monkeypatch.setattr(Solver, "_save", real_save)
@@ -246,10 +225,10 @@ def test_continue_from() -> None:
     checkpoint = load_checkpoint(path)
     checkpoint["best_state"] = perturbed(checkpoint["state"])  # tell the two apart
     torch.save(checkpoint, path)
-    best, _ = make_solver("epochs=1", f"continue_from={parent_xp.sig}")
+    best, _ = make_solver(TINY, "epochs=1", f"continue_from={parent_xp.sig}")
     assert same_state(best.model.state_dict(), checkpoint["best_state"])
     assert not best.optimizer.state_dict()["state"]  # a fresh optimizer
-    last, xp = make_solver("epochs=1", f"continue_from={parent_xp.sig}",
+    last, xp = make_solver(TINY, "epochs=1", f"continue_from={parent_xp.sig}",
                            "continue_best=false", "continue_opt=true")
     assert same_state(last.model.state_dict(), checkpoint["state"])
     for key, value in checkpoint["optimizer"]["state"][0].items():
@@ -264,25 +243,25 @@ def test_continue_pretrained(tmp_path: Path) -> None:
     repo = tmp_path / "release_models"
     repo.mkdir()
     shutil.copy(parent.folder / "best.th", repo / "mymodel.th")  # as tools.export would
-    solver, _ = make_solver("epochs=1", "continue_pretrained=mymodel",
+    solver, _ = make_solver(TINY, "epochs=1", "continue_pretrained=mymodel",
                             f"pretrained_repo={repo}")
     best = load_checkpoint(parent.folder / "checkpoint.th")["best_state"]
     assert same_state(solver.model.state_dict(), best)
     with pytest.raises(ModelLoadingError, match="Unknown model 'other'"):
-        make_solver("continue_pretrained=other", f"pretrained_repo={repo}", model_only=True)
+        make_solver(TINY, "continue_pretrained=other", f"pretrained_repo={repo}", model_only=True)
 
 
 def test_continue_from_errors() -> None:
     with pytest.raises(ConfigError, match="unknown XP signature 'deadbeef'"):
-        make_solver(f"continue_from={'deadbeef'}", model_only=True)
+        make_solver(TINY, f"continue_from={'deadbeef'}", model_only=True)
     with pytest.raises(ConfigError, match="unknown XP signature '00001234'"):
-        make_solver("continue_from=00001234", model_only=True)  # Hydra reads 1234
+        make_solver(TINY, "continue_from=00001234", model_only=True)  # Hydra reads 1234
     untrained = new_xp(TINY + ["epochs=3"])
     _, trained = train_xp("epochs=1")
     with pytest.raises(ConfigError, match=f"XP {untrained.sig} has not trained yet.*"
                                           f"dora run -f {untrained.sig}.*XPs with a "
                                           f"checkpoint: {trained.sig}\\.$"):
-        make_solver(f"continue_from={untrained.sig}", model_only=True)
+        make_solver(TINY, f"continue_from={untrained.sig}", model_only=True)
 
 
 def test_incompatible_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,7 +274,7 @@ def test_incompatible_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(train, "get_model", other_architecture)  # as if the code changed
     with pytest.raises(ModelLoadingError, match="dora run --clear .*epochs=1") as error:
-        make_solver("epochs=1", model_only=True)
+        make_solver(TINY, "epochs=1", model_only=True)
     assert "\n" not in str(error.value) and "checkpoint.th" in str(error.value)
 
 
@@ -312,7 +291,7 @@ def test_checkpoint_part_failing_in_our_code_keeps_the_xp(
 
     monkeypatch.setattr(solver_module, "set_rng_state", broken)
     with pytest.raises(ModelLoadingError) as error:
-        make_solver("epochs=1", model_only=True)
+        make_solver(TINY, "epochs=1", model_only=True)
     message = str(error.value)
     assert f"{path}: loading its 'rng' failed (TypeError: 'NoneType'" in message
     assert "kept" in message and "misc.verbose=true" in message
@@ -323,7 +302,7 @@ def test_checkpoint_part_failing_in_our_code_keeps_the_xp(
 
 def test_train_set_too_small() -> None:
     with pytest.raises(ConfigError, match="not one batch of batch_size=64"):
-        make_solver("batch_size=64", "augment.remix.group_size=4")
+        make_solver(TINY, "batch_size=64", "augment.remix.group_size=4")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -332,7 +311,7 @@ def test_train_set_too_small() -> None:
 ])
 def test_config_errors(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        make_solver(*argv, model_only=True)
+        make_solver(TINY, *argv, model_only=True)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -347,7 +326,7 @@ def test_training_errors(argv: list[str], message: str) -> None:
 
 
 def test_model_only_solver_has_no_data() -> None:
-    solver, _ = make_solver(model_only=True)
+    solver, _ = make_solver(TINY, model_only=True)
     with pytest.raises(RuntimeError, match="model_only"):
         solver.train()
 
@@ -375,7 +354,7 @@ def test_unknown_test_metric_lists_valid_keys() -> None:
 
 
 def test_valid_metrics_are_weighted() -> None:
-    solver, _ = make_solver("weights=[1,1,0.1,0.1]", "valid_apply=false", model_only=True)
+    solver, _ = make_solver(TINY, "weights=[1,1,0.1,0.1]", "valid_apply=false", model_only=True)
     torch.manual_seed(0)
     streams = torch.randn(1, 5, 2, 44100)  # mixture + 4 sources (B, 1 + S, C, T)
     solver.model.eval()
@@ -402,7 +381,7 @@ def test_mse_loss_and_reco() -> None:
 
 @pytest.mark.parametrize("max_batches, expected", [(None, 10), (0, 1), (3, 4), (20, 10)])
 def test_max_batches_plus_one(max_batches: tp.Optional[int], expected: int) -> None:
-    solver, _ = make_solver(model_only=True)
+    solver, _ = make_solver(TINY, model_only=True)
     solver.args.max_batches = max_batches
     assert len(list(solver._batches(list(range(10)), "Test"))) == expected
 
@@ -423,8 +402,8 @@ def stub_validation(monkeypatch: pytest.MonkeyPatch, candidates: dict[str, dict]
 @pytest.mark.parametrize("metric, chosen", [("loss", "ema_batch_0"),
                                             ("nsdr_vocals", "ema_batch_1")])
 def test_candidate_choice(monkeypatch: pytest.MonkeyPatch, metric: str, chosen: str) -> None:
-    solver, _ = make_solver("ema.batch=[0.9,0.99]", "ema.epoch=[0.5]", f"test.metric={metric}",
-                            model_only=True)
+    solver, _ = make_solver(TINY, "ema.batch=[0.9,0.99]", "ema.epoch=[0.5]",
+                            f"test.metric={metric}", model_only=True)
     stub_validation(monkeypatch, CANDIDATES)
     solver.history[:] = [{"valid": {"loss": 0.45, "nsdr_vocals": 3.2}}]
     valid = solver._valid_stage(1)
@@ -443,7 +422,7 @@ def test_candidate_choice(monkeypatch: pytest.MonkeyPatch, metric: str, chosen: 
 @pytest.mark.parametrize("train_valid, replaced", [(False, False), (True, True)])
 def test_best_state_only_on_a_best_epoch(monkeypatch: pytest.MonkeyPatch, train_valid: bool,
                                          replaced: bool) -> None:
-    solver, _ = make_solver(f"dset.train_valid={str(train_valid).lower()}", model_only=True)
+    solver, _ = make_solver(TINY, f"dset.train_valid={str(train_valid).lower()}", model_only=True)
     stub_validation(monkeypatch, {"main": {"loss": 0.5}})
     solver.history[:] = [{"valid": {"loss": 0.3}}]
     solver.best_state = previous = {"marker": torch.zeros(1)}
@@ -459,7 +438,7 @@ def test_divergence_stop(monkeypatch: pytest.MonkeyPatch, epochs_done: int, reco
                          loss: str, stops: bool) -> None:
     """l1 only: from epoch index 100 a valid reco above 0.25, from 180 above 0.18, of the
     live model stops the training after a last test (with museval when test.sdr)."""
-    solver, xp = make_solver(f"epochs={epochs_done + 2}", "test.every=1000", "test.sdr=true",
+    solver, xp = make_solver(TINY, f"epochs={epochs_done + 2}", "test.every=1000", "test.sdr=true",
                              f"optim.loss={loss}", model_only=True)
     stub_validation(monkeypatch, {"main": {"loss": reco, "reco": reco}})
     tests: list[bool] = []
@@ -530,7 +509,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(X86.format(flags))
     monkeypatch.setattr(checks, "cpu_has_bf16", lambda: cpu_has_bf16(cpuinfo))
-    solver, xp = make_solver("epochs=1", "max_batches=1", f"optim.amp={amp or 'null'}")
+    solver, xp = make_solver(TINY, "epochs=1", "max_batches=1", f"optim.amp={amp or 'null'}")
     with xp.enter(), caplog.at_level(logging.WARNING, logger="demucs.checks"):
         solver.train()
     assert caplog.text.count("this CPU has no bf16 instructions") == warned
@@ -697,7 +676,7 @@ def test_out_of_memory_stops_with_one_line(amp: tp.Optional[str],
         return real(self, sources, group, where)
 
     monkeypatch.setattr(Solver, "_train_step", out_of_memory_in_second_epoch)
-    solver, xp = make_solver("epochs=3", f"optim.amp={amp or 'null'}")
+    solver, xp = make_solver(TINY, "epochs=3", f"optim.amp={amp or 'null'}")
     with xp.enter(), pytest.raises(TrainingError) as caught:
         solver.train()
     message = str(caught.value)
@@ -730,7 +709,7 @@ def test_out_of_memory_in_validation_or_test_is_one_line(
             out_of_memory() if self.history else real(self, streams)))
     else:
         monkeypatch.setattr(solver_module, "evaluate", out_of_memory)
-    solver, xp = make_solver("epochs=2", *argv)
+    solver, xp = make_solver(TINY, "epochs=2", *argv)
     with xp.enter(), pytest.raises(TrainingError) as caught:
         solver.train()
     assert str(caught.value) == (
@@ -755,7 +734,7 @@ def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPat
         real(content, path)
 
     monkeypatch.setattr(checkpoints, "save_atomic", full_disk_at_epoch_2)
-    solver, xp = make_solver("epochs=3")
+    solver, xp = make_solver(TINY, "epochs=3")
     with xp.enter(), pytest.raises(TrainingError) as caught:
         solver.train()
     assert str(caught.value) == (
@@ -764,7 +743,7 @@ def test_full_disk_stops_with_one_line_and_resumes(monkeypatch: pytest.MonkeyPat
         "and run the same command to resume.")
     assert len(load_checkpoint(xp.folder / "checkpoint.th")["history"]) == 1
     monkeypatch.setattr(checkpoints, "save_atomic", real)
-    resumed, xp = make_solver("epochs=3")
+    resumed, xp = make_solver(TINY, "epochs=3")
     assert len(resumed.history) == 1
     with xp.enter():
         resumed.train()
@@ -796,7 +775,7 @@ def gradients_of_first_step(monkeypatch: pytest.MonkeyPatch, *argv: str,
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     skip_evaluation(monkeypatch)
-    solver, xp = make_solver("epochs=1", "max_batches=1", *argv)
+    solver, xp = make_solver(TINY, "epochs=1", "max_batches=1", *argv)
     solver.model.double()
     solver.augment = torch.nn.Sequential(ToDouble())  # no augmentation
     with xp.enter():
@@ -831,7 +810,7 @@ def test_out_of_memory_in_validation_with_cuda_graphs(graphs_on_cpu: None,
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
 
     monkeypatch.setattr(Solver, "_valid_step", out_of_memory)
-    solver, xp = make_solver("epochs=1", "batch_size=1", "augment.remix.group_size=1",
+    solver, xp = make_solver(TINY, "epochs=1", "batch_size=1", "augment.remix.group_size=1",
                              "optim.cuda_graph=true")
     with xp.enter(), pytest.raises(TrainingError) as caught:
         solver.train()
@@ -859,7 +838,7 @@ def test_a_last_shorter_group_is_scaled_by_its_own_size(
 
     monkeypatch.setattr(Solver, "_batch_metrics", record)
     skip_evaluation(monkeypatch)
-    solver, xp = make_solver("epochs=1", "batch_size=1", "max_batches=3",
+    solver, xp = make_solver(TINY, "epochs=1", "batch_size=1", "max_batches=3",
                              "augment.remix.group_size=1", "optim.accumulate=3")
     scale = solver.scaler.scale
     solver.scaler.scale = lambda loss: backward.append(loss.item()) or scale(loss)  # type: ignore
@@ -922,7 +901,7 @@ def test_fp16_stops_when_every_batch_overflows(monkeypatch: pytest.MonkeyPatch) 
         return (loss * math.inf if self.history else loss), metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", overflow_after_first_epoch)
-    solver, xp = make_solver("epochs=2", "optim.amp=fp16")
+    solver, xp = make_solver(TINY, "epochs=2", "optim.amp=fp16")
     with xp.enter(), pytest.raises(TrainingError, match="fp16: the training loss overflowed "
                                    "at every batch of epoch 2: training stopped, the "
                                    "checkpoint of epoch 1 is kept"):
@@ -939,7 +918,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(monkeypatch: pytest.Monkey
         return (loss * float("nan") if self.history else loss), metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", nan_after_first_epoch)
-    solver, xp = make_solver("epochs=2")
+    solver, xp = make_solver(TINY, "epochs=2")
     with xp.enter(), pytest.raises(TrainingError, match="loss became nan at epoch 2, batch 1: "
                                                         "training stopped, the checkpoint of "
                                                         "epoch 1 is kept"):
