@@ -56,6 +56,7 @@ def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
     `use_train_segment=false` is passed on to the models that take it (HTDemucs), and only
     then: their default is true, so that the arguments stay those of upstream v4.
     """
+    model_class(cfg.model)  # an unknown name fails here, before its section is read
     section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
     kwargs = {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
               "samplerate": cfg.dset.samplerate,
