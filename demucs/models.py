@@ -14,16 +14,23 @@ import typing as tp
 
 from torch import nn
 
+from .bs_roformer import BSRoformer
 from .demucs import Demucs
 from .errors import ConfigError
 from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
+from .mel_roformer import MelBandRoformer
+from .scnet import SCNet
 
 # config name (`model=NAME`, and the config section `NAME:`) -> model class
 MODELS: tp.Mapping[str, type[nn.Module]] = {
     "demucs": Demucs,
     "hdemucs": HDemucs,
     "htdemucs": HTDemucs,
+    # the names are MSST's `--model_type`
+    "bs_roformer": BSRoformer,
+    "mel_band_roformer": MelBandRoformer,
+    "scnet": SCNet,
 }
 
 
