@@ -45,6 +45,14 @@ def pad1d(x: torch.Tensor, paddings: tp.Tuple[int, int], mode: str = "constant",
     return F.pad(x, paddings, mode, value)
 
 
+def normalize(x: torch.Tensor, dims: tp.Tuple[int, ...]
+              ) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - mean) / (1e-5 + std) over `dims`, with the mean and std (kept dims)."""
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return (x - mean) / (1e-5 + std), mean, std
+
+
 class Bottleneck(tp.NamedTuple):
     """What `HybridSpectrogram._build_branches` leaves at the innermost layer."""
     channels: int  # of the freq branch
@@ -190,6 +198,40 @@ class HybridSpectrogram:
             self.tdecoder.insert(0, HDecLayer(chout, chin, dconv=dconv, empty=empty,
                                               last=last, context=context, **kwt))
         self.decoder.insert(0, dec)
+
+    # The three steps of a forward: `spectrogram_input` (the STFT), `core` (the network)
+    # and `waveforms` (masks and inverse STFT). The ONNX graphs (`demucs.graphs`) hold
+    # `core` only: runners compute the two others with these same methods.
+
+    def spectrogram_input(self, mix: torch.Tensor) -> torch.Tensor:
+        """The freq branch input of `mix` (B, C, T): real, (B, 2C, Fr, frames) with
+        `cac` (complex as channels), else the magnitude (B, C, Fr, frames)."""
+        return self._magnitude(self._spec(mix))
+
+    def core(self, mix: torch.Tensor, spec: torch.Tensor
+             ) -> tp.Tuple[torch.Tensor, tp.Optional[torch.Tensor]]:
+        """The network on `mix` (B, C, T) and its `spectrogram_input` `spec`: both inputs
+        normalised, both U-Nets, outputs denormalised. Returns the freq branch output
+        (B, S, C', Fr, frames) and the time branch output (B, S, C, T), None without the
+        time branch."""
+        x, mean, std = normalize(spec, dims=(1, 2, 3))  # always normalised
+        xt, meant, stdt = normalize(mix, dims=(1, 2)) if self.hybrid else (mix, None, None)
+        x, xt = self._encode_decode(x, xt)
+        B, S = x.shape[0], len(self.sources)
+        x = lean.scale_shift(x.view(B, S, -1, *x.shape[-2:]), std[:, None], mean[:, None])
+        if stdt is None or meant is None:
+            return x, None
+        return x, lean.scale_shift(xt.view(B, S, -1, mix.shape[-1]), stdt[:, None],
+                                   meant[:, None])
+
+    def waveforms(self, mix: torch.Tensor, x: torch.Tensor,
+                  xt: tp.Optional[torch.Tensor]) -> torch.Tensor:
+        """The estimated sources (B, S, C, T) from the outputs of `core` for `mix`."""
+        return self._waveforms(mix, x, add_to=xt)
+
+    def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
+                       ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def _spec(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""
@@ -436,28 +478,8 @@ class HDemucs(HybridSpectrogram, nn.Module):
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
-        length = mix.shape[-1]
-        x = self._magnitude(self._spec(mix))
-        B, C, Fq, T = x.shape
-
-        # The freq branch input is always normalised.
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
-        xt = mix
-        if self.hybrid:
-            meant = xt.mean(dim=(1, 2), keepdim=True)
-            stdt = xt.std(dim=(1, 2), keepdim=True)
-            xt = (xt - meant) / (1e-5 + stdt)
-
-        x, xt = self._encode_decode(x, xt)
-
-        S = len(self.sources)
-        x = lean.scale_shift(x.view(B, S, -1, Fq, T), std[:, None], mean[:, None])
-        if not self.hybrid:
-            return self._waveforms(mix, x)
-        xt = lean.scale_shift(xt.view(B, S, -1, length), stdt[:, None], meant[:, None])
-        return self._waveforms(mix, x, add_to=xt)
+        x, xt = self.core(mix, self.spectrogram_input(mix))
+        return self.waveforms(mix, x, xt)
 
     def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
                        ) -> tp.Tuple[torch.Tensor, torch.Tensor]:

@@ -269,15 +269,8 @@ class HTDemucs(HybridSpectrogram, nn.Module):
         """(B, C, T) mixture -> (B, S, C, T) estimated sources."""
         length = mix.shape[-1]
         mix = self._fit_training_length(mix)
-        x, mean, std = _normalize(self._magnitude(self._spec(mix)), dims=(1, 2, 3))
-        xt, meant, stdt = _normalize(mix, dims=(1, 2))
-
-        x, xt = self._encode_decode(x, xt)
-
-        B, S = x.shape[0], len(self.sources)
-        x = lean.scale_shift(x.view(B, S, -1, *x.shape[-2:]), std[:, None], mean[:, None])
-        xt = lean.scale_shift(xt.view(B, S, -1, mix.shape[-1]), stdt[:, None], meant[:, None])
-        return self._waveforms(mix, x, add_to=xt)[..., :length]
+        x, xt = self.core(mix, self.spectrogram_input(mix))
+        return self.waveforms(mix, x, xt)[..., :length]
 
     def _fit_training_length(self, mix: torch.Tensor) -> torch.Tensor:
         """With `use_train_segment`: record the training length in training, pad to it in
@@ -350,14 +343,6 @@ def _check_depth(nfft: int, depth: int, stride: int, kernel_size: int,
                               f"their time steps differ (they agree for nfft="
                               f"{4 * stride ** (index + 1)}).")
         freqs = 1 if freqs <= kernel_size else freqs // stride
-
-
-def _normalize(x: torch.Tensor, dims: tp.Tuple[int, ...]
-               ) -> tp.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x - mean) / (1e-5 + std) over `dims`, with the mean and std (kept dims)."""
-    mean = x.mean(dim=dims, keepdim=True)
-    std = x.std(dim=dims, keepdim=True)
-    return (x - mean) / (1e-5 + std), mean, std
 
 
 __all__ = ["HTDemucs"]
