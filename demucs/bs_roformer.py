@@ -31,6 +31,9 @@ DEFAULT_FREQS_PER_BANDS = (
 class BSRoformer(RoformerBase):
     """Band-Split RoFormer.
 
+    The defaults are those of MSST's constructor (an option an MSST config leaves out
+    means the same here); `conf/config.yaml` gives its MUSDB configuration.
+
     Args:
         sources: names of the sources (MSST's `training.instruments`, or its
             `target_instrument` alone).
@@ -64,13 +67,14 @@ class BSRoformer(RoformerBase):
                  audio_channels: int = 2,
                  samplerate: int = 44100,
                  segment: Segment = Fraction(ROFORMER_CHUNK, 44100),
-                 # main structure
-                 dim: int = 192,
-                 depth: int = 6,
+                 *,
+                 # main structure (required, as in MSST)
+                 dim: int,
+                 depth: int,
                  stereo: tp.Optional[bool] = None,
                  num_stems: tp.Optional[int] = None,
-                 time_transformer_depth: int = 1,
-                 freq_transformer_depth: int = 1,
+                 time_transformer_depth: int = 2,
+                 freq_transformer_depth: int = 2,
                  linear_transformer_depth: int = 0,
                  freqs_per_bands: tp.Sequence[int] = DEFAULT_FREQS_PER_BANDS,
                  # attention

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError
 from .losses import LOSSES
-from .models import model_class, model_takes
+from .models import model_class, model_on_chunks, model_takes
 from .utils import cpu_has_bf16
 
 logger = logging.getLogger(__name__)
@@ -142,15 +142,21 @@ def check_segment(dset: DictConfig) -> None:
 
 
 def check_train_segment(cfg: DictConfig) -> None:
-    """A model kept at its training length (HTDemucs with `use_train_segment`) takes no
-    whole track: validation must go through `apply_model`, which cuts tracks into chunks
-    (for such a model even with `split=False`, so `test.split` may be false)."""
+    """A model kept at its training length (HTDemucs with `use_train_segment`, the models
+    built for one chunk: `models.model_on_chunks`) takes no whole track: validation must
+    go through `apply_model`, which cuts tracks into chunks (for such a model even with
+    `split=False`, so `test.split` may be false)."""
+    if cfg.valid_apply:
+        return
+    if model_on_chunks(cfg.model):
+        raise ConfigError(f"valid_apply=false: model={cfg.model} runs on at most its "
+                          "training chunk, so validation must cut tracks into chunks: keep "
+                          "valid_apply=true.")
     if cfg.use_train_segment and model_takes(cfg.model, "use_train_segment"):
-        if not cfg.valid_apply:
-            raise ConfigError(f"valid_apply=false: model={cfg.model} runs on at most its "
-                              "training length (use_train_segment=true), so validation must "
-                              "cut tracks into chunks: keep valid_apply=true, or set "
-                              "use_train_segment=false.")
+        raise ConfigError(f"valid_apply=false: model={cfg.model} runs on at most its "
+                          "training length (use_train_segment=true), so validation must "
+                          "cut tracks into chunks: keep valid_apply=true, or set "
+                          "use_train_segment=false.")
 
 
 def dset_option(dset: DictConfig, key: str, default: tp.Any = None) -> tp.Any:

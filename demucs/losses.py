@@ -98,11 +98,18 @@ def masked_mse(estimate: torch.Tensor, sources: torch.Tensor,
 
 LOSSES: tp.Mapping[str, Loss] = {"l1": l1, "mse": mse, "l1_multi_stft": l1_multi_stft,
                                  "masked_mse": masked_mse}
+# Validation scores every example: a loss that leaves examples of a batch out is
+# validated by its plain counterpart (one track per batch would leave everything out).
+VALID_LOSSES: tp.Mapping[str, str] = {"masked_mse": "mse"}
 
 
 def reco_losses(name: str, estimate: torch.Tensor, sources: torch.Tensor,
-                options: LossOptions = DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss `name` of `estimate` against `sources` (B, S, C, T), per source (S,)."""
+                options: LossOptions = DEFAULT_OPTIONS,
+                train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss `name` of `estimate` against `sources` (B, S, C, T), per source (S,); in
+    validation (`train=False`), its `VALID_LOSSES` counterpart."""
+    if not train:
+        name = VALID_LOSSES.get(name, name)
     if estimate.shape != sources.shape:
         raise RuntimeError(f"The model returned {tuple(estimate.shape)} for sources of "
                            f"shape (B, S, C, T)={tuple(sources.shape)}.")

@@ -59,6 +59,8 @@ def mel_bands(samplerate: int, n_fft: int, num_bands: int) -> torch.Tensor:
 class MelBandRoformer(RoformerBase):
     """Mel-Band RoFormer.
 
+    The defaults are those of MSST's constructor, as for `BSRoformer`.
+
     Args (those not listed: as `bs_roformer.BSRoformer`):
         num_bands: mel bands.
         sample_rate: MSST's, optional (checked against samplerate).
@@ -75,13 +77,14 @@ class MelBandRoformer(RoformerBase):
                  audio_channels: int = 2,
                  samplerate: int = 44100,
                  segment: Segment = Fraction(ROFORMER_CHUNK, 44100),
-                 # main structure
-                 dim: int = 192,
-                 depth: int = 8,
+                 *,
+                 # main structure (required, as in MSST)
+                 dim: int,
+                 depth: int,
                  stereo: tp.Optional[bool] = None,
                  num_stems: tp.Optional[int] = None,
-                 time_transformer_depth: int = 1,
-                 freq_transformer_depth: int = 1,
+                 time_transformer_depth: int = 2,
+                 freq_transformer_depth: int = 2,
                  linear_transformer_depth: int = 0,
                  num_bands: int = 60,
                  # attention

@@ -56,3 +56,10 @@ def model_class(name: str) -> type[nn.Module]:
 def model_takes(name: str, argument: str) -> bool:
     """Whether the constructor of the model registered as `name` takes `argument`."""
     return argument in inspect.signature(model_class(name)).parameters
+
+
+def model_on_chunks(name: str) -> bool:
+    """Whether the model registered as `name` is built for one chunk length, its training
+    example: its `segment` then defaults to `dset.segment` (not 4 times it) and it never
+    separates longer chunks (`max_allowed_segment`), so validation cuts tracks."""
+    return bool(getattr(model_class(name), "segment_is_training_chunk", False))

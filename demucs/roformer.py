@@ -250,6 +250,8 @@ class RoformerBase(nn.Module):
     Subclasses build `band_split` and `mask_estimators`, and implement `forward` from
     `spectrogram`, `layers` and `waveforms`.
     """
+    # built for one chunk length (`models.model_on_chunks`)
+    segment_is_training_chunk: tp.ClassVar[bool] = True
     sources: tp.List[str]
     samplerate: int
     audio_channels: int

@@ -241,6 +241,8 @@ class SCNet(nn.Module):
         num_dplayer: dual-path RNN layers (even). expand: LSTM hidden size / channels.
     """
 
+    # built for one chunk length (`models.model_on_chunks`)
+    segment_is_training_chunk: tp.ClassVar[bool] = True
     @capture_init
     def __init__(self,
                  sources: tp.Sequence[str],

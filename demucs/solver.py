@@ -43,7 +43,7 @@ from .cuda_graph import GraphedStep, check_cuda_graph
 from .curves import draw_curves, is_maximized
 from .ema import ModelEMA
 from .evaluate import evaluate, get_test_set, new_sdr
-from .losses import reco_losses
+from .losses import LossOptions, MultiStftSettings, reco_losses
 from .metrics import (Averager, Metrics, diverged, epoch_line, format_duration, is_better,
                       scalar, summary_lines)
 from .quantize import get_quantizer
@@ -74,6 +74,8 @@ class Solver:
         self.device = next(iter(model.parameters())).device
         self.sources = list(args.dset.sources)
         self.weights = torch.tensor([float(w) for w in args.weights], device=self.device)
+        self.loss_options = LossOptions(
+            multi_stft=getattr(model, "multi_stft", MultiStftSettings()), q=args.optim.loss_q)
         self.quantizer = get_quantizer(model, args.quant, optimizer)  # before DDP
         self.dmodel = distrib.wrap(model)
         self.augment = get_augmentations(args).to(self.device)
@@ -207,10 +209,11 @@ class Solver:
         return LogProgress(logger, islice(loader, total), total=total,
                            updates=self.args.misc.num_prints, name=name)
 
-    def _batch_metrics(self, estimate: torch.Tensor,
-                       sources: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def _batch_metrics(self, estimate: torch.Tensor, sources: torch.Tensor,
+                       train: bool) -> tuple[torch.Tensor, Metrics]:
         """The loss of a batch (with the DiffQ size penalty) and its metrics."""
-        losses, recos = reco_losses(self.args.optim.loss, estimate, sources)
+        losses, recos = reco_losses(self.args.optim.loss, estimate, sources,
+                                    self.loss_options, train)
         loss = self._weighted(losses)
         size = self.quantizer.model_size() if self.quantizer is not None else 0.
         if self.args.quant.diffq:
@@ -275,7 +278,7 @@ class Solver:
         with distrib.local_gradients(self.dmodel, active=not step):
             with self._autocast():
                 estimate = self._forward(mix).float()
-                loss, metrics = self._batch_metrics(estimate, sources)
+                loss, metrics = self._batch_metrics(estimate, sources, train=True)
             svd = self.args.svd
             if svd.penalty > 0:  # of the float32 weights, in float32 whatever optim.amp
                 penalty = self._svd_penalty(exact=False)
@@ -392,7 +395,7 @@ class Solver:
             estimate = apply_model(self.model, mix, split=self.args.test.split, overlap=0)
         else:
             estimate = self.model(mix)
-        loss, metrics = self._batch_metrics(estimate, sources)
+        loss, metrics = self._batch_metrics(estimate, sources, train=False)
         nsdrs = new_sdr(sources, estimate).mean(dim=0)  # (S,)
         metrics["loss"] = float(loss)
         metrics["nsdr"] = float(self._weighted(nsdrs))

@@ -33,7 +33,7 @@ from . import distrib, wav
 from .checks import (OPTIMIZERS, check_choice, check_config, check_overrides, check_training,
                      dset_option)
 from .errors import ConfigError, report_errors
-from .models import model_class, model_takes
+from .models import model_class, model_on_chunks, model_takes
 from .repitch import wrap_repitch
 from .solver import Solver
 from .utils import freed_memory_kept
@@ -54,13 +54,16 @@ def get_model_kwargs(cfg: DictConfig) -> dict[str, tp.Any]:
     """Constructor arguments of the model: data settings, then its config section.
 
     `use_train_segment=false` is passed on to the models that take it (HTDemucs), and only
-    then: their default is true, so that the arguments stay those of upstream v4.
+    then: their default is true, so that the arguments stay those of upstream v4. The
+    model's `segment` is `model_segment`, by default 4 * `dset.segment`, or `dset.segment`
+    for the models built for their training chunk (`models.model_on_chunks`).
     """
     model_class(cfg.model)  # an unknown name fails here, before its section is read
     section = tp.cast(dict[str, tp.Any], OmegaConf.to_container(cfg[cfg.model], resolve=True))
+    segment = cfg.dset.segment if model_on_chunks(cfg.model) else 4 * cfg.dset.segment
     kwargs = {"sources": list(cfg.dset.sources), "audio_channels": cfg.dset.channels,
-              "samplerate": cfg.dset.samplerate,
-              "segment": cfg.model_segment or 4 * cfg.dset.segment, **section}
+              "samplerate": cfg.dset.samplerate, "segment": cfg.model_segment or segment,
+              **section}
     if not cfg.use_train_segment and model_takes(cfg.model, "use_train_segment"):
         kwargs["use_train_segment"] = False
     return kwargs

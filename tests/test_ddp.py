@@ -98,8 +98,8 @@ if os.environ.get("DDP_PROBE_DIR") and os.environ.get("RANK"):  # workers only
     if os.environ.get("DDP_PROBE_NAN_RANK") == os.environ["RANK"]:
         _metrics = solver.Solver._batch_metrics
 
-        def nan_from_second_epoch(self, estimate, sources):  # training batches only
-            loss, metrics = _metrics(self, estimate, sources)
+        def nan_from_second_epoch(self, estimate, sources, train):  # training batches only
+            loss, metrics = _metrics(self, estimate, sources, train)
             return (loss * float("nan") if self.history and loss.requires_grad
                     else loss), metrics
 

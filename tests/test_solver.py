@@ -831,8 +831,9 @@ def test_a_last_shorter_group_is_scaled_by_its_own_size(
     real_metrics = Solver._batch_metrics
 
     def record(self: Solver, estimate: torch.Tensor,
-               sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = real_metrics(self, estimate, sources)
+               sources: torch.Tensor, train: bool
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real_metrics(self, estimate, sources, train)
         losses.append(loss.item())
         return loss, metrics
 
@@ -863,8 +864,9 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
     ema_counts: list[float] = []
 
     def overflow_second(self: Solver, estimate: torch.Tensor,
-                        sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = real_metrics(self, estimate, sources)
+                        sources: torch.Tensor, train: bool
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real_metrics(self, estimate, sources, train)
         if torch.is_grad_enabled():  # a training batch, not validation
             loss = loss * math.inf if len(losses) == 1 else loss
             losses.append(loss.item())
@@ -895,9 +897,10 @@ def test_fp16_skips_and_counts_overflowing_steps(monkeypatch: pytest.MonkeyPatch
 def test_fp16_stops_when_every_batch_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Solver._batch_metrics
 
-    def overflow_after_first_epoch(self: Solver, estimate: torch.Tensor, sources: torch.Tensor
+    def overflow_after_first_epoch(self: Solver, estimate: torch.Tensor, sources: torch.Tensor,
+                                   train: bool
                                    ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = real(self, estimate, sources)
+        loss, metrics = real(self, estimate, sources, train)
         return (loss * math.inf if self.history else loss), metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", overflow_after_first_epoch)
@@ -913,8 +916,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(monkeypatch: pytest.Monkey
     real = Solver._batch_metrics
 
     def nan_after_first_epoch(self: Solver, estimate: torch.Tensor,
-                              sources: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = real(self, estimate, sources)
+                              sources: torch.Tensor, train: bool
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = real(self, estimate, sources, train)
         return (loss * float("nan") if self.history else loss), metrics
 
     monkeypatch.setattr(Solver, "_batch_metrics", nan_after_first_epoch)
