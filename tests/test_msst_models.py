@@ -158,7 +158,7 @@ def test_import_then_demucs_separates(cases: tp.Dict[str, Case], tmp_path: Path)
     proc = run("tools.import_msst", "--model-type", "bs_roformer", "--config", str(config),
                "--checkpoint", str(checkpoint), "--out", "models/vocals.th", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "demucs --repo models -n vocals" in proc.stdout
+    assert "demucs --repo models -n vocals TRACK" in proc.stdout
     model = load_model(tmp_path / "models/vocals.th")  # weights_only: safe
     assert model.sources == ["vocals"] and model.samplerate == 44100
     assert model.segment == Fraction(case["mix"].shape[-1], 44100)

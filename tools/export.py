@@ -11,6 +11,14 @@ sha256, checked when the model is loaded). Weights are stored in float16 unless
     demucs --repo OUT -n SIG my_track.wav
 
 separates with it, and `OUT/NAME.yaml` files can combine exported models into bags.
+
+    python -m tools.export SIG --msst OUT_DIR
+
+writes instead the files of Music-Source-Separation-Training (MSST) for an XP of one of
+its architectures (`model=bs_roformer|mel_band_roformer|scnet`): `OUT_DIR/config.yaml`
+and `OUT_DIR/model.ckpt` (the float32 state_dict), which MSST's `inference.py` loads
+with `--model_type MODEL --config_path OUT_DIR/config.yaml --start_check_point
+OUT_DIR/model.ckpt`.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from pathlib import Path
 
 from demucs import train
 from demucs.errors import DemucsError, report_errors
+from demucs.msst import write_msst
 from demucs.repo import split_package_name
 from demucs.states import copy_state, save_atomic, save_with_checksum, serialize_model
 from demucs.states import swap_state
@@ -94,6 +103,15 @@ def export(sig: str, out: Path, half: bool = True, best: bool = True,
     return path
 
 
+def export_msst(sig: str, out: Path, best: bool = True) -> tp.Tuple[Path, Path]:
+    """Write the XP `sig` as MSST's config.yaml and model.ckpt in the folder `out`."""
+    check_trained(sig)
+    solver = train.get_solver_from_sig(sig, model_only=True)
+    state = chosen_state(solver, sig, best)
+    with swap_state(solver.model, state):
+        return write_msst(solver.model, out)
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="Export trained XPs as model packages "
                                      "for `demucs --repo OUT -n SIG`.")
@@ -109,6 +127,10 @@ def get_parser() -> argparse.ArgumentParser:
                        help="Export the best state (default).")
     state.add_argument("--last", dest="best", action="store_false",
                        help="Export the last state rather than the best one.")
+    parser.add_argument("--msst", type=Path, metavar="OUT_DIR",
+                        help="Write MSST's config.yaml and model.ckpt in OUT_DIR instead "
+                        "of a package (one SIG of model bs_roformer, mel_band_roformer or "
+                        "scnet).")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Show the full traceback of errors.")
     return parser
@@ -117,6 +139,12 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     with report_errors(PROG, args.verbose):
+        if args.msst is not None:
+            if len(args.sigs) != 1:
+                raise DemucsError("--msst writes one model: give one SIG.")
+            config, checkpoint = export_msst(args.sigs[0], args.msst, best=args.best)
+            print(f"Exported XP {args.sigs[0]} for MSST: {config} and {checkpoint}")
+            return
         for sig in args.sigs:
             path = export(sig, args.out, half=args.half, best=args.best, sign=args.sign)
             print(f"Exported XP {sig} to {path}")

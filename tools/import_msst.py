@@ -7,8 +7,9 @@
 YAML (read safely, `!!python/tuple` included), the checkpoint its state_dict file. The
 package (float32 weights unless `--half`; `--sign` names it NAME-CHECKSUM.th) then works
 as any other: `demucs --repo release_models -n my_roformer track.wav`,
-`demucs.pretrained.load_model`, bags, `continue_pretrained=PATH.th` to fine-tune it. Its
-`training_args` keep the MSST config it came from.
+`demucs.pretrained.load_model`, bags, `continue_pretrained=PATH.th` to fine-tune it (the
+command prints the `dora run` overrides that build the same model). Its `training_args`
+keep the MSST config it came from.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import typing as tp
 from pathlib import Path
 
 from demucs.errors import DemucsError, report_errors
-from demucs.msst import ARCHS, import_model, read_config
-from demucs.states import save_atomic, save_with_checksum, serialize_model
+from demucs.msst import ARCHS, import_model, model_arch, read_config
+from demucs.states import load_model, save_atomic, save_with_checksum, serialize_model
 
 PROG = "tools.import_msst"
 
@@ -36,6 +37,17 @@ def import_package(arch: str, config: Path, checkpoint: Path, out: Path, half: b
         return save_with_checksum(package, out)
     save_atomic(package, out)
     return out
+
+
+def finetune_overrides(path: Path) -> tp.List[str]:
+    """The `dora run` overrides that build the packaged model (`model=...`, its section's
+    keys that differ from the defaults, `dset.sources`, `weights`), to fine-tune it."""
+    from demucs import train
+    from demucs.weights import package_overrides
+    model = load_model(path)
+    arch = model_arch(model)
+    return [f"model={arch}",
+            *package_overrides(model, train.main.get_xp([f"model={arch}"]).cfg)]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -60,8 +72,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     with report_errors(PROG, args.verbose):
         path = import_package(args.model_type, args.config, args.checkpoint, args.out,
                               half=args.half, sign=args.sign)
-        print(f"Imported the {args.model_type} of {args.checkpoint} as {path}; separate with "
-              f"demucs --repo {path.parent} -n {path.stem} TRACK")
+        print(f"Imported the {args.model_type} of {args.checkpoint} as {path}.")
+        print(f"Separate with: demucs --repo {path.parent} -n {path.stem} TRACK")
+        overrides = " ".join(finetune_overrides(path))
+        print(f"Fine-tune with: dora run {overrides} continue_pretrained={path.resolve()}")
 
 
 if __name__ == "__main__":
