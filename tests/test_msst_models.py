@@ -3,6 +3,7 @@ in and out: `tools.import_msst`, `tools.export --msst`, the `demucs` command on 
 imported model, and the one-line errors of bad configs and checkpoints."""
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import typing as tp
@@ -260,3 +261,17 @@ def test_command_errors_are_one_line(cases: tp.Dict[str, Case], tmp_path: Path) 
     assert one_line(proc.stderr).startswith(f"tools.import_msst: error: {checkpoint}: "
                                             "cannot load the checkpoint")
     assert not (tmp_path / "x.th").exists()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_defaults_are_mssts(name: str, cases: tp.Dict[str, Case]) -> None:
+    """An option an MSST config leaves out means the same in ours: every default of
+    MSST's constructor (in `full_kwargs`, not in `kwargs`) is our class's default."""
+    case = cases[name]
+    params = inspect.signature(MODELS[case["arch"]]).parameters
+    left_out = {key: value for key, value in case["full_kwargs"].items()
+                if key not in case["kwargs"] and key not in msst.DERIVED[case["arch"]]}
+    assert left_out or case["arch"] == "scnet"
+    for key, value in left_out.items():
+        default = params[key].default
+        assert (list(default) if isinstance(default, tuple) else default) == value, key

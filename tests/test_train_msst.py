@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
 COMMON = ["dset.segment=2", "dset.shift=1", "batch_size=2", "max_batches=2",
           "misc.num_workers=0", "test.sdr=false", "augment.remix.group_size=2",
-          "augment.repitch.proba=0", "epochs=3", "test.every=3"]
+          "augment.repitch.proba=0", "epochs=2", "test.every=2"]
 ROFORMER = ["dim=8", "depth=1", "dim_head=4", "heads=2", "time_transformer_depth=1",
             "freq_transformer_depth=1", "mask_estimator_depth=1", "mlp_expansion_factor=1"]
 TINY = {
@@ -83,14 +83,15 @@ def train_killed_then_resumed(workspace: Workspace, argv: tp.Sequence[str], sig:
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         begin = time.time()
-        while not history(workspace, sig):
+        checkpoint = workspace.root / "outputs" / "xps" / sig / "checkpoint.th"
+        while not checkpoint.exists():  # written after history.json
             assert process.poll() is None, "the training ended before it could be killed"
             assert time.time() - begin < 600, "no epoch written in time"
             time.sleep(0.1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert 1 <= len(history(workspace, sig)) < 3
+    assert len(history(workspace, sig)) == 1
     output = run(workspace, str(BIN / "dora"), "run", "-f", sig)
     assert "Resuming from" in output
 
@@ -98,7 +99,7 @@ def train_killed_then_resumed(workspace: Workspace, argv: tp.Sequence[str], sig:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("msst_data")
-    generate_dataset(root / "musdb", tracks=3, seconds=4, valid_tracks=1, test_tracks=1)
+    generate_dataset(root / "musdb", tracks=3, seconds=3, valid_tracks=1, test_tracks=1)
     return root / "musdb"
 
 
@@ -112,7 +113,7 @@ def test_trains_resumes_exactly_exports_and_separates(model: str, data: Path,
     run(straight, str(BIN / "dora"), "run", *argv)
     train_killed_then_resumed(stopped, argv, sig)
     expected, resumed = history(straight, sig), history(stopped, sig)
-    assert len(expected) == 3 and "nsdr" in expected[-1]["test"]
+    assert len(expected) == 2 and "nsdr" in expected[-1]["test"]
     assert [epoch["train"] for epoch in resumed] == [epoch["train"] for epoch in expected]
     assert [epoch["valid"] for epoch in resumed] == [epoch["valid"] for epoch in expected]
     ours = load_checkpoint(stopped.root / "outputs" / "xps" / sig / "checkpoint.th")["state"]
