@@ -8,7 +8,10 @@
         save_audio(wav, f"{name}.wav", separator.samplerate)
 
 `separate_tensor(wav, sr)` does the same on a `(C, T)` tensor; `update_parameter(...)`
-changes any option but the model; `list_models(repo)` lists a repository. A `callback`
+changes any option but the model; `list_models(repo)` lists a repository.
+`separate_stream(open_audio_file(path))` separates a file read by blocks and yields the
+stems piece by piece as the segments complete (the `demucs` command writes them so: its
+memory does not grow with the track). A `callback`
 is called before and after each segment with a dict (`segment_offset`, `segment_length`,
 `audio_length`, `model_idx_in_bag`, `models`, `shift_idx`, `state` = "start" / "end",
 plus the `callback_arg` entries); offsets increase within each pass of a model over the
@@ -28,11 +31,13 @@ from pathlib import Path
 
 import torch
 
-from .apply import TensorChunk, apply_model
-from .audio import convert_audio, convert_audio_channels, read_audio
+from .apply import TensorChunk, Track, apply_model, apply_model_stream
+from .audio import AudioBlocks, convert_audio, convert_audio_channels, read_audio
 from .audio import save_audio as save_audio  # re-exported, as upstream's api does
+from .backends import load_runners, runnable
 from .bag import max_allowed_segment, sub_models
 from .errors import AudioError, ConfigError, ModelLoadingError
+from .graphs import is_graph_folder
 from .options import Callback as Callback
 from .options import SeparationOptions, takes_options
 from .options import check_device as check_device  # re-exported: their home before options
@@ -146,7 +151,10 @@ class Separator:
         self._name = model
         self._repo = repo
         self._options = SeparationOptions(**options)
-        self._model: tp.Any = get_model(model, repo=repo)
+        self._graphs = is_graph_folder(model)  # a folder of `python -m tools.export_onnx`
+        self._runnables: tp.Dict[tp.Tuple[str, tp.Optional[float]], tp.Any] = {}
+        self._model: tp.Any = (self.prepare() if self._graphs
+                               else get_model(model, repo=repo))
         self._model.cpu()
         self._model.eval()
         self._max_segment = max_allowed_segment(self._model)
@@ -159,7 +167,25 @@ class Separator:
         given = {key: value for key, value in options.items() if value is not NotProvided}
         changed = replace(self._options, **given)
         self._check_segment(changed.segment)
+        if self._graphs and changed.backend == "torch":
+            raise ConfigError(f"{self._name} is a folder of ONNX graphs: separate with "
+                              "backend onnxruntime or openvino.")
         self._options = changed
+
+    def prepare(self) -> tp.Any:
+        """What `apply_model` runs with the `backend` option: the model, or its runners
+        (exported once per model and segment, see `demucs.backends`; a folder of graphs
+        loads in the runtime), kept. Made at the first separation if not before."""
+        backend = self._options.backend
+        if self._graphs and backend == "torch":
+            raise ConfigError(f"{self._name} is a folder of ONNX graphs: separate with "
+                              "backend onnxruntime or openvino.")
+        segment = None if backend == "torch" or self._graphs else self._options.segment
+        key = (backend, segment)
+        if key not in self._runnables:
+            self._runnables[key] = (load_runners(Path(self._name), backend) if self._graphs
+                                    else runnable(self._model, backend, segment))
+        return self._runnables[key]
 
     def _check_segment(self, segment: tp.Optional[float]) -> None:
         if segment is not None and segment > self._max_segment:
@@ -177,12 +203,27 @@ class Separator:
         `{source: (C, T) tensor}` in the mixture's scale, both on the CPU.
         """
         wav = self._prepare(wav, sr)
-        ref = wav.mean(0)
-        mean, std = ref.mean(), ref.std()
-        if std == 0 or not torch.isfinite(std):
-            std = torch.ones_like(std)  # a silent (or constant) track: nothing to rescale
+        mean, std = mix_stats(wav)
         sources = self._apply((wav - mean) / std)
         return wav, dict(zip(self._model.sources, sources * std + mean))
+
+    def separate_stream(self, wav: Track
+                        ) -> tp.Iterator[tp.Tuple[int, tp.Dict[str, torch.Tensor]]]:
+        """Separate `wav`, `(C, T)` at the model's rate and channel count (a tensor, or a
+        `Track` read by slices such as `open_audio_file`'s), piece by piece: yields
+        `(start, {source: (C, n) tensor})` for consecutive ranges `[start, start + n)`, in
+        the mixture's scale, each as soon as the segments over it are done.
+
+        The numbers of `separate_tensor`, except where the model draws from Python's
+        `random` itself (an HTDemucs) with random shifts in a bag or `shifts` >= 2: other
+        shifts are drawn then (see `apply.apply_model_stream`).
+        """
+        mean, std = mix_stats(wav)
+        start = 0
+        for piece in self._apply_stream(_Normalised(wav, mean, std)):
+            stems = piece[0].cpu() * std + mean  # (S, C, n)
+            yield start, dict(zip(self._model.sources, stems))
+            start += stems.shape[-1]
 
     def separate_audio_file(self, file: PathLike
                             ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:
@@ -204,6 +245,25 @@ class Separator:
         self._check_length(wav, str(path))
         return wav
 
+    def open_audio_file(self, file: PathLike) -> AudioBlocks:
+        """`file` to be read by blocks (`audio.AudioBlocks`) at the model's rate and channel
+        count, for `separate_stream`; the errors of `load_audio`. Close it when done."""
+        path = Path(file)
+        if path.is_dir():
+            raise AudioError(f"{path} is a directory, not an audio file.")
+        if not path.exists():
+            raise AudioError(f"{path} does not exist. If the path contains spaces, surround "
+                             "it with quotes.")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{path} is empty (0 bytes).")
+        blocks = AudioBlocks(path, self.samplerate, self.audio_channels)
+        try:
+            self._check_length(blocks, str(path))
+        except AudioError:
+            blocks.close()
+            raise
+        return blocks
+
     def _prepare(self, wav: torch.Tensor, sr: tp.Optional[int]) -> torch.Tensor:
         if not isinstance(wav, torch.Tensor) or wav.dim() not in (1, 2):
             shape = tuple(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
@@ -217,7 +277,7 @@ class Separator:
         self._check_length(wav, "the audio")
         return wav
 
-    def _check_length(self, wav: torch.Tensor, what: str) -> None:
+    def _check_length(self, wav: Track, what: str) -> None:
         minimum = max(2, math.ceil(MIN_SECONDS * self.samplerate))
         if wav.shape[-1] < minimum:
             raise AudioError(f"{what} is too short: {wav.shape[-1]} samples at "
@@ -231,12 +291,13 @@ class Separator:
         executor = None
         if opts.jobs > 0 and device.type == "cpu":
             executor = ThreadPoolExecutor(opts.jobs)
-        pool = _CallbackPool(self._model, norm.shape[-1], opts.callback,
+        model = self.prepare()
+        pool = _CallbackPool(model, norm.shape[-1], opts.callback,
                              opts.callback_arg or {}, executor)
         if not opts.split:
             pool.report(pool.whole(), "start")
         try:
-            out = apply_model(self._model, norm[None], shifts=opts.shifts, split=opts.split,
+            out = apply_model(model, norm[None], shifts=opts.shifts, split=opts.split,
                               overlap=opts.overlap, progress=opts.progress, device=device,
                               pool=pool, segment=opts.segment)[0]
         finally:
@@ -245,6 +306,28 @@ class Separator:
         if not opts.split:
             pool.report(pool.whole(), "end")
         return out.cpu()
+
+    def _apply_stream(self, norm: Track) -> tp.Iterator[torch.Tensor]:
+        """`apply_model_stream` on the normalised `(1, C, T)` mix, as `_apply` runs it."""
+        opts = self._options
+        device = tp.cast(torch.device, opts.device)
+        executor = None
+        if opts.jobs > 0 and device.type == "cpu":
+            executor = ThreadPoolExecutor(opts.jobs)
+        pool = _CallbackPool(self._model, norm.shape[-1], opts.callback,
+                             opts.callback_arg or {}, executor)
+        if not opts.split:
+            pool.report(pool.whole(), "start")
+        try:
+            yield from apply_model_stream(self._model, norm, shifts=opts.shifts,
+                                          split=opts.split, overlap=opts.overlap,
+                                          progress=opts.progress, device=device, pool=pool,
+                                          segment=opts.segment)
+        finally:
+            if executor is not None:
+                executor.shutdown(cancel_futures=True)
+        if not opts.split:
+            pool.report(pool.whole(), "end")
 
     # Properties
     @property
@@ -272,6 +355,39 @@ class Separator:
     def max_allowed_segment(self) -> float:
         """The longest `segment` this model accepts (infinite when unlimited)."""
         return self._max_segment
+
+
+STATS_BLOCK = 2 ** 20  # samples per block of the mono mix
+
+
+def mix_stats(wav: Track) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the mono mix of `wav` `(C, T)`, by which upstream
+    normalises a track (a std of 1 for a silent or constant one). A `Track` is read by
+    blocks; its mono mix (4 bytes a sample) is made whole, for the same float sums."""
+    if isinstance(wav, torch.Tensor):
+        ref = wav.mean(0)
+    else:
+        length = wav.shape[-1]
+        ref = torch.empty(length)
+        for start in range(0, length, STATS_BLOCK):
+            end = min(length, start + STATS_BLOCK)
+            ref[start:end] = wav[..., start:end].mean(0)
+    mean, std = ref.mean(), ref.std()
+    if std == 0 or not torch.isfinite(std):
+        std = torch.ones_like(std)  # a silent (or constant) track: nothing to rescale
+    return mean, std
+
+
+class _Normalised:
+    """`(wav - mean) / std` as a `(1, C, T)` `Track`, computed block by block as read."""
+
+    def __init__(self, wav: Track, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.wav, self.mean, self.std = wav, mean, std
+        self.shape = (1, *wav.shape)
+        self.device = wav.device
+
+    def __getitem__(self, index: tp.Any) -> torch.Tensor:
+        return ((self.wav[index] - self.mean) / self.std)[None]
 
 
 def list_models(repo: tp.Optional[PathLike] = None) -> tp.Dict[str, tp.Dict[str, str]]:

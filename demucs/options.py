@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .audio import MP3_BITRATES, MP3_PRESETS, SAVE_SUFFIXES, check_mp3_options, pcm_subtype
+from .backends import BACKENDS, check_runtime
 from .errors import ConfigError, DemucsError
 
 Check = tp.Callable[[str, tp.Any], tp.Any]  # (the option's name, its value) -> checked value
@@ -216,6 +217,11 @@ def device_or_default(name: str, value: tp.Any) -> torch.device:
     return check_device(default_device() if value is None else value)
 
 
+def runtime_installed(name: str, value: tp.Any) -> str:
+    check_runtime(value, name)  # one line saying what to install
+    return str(value)
+
+
 def lame_bitrate(name: str, value: tp.Any) -> int:
     return _lame(name, value, value, MP3_PRESETS[0])
 
@@ -264,6 +270,18 @@ class SeparationOptions(Options):
     progress: bool = option(False)  # a progress bar per model and pass
     callback: tp.Optional[Callback] = option(None, check=callable_or_none)  # see api's doc
     callback_arg: tp.Optional[tp.Mapping[str, tp.Any]] = option(None, check=mapping_or_none)
+    # What runs the model (demucs/backends.py, docs/onnx.md)
+    backend: str = option(
+        "torch", "--backend", choices=list(BACKENDS), check=runtime_installed,
+        help="Run the model with PyTorch (default), or its ONNX graphs with onnxruntime or "
+             "OpenVINO (exported once into ~/.cache/demucs/onnx, or -n an ONNX folder of "
+             "tools.export_onnx); those run on the CPU.")
+
+    def check_together(self) -> None:
+        device = tp.cast(torch.device, self.device)
+        if self.backend != "torch" and device.type != "cpu":
+            raise ConfigError(f"backend {self.backend} runs on the CPU, not {device}; use "
+                              "-d cpu.")
 
 
 @dataclass(frozen=True)

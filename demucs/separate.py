@@ -18,16 +18,18 @@ import argparse
 import os
 import traceback
 import typing as tp
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .api import Separator
-from .audio import save_audio
+from .audio import AudioWriter
 from .bag import BagOfModels
 from .errors import (DemucsError, allocation_failed, exit_with_error, one_line, print_error,
                      report_errors)
+from .graphs import is_graph_folder
 from .options import OutputOptions, SeparationOptions
 from .pretrained import add_model_flags, list_models, model_label
 
@@ -71,8 +73,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        """The model's name in output folders."""
-        return model_label(self.name)
+        """The model's name in output folders (a folder of ONNX graphs: its name)."""
+        return Path(self.name).name if is_graph_folder(self.name) else model_label(self.name)
 
     def path(self, track: Path, stem: str) -> Path:
         """The file of `stem` of `track`."""
@@ -131,7 +133,8 @@ def early_failure(track: Path) -> tp.Optional[str]:
 
 # Separation
 def stems_to_write(output: OutputOptions, origin: torch.Tensor, stems: Stems) -> Stems:
-    """All stems, or with --two-stems the stem and the rest as --other-method says."""
+    """All stems, or with --two-stems the stem and the rest as --other-method says (of
+    the whole track, or of one block of it and of `origin`, the mix)."""
     if output.stem is None:
         return stems
     chosen = stems[output.stem]
@@ -145,11 +148,20 @@ def stems_to_write(output: OutputOptions, origin: torch.Tensor, stems: Stems) ->
 
 
 def separate_track(separator: Separator, track: Path, run: Run) -> None:
+    """Read `track` by blocks and write its stems as the segments complete: the memory
+    does not grow with the track. Each file appears complete when the track is done; a
+    failure leaves none of them half-written."""
     print(f"Separating track {track}")
-    origin, stems = separator.separate_audio_file(track)
-    for name, wav in stems_to_write(run.output, origin, stems).items():
-        save_audio(wav, run.path(track, name), separator.samplerate,
-                   **run.output.save_kwargs())
+    names = output_stems(run.output, separator.sources)
+    with separator.open_audio_file(track) as mix, ExitStack() as files:
+        writers = {name: files.enter_context(
+            AudioWriter(run.path(track, name), separator.samplerate, mix.shape[0],
+                        **run.output.save_kwargs())) for name in names}
+        for start, stems in separator.separate_stream(mix):
+            length = next(iter(stems.values())).shape[-1]
+            origin = mix[..., start:start + length]
+            for name, wav in stems_to_write(run.output, origin, stems).items():
+                writers[name].write(wav)
 
 
 def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) -> None:
@@ -186,6 +198,7 @@ def load_separator(run: Run) -> Separator:
     if stem is not None and stem not in separator.sources:
         raise DemucsError(f'Stem "{stem}" is not in the selected model; STEM must be one '
                           f"of {', '.join(separator.sources)}.")
+    separator.prepare()  # the runners of --backend: exported once, into the cache
     model = separator.model
     if isinstance(model, BagOfModels):
         print(f"Selected model is a bag of {len(model.models)} models. You will see that many "

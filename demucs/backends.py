@@ -1,0 +1,278 @@
+"""Backends: run a model's ONNX graphs in onnxruntime or OpenVINO instead of PyTorch.
+
+A runner (`GraphRunner`) stands for one model: it has the attributes `apply_model` reads
+(`sources`, `samplerate`, `audio_channels`, `segment`, `max_allowed_segment`,
+`valid_length`) and its forward computes the STFT in torch, runs the graph in the
+runtime, then the masks and the inverse STFT in torch, with the model's own methods
+(`HybridSpectrogram`, see `demucs.graphs`). A bag becomes a `BagOfModels` of runners with
+the bag's weights, so that `apply_model` (chunks, shifts, overlap, bags) is the same for
+every backend.
+
+Graphs run on chunks of a fixed length, `segment` seconds: a runner accepts at most that
+(`max_allowed_segment`), and shorter inputs are padded as the model pads them (zeros on
+the right for the hybrid models, on both sides for Demucs). So `apply_model` treats every
+runner as it treats an HTDemucs: random shifts before splitting, and every chunk padded to
+the segment. For an HTDemucs that is what the torch path does; for the v3 models the last
+(shorter) chunk of a track and the order of shifts and splits differ from the torch path
+(docs/onnx.md).
+
+The `demucs` command and `api.Separator` export a model once into a cache folder
+(`cache_root()`, one folder per model, segment and exporter version) and load its
+graphs from there; a folder written by `python -m tools.export_onnx` loads directly.
+The runtimes use `torch.get_num_threads()` threads.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import random
+import re
+import typing as tp
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .bag import BagOfModels, sub_models
+from .errors import ConfigError, ModelLoadingError
+from .graphs import (FORMAT, MANIFEST, OPSET, Graph, Manifest, Spectrogram, chunk_seconds,
+                     export, is_graph_folder)
+from .hdemucs import HybridSpectrogram
+from .utils import center_trim
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+# backend -> (module, the oldest version that runs our graphs, the extra that installs it)
+RUNTIMES = {"onnxruntime": ("onnxruntime", (1, 16), "onnx"),
+            "openvino": ("openvino", (2023, 3), "openvino")}
+Arrays = tp.Dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------
+# Runtimes
+
+
+@functools.lru_cache(maxsize=None)
+def check_runtime(backend: str, name: str = "--backend") -> None:
+    """`ConfigError`, one line saying what to install, when the runtime of `backend` is
+    missing or too old; nothing for torch. `name`: the option's, in the line."""
+    if backend not in RUNTIMES:
+        return
+    module, oldest, extra = RUNTIMES[backend]
+    try:
+        runtime = __import__(module)
+    except ImportError:
+        raise ConfigError(f"{name} {backend} needs the {module} package, which is not "
+                          f"installed: pip install .[{extra}] (or pip install {module}).") \
+            from None
+    version = str(getattr(runtime, "__version__", "0"))
+    if _version(version) < oldest:
+        wanted = ".".join(map(str, oldest))
+        raise ConfigError(f"{name} {backend} needs {module} >= {wanted}, found {version}: "
+                          f"pip install --upgrade {module}.")
+
+
+def _version(text: str) -> tp.Tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+class Session(tp.Protocol):
+    """A graph loaded in a runtime."""
+    def run(self, inputs: Arrays) -> tp.List[np.ndarray]: ...
+    def shapes(self) -> tp.Dict[str, tp.List[int]]: ...
+
+
+class OrtSession:
+    """An onnxruntime inference session on the CPU, `torch.get_num_threads()` threads."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+
+    def run(self, inputs: Arrays) -> tp.List[np.ndarray]:
+        return list(self.session.run(None, inputs))
+
+    def shapes(self) -> tp.Dict[str, tp.List[int]]:
+        ports = [*self.session.get_inputs(), *self.session.get_outputs()]
+        return {port.name: list(port.shape) for port in ports}
+
+
+class OpenVinoSession:
+    """An OpenVINO model compiled for the CPU in float32 (not the bf16 some CPUs would
+    pick), `torch.get_num_threads()` threads; one infer request per call (thread-safe)."""
+
+    def __init__(self, path: Path):
+        import openvino as ov
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+    def run(self, inputs: Arrays) -> tp.List[np.ndarray]:
+        request = self.compiled.create_infer_request()
+        request.infer(inputs)
+        return [request.get_output_tensor(index).data.copy()
+                for index in range(len(self.compiled.outputs))]
+
+    def shapes(self) -> tp.Dict[str, tp.List[int]]:
+        ports = [*self.compiled.inputs, *self.compiled.outputs]
+        return {port.get_any_name(): list(port.get_partial_shape().to_shape())
+                for port in ports}
+
+
+SESSIONS: tp.Dict[str, tp.Callable[[Path], Session]] = {
+    "onnxruntime": OrtSession, "openvino": OpenVinoSession}
+
+
+def open_session(path: Path, graph: Graph, backend: str) -> Session:
+    """The graph at `path` in `backend`; `ModelLoadingError` naming the file when it is
+    missing, unreadable or of other shapes than the manifest says."""
+    if not path.is_file():
+        raise ModelLoadingError(f"{path}: no such file, but {MANIFEST} lists it; export the "
+                                "model again.")
+    try:
+        session = SESSIONS[backend](path)
+    except Exception as error:  # each runtime has its own errors for a bad file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelLoadingError(f"{path}: {backend} cannot load it ({first}).") from None
+    expected = {**graph.inputs, **graph.outputs}
+    if session.shapes() != expected:
+        raise ModelLoadingError(f"{path}: its inputs and outputs {session.shapes()} are not "
+                                f"those {MANIFEST} gives ({expected}); export the model again.")
+    return session
+
+
+# ---------------------------------------------------------------------------------------
+# Runners
+
+
+class SpectrogramSteps(HybridSpectrogram):
+    """The STFT before a hybrid graph and the masks and inverse STFT after it: the
+    methods of `HybridSpectrogram` with the settings of the manifest, no weights."""
+    training = False
+    end_iters = 0
+
+    def __init__(self, settings: Spectrogram, sources: tp.List[str], audio_channels: int):
+        for key, value in vars(settings).items():
+            setattr(self, key, value)
+        self.end_iters = settings.wiener_iters
+        self.sources = sources
+        self.audio_channels = audio_channels
+
+
+class GraphRunner(nn.Module):
+    """One model's graph in a runtime, with the attributes of the model (module doc)."""
+
+    def __init__(self, manifest: Manifest, graph: Graph, session: Session):
+        super().__init__()
+        self.sources = list(manifest.sources)
+        self.samplerate = manifest.samplerate
+        self.audio_channels = manifest.audio_channels
+        self.segment = graph.segment
+        self.length = graph.length
+        self.draws = graph.draws
+        self.session = session
+        self.steps = None if graph.spectrogram is None else SpectrogramSteps(
+            graph.spectrogram, self.sources, self.audio_channels)
+        # `apply_model` reads a bag member's device from its first parameter.
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    @property
+    def max_allowed_segment(self) -> float:
+        return self.segment
+
+    def valid_length(self, length: int) -> int:
+        if length > self.length:
+            raise ValueError(f"Given length {length} is longer than the {self.length} samples "
+                             "this graph runs on; cut the input into chunks (apply_model does).")
+        return self.length
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) mixture, T <= `length` -> (B, S, C, T) estimated sources."""
+        length = mix.shape[-1]
+        for _ in range(self.draws):  # those of the torch forward, see `Graph.draws`
+            random.randrange(1)
+        padded = self._fit(mix.detach().cpu().float())
+        out = torch.cat([self._one(item[None]) for item in padded])
+        out = out[..., :length] if self.steps is not None else center_trim(out, length)
+        return out.to(mix.device)
+
+    def _fit(self, mix: torch.Tensor) -> torch.Tensor:
+        """`mix` padded to `length` as the model pads it: zeros on the right (hybrid),
+        on both sides (Demucs)."""
+        delta = self.valid_length(mix.shape[-1]) - mix.shape[-1]
+        if self.steps is not None:
+            return F.pad(mix, (0, delta))
+        return F.pad(mix, (delta // 2, delta - delta // 2))
+
+    def _one(self, mix: torch.Tensor) -> torch.Tensor:
+        """(1, C, length) -> (1, S, C, length)."""
+        if self.steps is None:
+            return torch.from_numpy(self.session.run({"mix": mix.numpy()})[0])
+        spec = self.steps.spectrogram_input(mix)
+        outputs = self.session.run({"mix": mix.numpy(), "spec": spec.contiguous().numpy()})
+        freq, *time = (torch.from_numpy(out) for out in outputs)
+        return self.steps.waveforms(mix, freq, time[0] if time else None)
+
+
+def load_runners(folder: Path, backend: str) -> nn.Module:
+    """The runner of the graphs in `folder` (a bag of runners for several graphs)."""
+    check_runtime(backend)
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    runners = [GraphRunner(manifest, graph, open_session(folder / graph.file, graph, backend))
+               for graph in manifest.graphs]
+    if len(runners) == 1 and manifest.graphs[0].weights == [1.] * len(manifest.sources):
+        return runners[0]
+    return BagOfModels(runners, [graph.weights for graph in manifest.graphs])
+
+
+# ---------------------------------------------------------------------------------------
+# The cache of exported models
+
+
+def cache_root() -> Path:
+    """Where models are exported once: `$DEMUCS_ONNX_CACHE`, else
+    `$XDG_CACHE_HOME/demucs/onnx` (`~/.cache/demucs/onnx`)."""
+    if os.environ.get("DEMUCS_ONNX_CACHE"):
+        return Path(os.environ["DEMUCS_ONNX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "demucs" / "onnx"
+
+
+def model_key(model: nn.Module, segment: tp.Optional[float]) -> str:
+    """A name for the export of `model` on chunks of `segment` seconds: a hash of the
+    classes, constructor arguments, weights, chunk lengths and bag weights, and of the
+    exporter's version."""
+    digest = hashlib.sha256(f"{FORMAT} {OPSET} torch {torch.__version__}".encode())
+    weights = model.weights if isinstance(model, BagOfModels) else None
+    for member in sub_models(model):
+        init = getattr(member, "_init_args_kwargs", None)
+        digest.update(f"{type(member).__qualname__} {init!r} "
+                      f"{chunk_seconds(member, segment)}".encode())
+        for name, tensor in member.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    digest.update(repr(weights).encode())
+    return digest.hexdigest()[:16]
+
+
+def runnable(model: nn.Module, backend: str, segment: tp.Optional[float] = None,
+             log: tp.Callable[[str], None] = print) -> nn.Module:
+    """What `apply_model` runs for `model` (a model or bag) with `backend`: the model
+    itself for torch, else its runners, exported into the cache first if needed."""
+    if backend == "torch":
+        return model
+    check_runtime(backend)
+    folder = cache_root() / model_key(model, segment)
+    if not is_graph_folder(folder):
+        log(f"Exporting the model to ONNX into {folder} (once per model and segment).")
+        export(model, folder, segment)
+    return load_runners(folder, backend)
