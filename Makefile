@@ -1,6 +1,7 @@
 # Demucs (v3 Hybrid, v4 Hybrid Transformer): install, test, demo, benchmarks.
 #   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
-#                  requirements, the package (editable), ffmpeg and soundstretch
+#                  requirements, the package (editable) with its ONNX extras (onnx,
+#                  openvino: the runtimes of `demucs --backend`), ffmpeg and soundstretch
 #   make test      install, then ruff, mypy and the test suite (with a coverage summary)
 #   make demo      the README's main command: synthetic data, `dora run` trains a tiny
 #                  model, `tools.export` exports it, `demucs` separates a test track
@@ -28,7 +29,7 @@ $(PY):
 $(STAMP): $(PY) requirements.txt requirements_minimal.txt setup.py
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
-	$(PIP) install -e .
+	$(PIP) install -e ".[onnx,openvino]" torch==2.13.0
 	touch $(STAMP)
 
 # ffmpeg reads audio for the `demucs` command, soundstretch does the repitch augmentation.

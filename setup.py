@@ -25,7 +25,13 @@ setup(
     package_data={"demucs": ["py.typed", "remote/*.txt", "remote/*.yaml"]},
     include_package_data=True,
     install_requires=read_requirements("requirements_minimal.txt"),
-    extras_require={"dev": read_requirements("requirements.txt")},
+    # The ONNX backends (demucs/backends.py, docs/onnx.md): the exporter's packages and a
+    # runtime; `make install` installs both extras.
+    extras_require={
+        "dev": read_requirements("requirements.txt"),
+        "onnx": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.16"],
+        "openvino": ["onnx>=1.16", "onnxscript>=0.5", "openvino>=2023.3"],
+    },
     entry_points={"console_scripts": ["demucs=demucs.separate:main"]},
     classifiers=[
         "License :: OSI Approved :: MIT License",
