@@ -1,15 +1,28 @@
 """Peak memory of separating a long track with the 81de367c configuration.
 
-`apply_model` (shifts 1, split, overlap 0.25, segment 44 s, random weights) on `--seconds`
-of stereo noise, each length in its own process: the peak resident memory above the
-memory before separating (input track and model included), against the original Demucs
-v3, which peaks at about 2.7 GB above its start for 120 s on this machine type. Each
-length is measured as it runs (freed memory given back to the system after each layer
-and chunk, `demucs.utils.trim_heap`) and with `--keep-heap` also without that, glibc's
+Each length of `--seconds` is measured in its own process: the peak resident memory above
+the memory before separating (model loaded and warmed up). Two ways to separate:
+
+- `--mode command` (the default): the `demucs` command's work on one track, a 16-bit wav
+  file of stereo noise written beforehand (read by blocks, separated with shifts 1,
+  split, overlap 0.25, segment 44 s, random weights, four 16-bit wav stems written as the
+  chunks complete, rescaled by a second pass). Its memory does not grow with the track:
+  the last line compares each length's peak with the shortest's.
+- `--mode apply`: `apply_model` on a stereo noise tensor, returning the track-long output
+  `(1, 4, 2, T)` (as the Python API does); the input and the output are in memory.
+
+Each is measured as it runs (freed memory given back to the system after each layer and
+chunk, `demucs.utils.trim_heap`) and with `--keep-heap` also without that, glibc's
 fragmented heap kept. `--floor` measures one forward pass on a full 44 s segment instead,
 the floor set by the model's activations.
 
-    python bench/bench_memory.py [--seconds 120 600] [--threads 2] [--keep-heap] [--floor]
+The original Demucs v3 is not measured here: the figure printed next to 120 s (2.7 GB
+above its start) comes from the project's first benchmark (committed on 2026-11-25 with
+bench_separation.py's figures, on a 2-thread CPU machine of that time), another run on
+another machine.
+
+    python bench/bench_memory.py [--seconds 60 120 600] [--mode command|apply]
+        [--threads 2] [--keep-heap] [--floor]
 """
 from __future__ import annotations
 
@@ -17,17 +30,22 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import typing as tp
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench_separation import build  # the 81de367c configuration
 
-ORIGINAL_120S_MB = 2.7 * 1024
+ORIGINAL_120S_MB = 2.7 * 1024  # the original v3, elsewhere (see the docstring)
 HEAPS = {"trimmed": "heap trimmed", "kept": "heap kept"}
+MODES = {"command": "demucs command, streamed", "apply": "apply_model, track-long output"}
 
 
 def rss_mb() -> float:
@@ -40,11 +58,14 @@ def current_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
-def measure(seconds: float, keep_heap: bool, floor: bool = False) -> dict[str, float]:
+def keep_heap() -> None:
+    """Freed memory stays in glibc's heap (no `trim_heap`)."""
     from demucs import apply, lean
+    apply.trim_heap = lean.trim_heap = lambda: None  # type: ignore[attr-defined]
+
+
+def measure(seconds: float, floor: bool = False) -> dict[str, float]:
     from demucs.apply import apply_model
-    if keep_heap:
-        apply.trim_heap = lean.trim_heap = lambda: None
     model = build("hdemucs").eval()
     mix = torch.randn(1, 2, int(seconds * 44100))
     random.seed(0)
@@ -62,16 +83,59 @@ def measure(seconds: float, keep_heap: bool, floor: bool = False) -> dict[str, f
     return {"peak": rss_mb() - start, "output": output, "seconds": elapsed}
 
 
-def run_one(seconds: float, threads: int, heap: str, floor: bool) -> dict[str, float]:
+def write_noise(path: Path, seconds: float) -> None:
+    """A 16-bit stereo wav of uniform noise, written by blocks of 10 s."""
+    import soundfile
+    rng = np.random.default_rng(0)
+    frames = int(seconds * 44100)
+    with soundfile.SoundFile(str(path), "w", 44100, 2, "PCM_16") as f:
+        for start in range(0, frames, 441000):
+            f.write(rng.uniform(-0.5, 0.5, (min(441000, frames - start), 2)).astype(np.float32))
+
+
+def measure_command(seconds: float, root: Path) -> dict[str, float]:
+    """The `demucs` command's separation of `root/long.wav` with the package
+    `root/81de367c.th`, after a warm-up on `root/short.wav`."""
+    from demucs import separate
+    args = separate.get_parser().parse_args(["-n", str(root / "81de367c.th"), "-o",
+                                             str(root / "out"), str(root / "long.wav")])
+    run = separate.Run.from_args(args)
+    separator = separate.load_separator(run)
+    separator.update_parameter(progress=False)
+    random.seed(0)
+    separate.separate_track(separator, root / "short.wav", run)
+    start = current_mb()
+    begin = time.perf_counter()
+    separate.separate_track(separator, root / "long.wav", run)
+    elapsed = time.perf_counter() - begin
+    return {"peak": rss_mb() - start, "output": 0., "seconds": elapsed}
+
+
+def run_one(seconds: float, threads: int, heap: str, floor: bool, mode: str
+            ) -> dict[str, float]:
     command = [sys.executable, __file__, "--one", str(seconds), "--threads", str(threads),
-               "--heap", heap] + (["--floor"] if floor else [])
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+               "--heap", heap, "--mode", mode] + (["--floor"] if floor else [])
+    if mode != "command" or floor:
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    from demucs.states import serialize_model
+    root = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    try:  # the files are made here, so that the measured process holds none of them
+        torch.save(serialize_model(build("hdemucs"), {"model": "hdemucs"}),
+                   root / "81de367c.th")
+        write_noise(root / "short.wav", 1.)
+        write_noise(root / "long.wav", seconds)
+        out = subprocess.run(command + ["--root", str(root)], check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: tp.Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, nargs="+", default=[120., 600.])
+    parser.add_argument("--seconds", type=float, nargs="+", default=[60., 120., 600.])
+    parser.add_argument("--mode", choices=MODES, default="command")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--floor", action="store_true",
                         help="one forward pass on a 44 s segment instead of --seconds")
@@ -79,22 +143,35 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
                         help="also measure without giving freed memory back")
     parser.add_argument("--heap", choices=HEAPS, default="trimmed", help=argparse.SUPPRESS)
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.heap == "kept", args.floor)))
+        if args.heap == "kept":
+            keep_heap()
+        result = (measure_command(args.one, args.root) if args.root is not None
+                  else measure(args.one, args.floor))
+        print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, 81de367c config, segment 44 s")
     heaps = list(HEAPS) if args.keep_heap else ["trimmed"]
+    what = "one forward" if args.floor else MODES[args.mode]
+    peaks: dict[str, list[tuple[float, float]]] = {heap: [] for heap in heaps}
     for seconds in [44.] if args.floor else args.seconds:
         for heap in heaps:
-            result = run_one(seconds, args.threads, heap, args.floor)
-            ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original's 2.7 GB)"
-                     if seconds == 120 else "")
-            what = "one forward" if args.floor else "apply_model"
-            print(f"{seconds:5.0f} s, {what}, {HEAPS[heap]}: peak "
-                  f"+{result['peak']:6.0f} MB{ratio}, of which output {result['output']:4.0f} "
-                  f"MB; {result['seconds']:.0f} s")
+            result = run_one(seconds, args.threads, heap, args.floor, args.mode)
+            peaks[heap].append((seconds, result["peak"]))
+            ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original v3's 2.7 GB "
+                     "measured elsewhere)" if seconds == 120 else "")
+            output = (f", of which output {result['output']:4.0f} MB"
+                      if args.mode == "apply" else "")
+            print(f"{seconds:5.0f} s, {what}, {HEAPS[heap]}: peak +{result['peak']:6.0f} MB"
+                  f"{ratio}{output}; {result['seconds']:.0f} s", flush=True)
+    for heap, measured in peaks.items():
+        if len(measured) > 1:
+            (shortest, base), others = min(measured), sorted(measured)[1:]
+            print(f"{HEAPS[heap]}: peak against {shortest:.0f} s: " + ", ".join(
+                f"{seconds:.0f} s x{peak / base:.3f}" for seconds, peak in others))
 
 
 if __name__ == "__main__":

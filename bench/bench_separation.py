@@ -1,8 +1,11 @@
 """Separation and training-step speed of full-size models with random weights.
 
-Figures to compare with the original Demucs v3 measured on this machine type
-(2 CPU threads): HDemucs (81de367c config) 0.61 s per second of audio and 6.8 s per
-training step; Demucs (9357e12e config) 1.36 s/s and 6.5 s per step. `htdemucs` is the
+Printed next to the original Demucs v3's figures from the project's first benchmark
+(committed on 2026-11-25, b36e7d1, 2 CPU threads on a machine of that time; not measured
+in this run, so not a ratio): HDemucs (81de367c config) 0.61 s per second of audio and
+6.8 s per training step; Demucs (9357e12e config) 1.36 s/s and 6.5 s per step. Side by side
+on one machine the ratios are others (bench/README.md, "Side by side with upstream
+Demucs 4.1"). `htdemucs` is the
 Demucs v4 model as released (XP 955717e8: the `htdemucs:` section of conf/config.yaml
 with the grid mmi's `dconv_mode=3`, `t_dropout=0.02` and `bottom_channels=512`), kept at
 its training length of 7.8 s: separation goes through chunks of that length. Every
@@ -37,7 +40,8 @@ except ImportError:  # another demucs (upstream's, see bench/README.md): as it t
     ADAM_FOREACH = None
 
 SOURCES = ["drums", "bass", "other", "vocals"]
-ORIGINAL = {"hdemucs": (0.61, 6.8), "demucs": (1.36, 6.5)}  # v3 figures (no v4 ones)
+# The original v3's figures measured elsewhere (see the docstring; no v4 ones)
+ORIGINAL_ELSEWHERE = {"hdemucs": (0.61, 6.8), "demucs": (1.36, 6.5)}
 MODELS = ("hdemucs", "demucs", "htdemucs")
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 # The released `htdemucs` (XP 955717e8, grid mmi): the config section's defaults but these.
@@ -106,13 +110,11 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
         model = build(name)
         sep = time_separation(model, args.seconds)  # first: training changes an HTDemucs'
         step = time_training_step(model, args.steps)  # segment to its examples' length
-        line = f"{name:8s} separation {sep:.3f} s/s"
-        if name in ORIGINAL:
-            ref_sep, ref_step = ORIGINAL[name]
-            line += (f" (original {ref_sep} s/s, speed-up x{ref_sep / sep:.2f}) | train step "
-                     f"{step:.2f} s (original {ref_step} s, speed-up x{ref_step / step:.2f})")
-        else:
-            line += f" | train step {step:.2f} s"
+        line = f"{name:8s} separation {sep:.3f} s/s | train step {step:.2f} s"
+        if name in ORIGINAL_ELSEWHERE:
+            ref_sep, ref_step = ORIGINAL_ELSEWHERE[name]
+            line += (f" (original v3 on another machine, 2026-11-25: {ref_sep} s/s, "
+                     f"{ref_step} s)")
         print(line)
 
 

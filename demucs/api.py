@@ -314,12 +314,13 @@ class Separator:
         executor = None
         if opts.jobs > 0 and device.type == "cpu":
             executor = ThreadPoolExecutor(opts.jobs)
-        pool = _CallbackPool(self._model, norm.shape[-1], opts.callback,
+        model = self.prepare()
+        pool = _CallbackPool(model, norm.shape[-1], opts.callback,
                              opts.callback_arg or {}, executor)
         if not opts.split:
             pool.report(pool.whole(), "start")
         try:
-            yield from apply_model_stream(self._model, norm, shifts=opts.shifts,
+            yield from apply_model_stream(model, norm, shifts=opts.shifts,
                                           split=opts.split, overlap=opts.overlap,
                                           progress=opts.progress, device=device, pool=pool,
                                           segment=opts.segment)

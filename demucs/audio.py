@@ -6,17 +6,26 @@ and resamples with its own `-ar` resampler; channels are converted afterwards in
 `.wav` and `.flac` files that need no resampling are read directly with soundfile, which
 gives the same samples as ffmpeg's float32 decoding.
 
+`AudioBlocks` reads a track by blocks instead (the same samples): `.wav`/`.flac` in
+place, anything else decoded once by ffmpeg into a temporary file of float32 samples.
+
 Writing: `.wav` (16 or 24 bit integer, or float32) and `.flac` (16 or 24 bit) through
-soundfile, `.mp3` through lameenc. Every file is written to a temporary file next to its
-destination and then moved into place, so that an interrupted run never leaves a truncated
-file behind.
+soundfile, `.mp3` through lameenc, whole (`save_audio`) or block by block as a separation
+produces them (`AudioWriter`, the same bytes). Every file is written to a temporary file
+next to its destination and then moved into place, so that an interrupted run never
+leaves a truncated file behind.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import tempfile
+import threading
 import typing as tp
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import julius
@@ -42,9 +51,10 @@ def _require_program(name: str, path: PathLike) -> str:
     return found
 
 
-def _run(command: tp.List[str], path: PathLike) -> bytes:
-    """Run an ffmpeg/ffprobe command and return its stdout, or raise `AudioError`."""
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _run(command: tp.List[str], path: PathLike, stdout: tp.Any = subprocess.PIPE) -> bytes:
+    """Run an ffmpeg/ffprobe command and return its stdout (or write it to the file
+    `stdout`), or raise `AudioError`."""
+    proc = subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -167,6 +177,16 @@ class AudioFile:
     def _read_ffmpeg(self, stream: int, seek_time: tp.Optional[float],
                      duration: tp.Optional[float],
                      samplerate: tp.Optional[int]) -> tp.Tuple[torch.Tensor, int]:
+        command, rate = self._ffmpeg_command(stream, seek_time, duration, samplerate)
+        raw = _run(command, self.path)
+        channels = self.channels(stream)
+        data = np.frombuffer(raw, dtype=np.float32).reshape(-1, channels)
+        return torch.from_numpy(data.T.copy()), rate
+
+    def _ffmpeg_command(self, stream: int, seek_time: tp.Optional[float] = None,
+                        duration: tp.Optional[float] = None,
+                        samplerate: tp.Optional[int] = None) -> tp.Tuple[tp.List[str], int]:
+        """The ffmpeg command decoding `stream` to raw float32 on its stdout, and its rate."""
         ffmpeg = _require_program("ffmpeg", self.path)
         if stream >= len(self):
             raise AudioError(f"Cannot read {self.path}: it has {len(self)} audio stream(s), "
@@ -178,11 +198,7 @@ class AudioFile:
         command += ["-i", str(self.path), "-threads", "1", "-map", f"0:a:{stream}"]
         if duration is not None:
             command += ["-t", str(duration)]
-        command += ["-f", "f32le", "-ar", str(rate), "-"]
-        raw = _run(command, self.path)
-        channels = self.channels(stream)
-        data = np.frombuffer(raw, dtype=np.float32).reshape(-1, channels)
-        return torch.from_numpy(data.T.copy()), rate
+        return command + ["-f", "f32le", "-ar", str(rate), "-"], rate
 
 
 def _fit_length(wav: torch.Tensor, length: int) -> torch.Tensor:
@@ -210,6 +226,108 @@ def read_audio(path: PathLike, samplerate: int, channels: int) -> torch.Tensor:
                 f"{INSTALL_FFMPEG}.") from None
         wav = torch.from_numpy(np.ascontiguousarray(data.T))
         return convert_audio(wav, rate, samplerate, channels)
+
+
+class AudioBlocks:
+    """A track read by blocks, `(channels, T)` float32 at `samplerate`: the samples of
+    `read_audio`, without the whole track in memory.
+
+    `.wav`/`.flac` files at that rate are read in place with soundfile; anything else is
+    decoded once by ffmpeg (resampled by its `-ar`) into a temporary file of raw float32
+    samples (in the system's temporary folder, `TMPDIR`), read back by slices. Without
+    ffmpeg, a file soundfile reads is loaded whole and resampled with julius, as
+    `read_audio` does. It is a `Track` for `apply.apply_model_stream`: `blocks[...,
+    start:end]` is a `(channels, end - start)` tensor (reads are serialised: the threads
+    of a separation may ask at once). `close()` (or leaving a `with` block) deletes the
+    temporary file.
+    """
+
+    def __init__(self, path: PathLike, samplerate: int, channels: int) -> None:
+        self.path = Path(path)
+        self.samplerate = samplerate
+        self.channels = channels
+        self.device = torch.device("cpu")
+        self._lock = threading.Lock()
+        self._sound: tp.Optional[soundfile.SoundFile] = None
+        self._raw: tp.Optional[Path] = None
+        self._whole: tp.Optional[torch.Tensor] = None
+        self._source_channels = 0
+        length = self._open()
+        self.shape: tp.Tuple[int, int] = (channels, length)
+
+    def _open(self) -> int:
+        """Open the file (decode it if needed); its length in samples."""
+        audio = AudioFile(self.path)
+        audio._check_exists()
+        length = self._open_soundfile()
+        if length is not None:
+            return length
+        try:
+            command, _ = audio._ffmpeg_command(0, samplerate=self.samplerate)
+        except MissingProgramError:
+            self._whole = read_audio(self.path, self.samplerate, self.channels)
+            return self._whole.shape[-1]
+        self._source_channels = audio.channels(0)
+        fd, name = tempfile.mkstemp(prefix="demucs_", suffix=".f32")
+        self._raw = Path(name)
+        self._finalizer = weakref.finalize(self, self._raw.unlink, missing_ok=True)
+        with os.fdopen(fd, "wb") as raw:
+            _run(command, self.path, stdout=raw)
+        return self._raw.stat().st_size // (4 * self._source_channels)
+
+    def _open_soundfile(self) -> tp.Optional[int]:
+        """The fast path of `AudioFile`: `.wav`/`.flac` at the right rate; None otherwise."""
+        if self.path.suffix.lower() not in SOUNDFILE_SUFFIXES:
+            return None
+        try:
+            sound = soundfile.SoundFile(str(self.path))
+        except (RuntimeError, soundfile.LibsndfileError):
+            return None
+        if sound.samplerate != self.samplerate:
+            sound.close()
+            return None
+        self._sound = sound
+        self._source_channels = sound.channels
+        return int(sound.frames)
+
+    def __getitem__(self, index: tp.Any) -> torch.Tensor:
+        if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
+                and isinstance(index[1], slice) and index[1].step in (None, 1)):
+            raise TypeError(f"AudioBlocks are read by slices [..., start:end], not {index!r}.")
+        start, end, _ = index[1].indices(self.shape[-1])
+        end = max(start, end)
+        if self._whole is not None:
+            return self._whole[..., start:end]
+        with self._lock:
+            data = self._read(start, end)
+        wav = torch.from_numpy(np.ascontiguousarray(data.T))
+        return convert_audio_channels(wav, self.channels)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        """Frames `[start, end)` as `(frames, source channels)` float32."""
+        if self._sound is not None:
+            self._sound.seek(start)
+            try:
+                return self._sound.read(end - start, dtype="float32", always_2d=True)
+            except RuntimeError as error:
+                raise AudioError(f"Cannot read {self.path}: {error}.") from None
+        assert self._raw is not None
+        channels = self._source_channels
+        data = np.fromfile(self._raw, dtype=np.float32, count=(end - start) * channels,
+                           offset=start * channels * 4)
+        return data.reshape(-1, channels)
+
+    def close(self) -> None:
+        if self._sound is not None:
+            self._sound.close()
+        if self._raw is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "AudioBlocks":
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        self.close()
 
 
 # Conversions
@@ -243,10 +361,17 @@ def convert_audio(wav: torch.Tensor, from_samplerate: float, to_samplerate: floa
 
 
 # Writing
-def prevent_clip(wav: torch.Tensor, mode: str = "rescale") -> torch.Tensor:
-    """Keep `wav` inside [-1, 1]: 'rescale' scales the whole file down, 'clamp' clips."""
+def prevent_clip(wav: torch.Tensor, mode: str = "rescale",
+                 peak: tp.Optional[float] = None) -> torch.Tensor:
+    """Keep `wav` inside [-1, 1]: 'rescale' scales the whole file down, 'clamp' clips.
+
+    `peak`: the largest absolute sample of the whole file, when `wav` is a block of it
+    (default: `wav`'s own).
+    """
     if mode == "rescale":
-        return wav / max(1.01 * wav.abs().max().item(), 1.)
+        if peak is None:
+            peak = wav.abs().max().item()
+        return wav / max(1.01 * peak, 1.)
     if mode == "clamp":
         return wav.clamp(-0.99, 0.99)
     if mode == "none":
@@ -271,10 +396,9 @@ def check_mp3_options(bitrate: int, preset: int) -> None:
                          f"to {high} (fastest).")
 
 
-def _encode_mp3(wav: torch.Tensor, samplerate: int, bitrate: int, preset: int) -> bytes:
+def _mp3_encoder(channels: int, samplerate: int, bitrate: int, preset: int) -> tp.Any:
     import lameenc
 
-    channels = wav.shape[0]
     if channels not in (1, 2):
         raise AudioError(f"mp3 supports 1 or 2 channels, got {channels}.")
     check_mp3_options(bitrate, preset)
@@ -285,9 +409,13 @@ def _encode_mp3(wav: torch.Tensor, samplerate: int, bitrate: int, preset: int) -
         encoder.set_out_sample_rate(samplerate)
     encoder.set_channels(channels)
     encoder.set_quality(preset)
+    return encoder
+
+
+def _mp3_pcm(wav: torch.Tensor) -> bytes:
+    """`wav` (C, T) as interleaved 16-bit samples, as LAME takes them."""
     pcm = (wav.clamp(-1, 1) * (2 ** 15 - 1)).round().to(torch.int16)
-    interleaved = pcm.t().contiguous().numpy().tobytes()
-    return bytes(encoder.encode(interleaved)) + bytes(encoder.flush())
+    return pcm.t().contiguous().numpy().tobytes()
 
 
 def pcm_subtype(suffix: str, bits_per_sample: int = 16, as_float: bool = False) -> str:
@@ -303,10 +431,167 @@ def pcm_subtype(suffix: str, bits_per_sample: int = 16, as_float: bool = False) 
     return f"PCM_{bits_per_sample}"
 
 
-def _write_soundfile(wav: torch.Tensor, path: Path, samplerate: int, suffix: str,
-                     subtype: str) -> None:
-    audio_format = "FLAC" if suffix == ".flac" else "WAV"
-    soundfile.write(str(path), wav.t().numpy(), samplerate, subtype=subtype, format=audio_format)
+class _Encoder:
+    """Blocks `(C, n)` of float samples, already clipped, into the file `path` in the
+    format of `suffix` (the same bytes whatever the blocks: soundfile and LAME buffer)."""
+
+    def __init__(self, path: Path, suffix: str, samplerate: int, channels: int, subtype: str,
+                 bitrate: int, preset: int) -> None:
+        self.sound: tp.Optional[soundfile.SoundFile] = None
+        self.mp3: tp.Any = None
+        self.file: tp.Optional[tp.BinaryIO] = None
+        if suffix == ".mp3":
+            self.mp3 = _mp3_encoder(channels, samplerate, bitrate, preset)
+            self.file = open(path, "wb")
+        else:
+            audio_format = "FLAC" if suffix == ".flac" else "WAV"
+            self.sound = soundfile.SoundFile(str(path), "w", samplerate, channels,
+                                             subtype=subtype, format=audio_format)
+
+    def write(self, wav: torch.Tensor) -> None:
+        if self.sound is not None:
+            self.sound.write(wav.t().numpy())
+        else:
+            assert self.file is not None
+            self.file.write(bytes(self.mp3.encode(_mp3_pcm(wav))))
+
+    def close(self, complete: bool = True) -> None:
+        if self.sound is not None:
+            self.sound.close()
+        if self.file is not None:
+            if complete:
+                self.file.write(bytes(self.mp3.flush()))
+            self.file.close()
+
+
+class AudioWriter:
+    """A file written block by block, as `save_audio` writes a whole signal: the same
+    arguments, the same bytes.
+
+    `write(block)` takes `(C, n)` blocks in order; `close()` completes the file, which
+    appears at `path` only then (written next to it and moved into place); `abort()`, or
+    an exception in a `with` block, removes what was written. 'rescale' needs the peak of
+    the whole signal before the first sample is encoded: the blocks go to a float32
+    temporary file next to `path` first, and are encoded from it at `close()`, unless the
+    `peak` is given. Failures raise `AudioError` naming `path`.
+    """
+
+    BLOCK = 2 ** 18  # frames per block of the second pass
+
+    def __init__(self, path: PathLike, samplerate: int, channels: int, bitrate: int = 320,
+                 clip: str = "rescale", bits_per_sample: int = 16, as_float: bool = False,
+                 preset: int = 2, peak: tp.Optional[float] = None) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in SAVE_SUFFIXES:
+            raise AudioError(f"Cannot save {self.path}: unsupported extension {suffix!r}, "
+                             f"use {', '.join(SAVE_SUFFIXES)}.")
+        if clip not in ("rescale", "clamp", "none"):
+            raise AudioError(f"Unknown clip mode {clip!r}, use rescale, clamp or none.")
+        subtype = "" if suffix == ".mp3" else pcm_subtype(suffix, bits_per_sample, as_float)
+        self.samplerate, self.channels, self.clip, self.peak = samplerate, channels, clip, peak
+        self._max: tp.Optional[torch.Tensor] = None  # the peak so far, when it is not given
+        self._atomic: tp.Any = atomic_path(self.path)
+        self._spill: tp.Any = None  # the float32 samples of 'rescale', until close()
+        self._encoder: tp.Optional[_Encoder] = None
+        with self._errors():
+            tmp = self._atomic.__enter__()
+            try:
+                if clip == "rescale" and peak is None:
+                    self._spill = tempfile.NamedTemporaryFile(
+                        dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".f32.tmp")
+                else:
+                    self._encoder = _Encoder(tmp, suffix, samplerate, channels, subtype,
+                                             bitrate, preset)
+            except BaseException as error:
+                self._atomic.__exit__(type(error), error, error.__traceback__)
+                raise
+        self._encoding = (tmp, suffix, subtype, bitrate, preset)
+
+    def write(self, wav: torch.Tensor) -> None:
+        """Append `wav` `(C, n)`."""
+        wav = wav.detach().cpu().float()
+        if wav.dim() != 2 or wav.shape[0] != self.channels:
+            raise AudioError(f"Cannot save {self.path}: expected ({self.channels}, T) blocks, "
+                             f"got {tuple(wav.shape)}.")
+        with self._errors():
+            if self._spill is not None:
+                block_max = wav.abs().max()
+                self._max = block_max if self._max is None else torch.maximum(self._max,
+                                                                             block_max)
+                self._spill.write(wav.t().contiguous().numpy().tobytes())
+            else:
+                assert self._encoder is not None
+                self._encoder.write(prevent_clip(wav, self.clip, self.peak))
+
+    def close(self) -> None:
+        """Complete the file and move it into place."""
+        try:
+            with self._errors():
+                if self._spill is not None:
+                    self._encode_spill()
+                assert self._encoder is not None
+                self._encoder.close()
+                self._encoder = None
+        except BaseException as error:
+            self._abort(error)
+            raise
+        with self._errors():
+            self._atomic.__exit__(None, None, None)
+
+    def _encode_spill(self) -> None:
+        """The second pass of 'rescale': the blocks written, divided by the peak's scale."""
+        assert self._spill is not None
+        tmp, suffix, subtype, bitrate, preset = self._encoding
+        self._encoder = _Encoder(tmp, suffix, self.samplerate, self.channels, subtype,
+                                 bitrate, preset)
+        if self._max is None:
+            raise AudioError(f"Cannot save {self.path}: no samples were written.")
+        peak = self._max.item()
+        spill, self._spill = self._spill, None
+        with spill:
+            spill.flush()
+            spill.seek(0)
+            while True:
+                data = np.fromfile(spill, dtype=np.float32, count=self.BLOCK * self.channels)
+                if not data.size:
+                    break
+                wav = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, self.channels).T))
+                self._encoder.write(prevent_clip(wav, self.clip, peak))
+
+    def abort(self) -> None:
+        """Remove what was written; `path` is left as it was."""
+        self._abort(AudioError(f"Writing {self.path} was abandoned."))
+
+    def _abort(self, error: BaseException) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        if self._encoder is not None:
+            self._encoder.close(complete=False)
+            self._encoder = None
+        if self._atomic is not None:
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            self._atomic = None
+
+    @contextmanager
+    def _errors(self) -> tp.Iterator[None]:
+        """OS and soundfile errors as `AudioError`s naming the file."""
+        try:
+            yield
+        except OSError as error:
+            raise AudioError(f"Cannot write {self.path}: {error.strerror or error}.") from None
+        except soundfile.SoundFileRuntimeError as error:
+            raise AudioError(f"Cannot write {self.path}: {error}.") from None
+
+    def __enter__(self) -> "AudioWriter":
+        return self
+
+    def __exit__(self, exc_type: tp.Any, exc: tp.Any, tb: tp.Any) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self._abort(exc)
 
 
 def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int = 320,
@@ -319,21 +604,11 @@ def save_audio(wav: torch.Tensor, path: PathLike, samplerate: int, bitrate: int 
     `preset` (2 best .. 7 fastest). `clip` is `rescale`, `clamp` or `none` (see
     `prevent_clip`). The file appears atomically: it is written next to `path` and then
     moved into place. Every failure, writing included, raises `AudioError` naming `path`.
+    `AudioWriter` writes the same file block by block.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SAVE_SUFFIXES:
-        raise AudioError(f"Cannot save {path}: unsupported extension {suffix!r}, "
-                         f"use {', '.join(SAVE_SUFFIXES)}.")
-    subtype = "" if suffix == ".mp3" else pcm_subtype(suffix, bits_per_sample, as_float)
-    wav = prevent_clip(wav.detach().cpu().float(), mode=clip)
-    try:
-        with atomic_path(path) as tmp:
-            if suffix == ".mp3":
-                tmp.write_bytes(_encode_mp3(wav, samplerate, bitrate, preset))
-            else:
-                _write_soundfile(wav, tmp, samplerate, suffix, subtype)
-    except OSError as error:
-        raise AudioError(f"Cannot write {path}: {error.strerror or error}.") from None
-    except soundfile.SoundFileRuntimeError as error:
-        raise AudioError(f"Cannot write {path}: {error}.") from None
+    wav = wav.detach().cpu().float()
+    wav = wav[None] if wav.dim() == 1 else wav  # mono
+    peak = wav.abs().max().item() if clip == "rescale" else None
+    with AudioWriter(path, samplerate, wav.shape[0], bitrate, clip, bits_per_sample,
+                     as_float, preset, peak=peak) as writer:
+        writer.write(wav)

@@ -132,9 +132,11 @@ def early_failure(track: Path) -> tp.Optional[str]:
 
 
 # Separation
-def stems_to_write(output: OutputOptions, origin: torch.Tensor, stems: Stems) -> Stems:
-    """All stems, or with --two-stems the stem and the rest as --other-method says (of
-    the whole track, or of one block of it and of `origin`, the mix)."""
+def stems_to_write(output: OutputOptions, origin: tp.Optional[torch.Tensor],
+                   stems: Stems) -> Stems:
+    """All stems, or with --two-stems the stem and the rest as --other-method says.
+    `stems` and `origin` (the mix, which only 'minus' needs) cover the same samples: the
+    whole track or one block of it."""
     if output.stem is None:
         return stems
     chosen = stems[output.stem]
@@ -143,6 +145,7 @@ def stems_to_write(output: OutputOptions, origin: torch.Tensor, stems: Stems) ->
         out[f"no_{output.stem}"] = torch.stack(
             [wav for name, wav in stems.items() if name != output.stem]).sum(0)
     elif output.other_method == "minus":
+        assert origin is not None, "--other-method minus needs the mix"
         out[f"minus_{output.stem}"] = origin - chosen
     return out
 
@@ -157,9 +160,10 @@ def separate_track(separator: Separator, track: Path, run: Run) -> None:
         writers = {name: files.enter_context(
             AudioWriter(run.path(track, name), separator.samplerate, mix.shape[0],
                         **run.output.save_kwargs())) for name in names}
+        minus = run.output.stem is not None and run.output.other_method == "minus"
         for start, stems in separator.separate_stream(mix):
             length = next(iter(stems.values())).shape[-1]
-            origin = mix[..., start:start + length]
+            origin = mix[..., start:start + length] if minus else None
             for name, wav in stems_to_write(run.output, origin, stems).items():
                 writers[name].write(wav)
 

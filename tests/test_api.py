@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import random
 import subprocess
 import sys
 import typing as tp
@@ -100,6 +101,35 @@ def test_bad_audio_files(repo: Path, tmp_path: Path, make: tp.Callable[[Path], P
     separator = api.Separator("tinyd", repo=repo, device="cpu")
     with pytest.raises(api.LoadAudioError, match=match):
         separator.separate_audio_file(make(tmp_path))
+    with pytest.raises(api.LoadAudioError, match=match):
+        separator.open_audio_file(make(tmp_path))
+
+
+@pytest.mark.parametrize("name,shifts", [("tinyhd", 1), ("duo", 2)])
+def test_separate_stream_gives_the_tensors_of_separate_tensor(
+        repo: Path, tmp_path: Path, name: str, shifts: int) -> None:
+    """Pieces in order, the numbers of `separate_tensor` bit for bit (same seed), from a
+    file read by blocks or from a tensor; `separate_tensor` still returns tensors."""
+    path = tmp_path / "song.wav"
+    save_audio(mix(), path, SR, as_float=True)
+    separator = api.Separator(name, repo=repo, device="cpu", shifts=shifts, segment=0.5)
+    torch.manual_seed(0)
+    random.seed(5)
+    origin, stems = separator.separate_audio_file(path)
+    assert all(isinstance(stem, torch.Tensor) and stem.shape == origin.shape
+               for stem in stems.values())
+    with separator.open_audio_file(path) as blocks:
+        sources: list[tp.Any] = [blocks, origin]
+        for source in sources:
+            random.seed(5)
+            pieces = list(separator.separate_stream(source))
+            starts = [start for start, _ in pieces]
+            assert starts[0] == 0 and len(pieces) > 3
+            lengths = [piece["bass"].shape[-1] for _, piece in pieces]
+            assert starts[1:] == [sum(lengths[:i + 1]) for i in range(len(lengths) - 1)]
+            for stem in SOURCES:
+                streamed = torch.cat([piece[stem] for _, piece in pieces], dim=-1)
+                assert torch.equal(streamed, stems[stem]), stem
 
 
 Events = list[dict[str, tp.Any]]

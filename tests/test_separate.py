@@ -3,6 +3,7 @@ outputs, every option, batch robustness (bad tracks reported, the others separat
 the checks made before the model loads."""
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import sys
@@ -412,16 +413,16 @@ def test_out_of_memory_track_does_not_stop_the_batch(
     saying what takes less memory; the next track is still separated."""
     big = tmp_path / "big.wav"
     shutil.copy(setup.short, big)
-    real = separate.Separator.separate_audio_file
+    real = separate.Separator.separate_stream
 
-    def out_of_memory_on_big(self: tp.Any, path: Path) -> tp.Any:
-        if Path(path).name == "big.wav":
+    def out_of_memory_on_big(self: tp.Any, mix: tp.Any) -> tp.Any:
+        if Path(mix.path).name == "big.wav":
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
                 "of 11.76 GiB of which 2.10 GiB is free. Of the allocated memory ...")
-        return real(self, path)
+        return real(self, mix)
 
-    monkeypatch.setattr(separate.Separator, "separate_audio_file", out_of_memory_on_big)
+    monkeypatch.setattr(separate.Separator, "separate_stream", out_of_memory_on_big)
     out = tmp_path / "out"
     run = run_capture(capsys, "--repo", str(setup.repo), "-n", "tinyd", str(big),
                       str(setup.short), "-o", str(out), "--shifts", "0", *options)
@@ -596,3 +597,123 @@ def test_silent_track_gives_silent_stems(setup: Setup, tmp_path: Path, name: str
     assert sorted(p.stem for p in folder.iterdir()) == sorted(SOURCES)
     for source in SOURCES:
         assert torch.equal(read_wav(folder / f"{source}.wav"), torch.zeros(2, SR)), source
+
+
+# Streaming: the command reads by blocks and writes as the segments complete
+def write_whole(argv: list[str], track: Path) -> None:
+    """The files the command wrote before it streamed: the whole track separated, then
+    each stem saved."""
+    run = separate.Run.from_args(separate.get_parser().parse_args(argv))
+    separator = separate.load_separator(run)
+    origin, stems = separator.separate_audio_file(track)
+    for name, wav in separate.stems_to_write(run.output, origin, stems).items():
+        save_audio(wav, run.path(track, name), separator.samplerate, **run.output.save_kwargs())
+
+
+def file_bytes(path: Path) -> bytes:
+    """The bytes of an audio file, but the time stamp libsndfile writes in the PEAK chunk
+    of float wav files (the second it was written)."""
+    data = path.read_bytes()
+    peak = data.find(b"PEAK", 0, 200)
+    if peak < 0:
+        return data
+    return data[:peak + 12] + b"\0\0\0\0" + data[peak + 16:]
+
+
+FORMAT_FLAGS = {"wav16": [], "wav24": ["--int24"], "float32": ["--float32"],
+                "flac16": ["--flac"], "flac24": ["--flac", "--int24"],
+                "mp3": ["--mp3", "--mp3-bitrate", "128", "--mp3-preset", "7"]}
+
+
+@pytest.fixture(scope="module")
+def loud(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 s whose stems peak above 1 (rescale and clamp change them), as a wav file."""
+    path = tmp_path_factory.mktemp("loud") / "loud.wav"
+    save_audio(4 * make_mix(2), path, SR, as_float=True, clip="none")
+    return path
+
+
+@pytest.mark.parametrize("clip", ["rescale", "clamp", "none"])
+@pytest.mark.parametrize("fmt", list(FORMAT_FLAGS))
+def test_streamed_files_are_those_of_the_whole_track(
+        setup: Setup, loud: Path, tmp_path: Path, fmt: str, clip: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte for byte, in every format and clip mode; 0.5 s segments (6 pieces of output)
+    and a rescale pass of several blocks."""
+    monkeypatch.setattr(separate.AudioWriter, "BLOCK", 20000)
+    argv = ["--repo", str(setup.repo), "-n", "tinyhd", "--segment", "0.5", "--clip-mode",
+            clip, *FORMAT_FLAGS[fmt], str(loud)]
+    random.seed(7)
+    write_whole(argv + ["-o", str(tmp_path / "whole")], loud)
+    random.seed(7)
+    run_main(argv + ["-o", str(tmp_path / "streamed")])
+    whole = sorted((tmp_path / "whole").rglob("*.*"))
+    streamed = sorted((tmp_path / "streamed").rglob("*.*"))
+    assert [p.name for p in whole] == [p.name for p in streamed] and len(whole) == 4
+    for a, b in zip(whole, streamed):
+        assert file_bytes(a) == file_bytes(b), a.name
+
+
+@pytest.mark.parametrize("name,options", [
+    ("tinyhd", ["--two-stems", "vocals"]),
+    ("tinyhd", ["--two-stems", "vocals", "--other-method", "minus", "--int24"]),
+    ("tinyd", ["--two-stems", "drums", "--other-method", "minus", "--shifts", "2"]),
+    ("duo", ["--shifts", "1", "--overlap", "0.5"]),
+    ("duo", ["--two-stems", "bass", "--clip-mode", "clamp", "-j", "2", "--shifts", "0"])])
+def test_streamed_two_stems_and_bags_are_those_of_the_whole_track(
+        setup: Setup, loud: Path, tmp_path: Path, name: str, options: list[str]) -> None:
+    argv = ["--repo", str(setup.repo), "-n", name, *options, str(loud)]
+    random.seed(8)
+    write_whole(argv + ["-o", str(tmp_path / "whole")], loud)
+    random.seed(8)
+    run_main(argv + ["-o", str(tmp_path / "streamed")])
+    whole = sorted((tmp_path / "whole").rglob("*.*"))
+    streamed = sorted((tmp_path / "streamed").rglob("*.*"))
+    assert [p.name for p in whole] == [p.name for p in streamed] and whole
+    for a, b in zip(whole, streamed):
+        assert file_bytes(a) == file_bytes(b), a.name
+
+
+def test_failed_separation_writes_no_stem(setup: Setup, loud: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A track that fails after some of its stems were streamed leaves no file behind
+    (nor their temporary files); the other tracks are still written."""
+    real = separate.Separator.separate_stream
+
+    def fails_half_way(self: tp.Any, mix: tp.Any) -> tp.Any:
+        for index, piece in enumerate(real(self, mix)):
+            if index == 2 and Path(mix.path).name == "loud.wav":
+                raise RuntimeError("the model broke")
+            yield piece
+
+    monkeypatch.setattr(separate.Separator, "separate_stream", fails_half_way)
+    out = tmp_path / "out"
+    run = run_capture(capsys, "--repo", str(setup.repo), "-n", "tinyhd", "--segment", "0.5",
+                      str(loud), str(setup.short), "-o", str(out))
+    assert run.code == 1 and "the model broke" in run.err
+    assert [p.name for p in (out / "tinyhd").iterdir()] != [] and \
+        list((out / "tinyhd" / "loud").iterdir()) == []
+    assert sorted(p.stem for p in (out / "tinyhd" / "short").iterdir()) == sorted(SOURCES)
+
+
+@pytest.mark.slow
+def test_command_on_a_long_track(setup: Setup, tmp_path: Path) -> None:
+    """`python -m demucs` on 150 s: read by blocks, written as it goes; the stem and the
+    rest add up to the mix over the whole track (float32, no clipping)."""
+    track = tmp_path / "long.flac"
+    seconds = 150
+    with soundfile.SoundFile(str(track), "w", SR, 2, "PCM_16", format="FLAC") as f:
+        for second in range(0, seconds, 10):
+            f.write(0.5 * make_mix(10).t().numpy() * (1 + second / seconds))
+    proc = run_cli("--repo", str(setup.repo), "-n", "tinyhd", "--two-stems", "vocals",
+                   "--other-method", "minus", "--float32", "--clip-mode", "none",
+                   "--shifts", "0", str(track), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "out" / "tinyhd" / "long"
+    assert sorted(p.name for p in folder.iterdir()) == ["minus_vocals.wav", "vocals.wav"]
+    vocals, rest = read_wav(folder / "vocals.wav"), read_wav(folder / "minus_vocals.wav")
+    mix = read_wav(track)
+    assert vocals.shape == rest.shape == mix.shape == (2, seconds * SR)
+    assert torch.allclose(vocals + rest, mix, atol=1e-6)
+    assert vocals.abs().max() > 0 and vocals[:, -SR:].abs().max() > 0
