@@ -106,8 +106,9 @@ def check_runtimes(model: nn.Module, folder: Path, mix: torch.Tensor,
     graphs run by torch."""
     scale = torch_out.abs().max().item()
     same_graphs = None if whole else separate(torch_runner(model, folder), mix)
-    region = torch_out.shape[-1] if whole else full_chunks(
-        mix.shape[-1], Manifest.read(folder).graphs[0].length)
+    manifest = Manifest.read(folder)
+    segment = int(manifest.graphs[0].segment * manifest.samplerate)
+    region = torch_out.shape[-1] if whole else full_chunks(mix.shape[-1], segment)
     assert region > 0
     for backend in RUNTIMES:
         out = separate(load_runners(folder, backend), mix)
