@@ -165,7 +165,8 @@ TINY: tp.Dict[str, tp.Callable[[], nn.Module]] = {
 }
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "htdemucs"
+                                                else [pytest.mark.slow]) for name in TINY])
 def test_tiny_models_separate_as_in_torch(name: str, tmp_path: Path) -> None:
     model: tp.Any = TINY[name]().eval()
     mix = noise(2, int(1.3 * model.samplerate), seed=1)
@@ -175,6 +176,7 @@ def test_tiny_models_separate_as_in_torch(name: str, tmp_path: Path) -> None:
                    whole=name.startswith("htdemucs"))
 
 
+@pytest.mark.slow
 def test_a_bag_with_shifts_runs_the_graphs_as_torch_does(tmp_path: Path) -> None:
     """A bag of an HTDemucs and a Demucs with its weights, 2 random shifts: one graph per
     model, the same output as torch with the same graphs."""
@@ -290,6 +292,7 @@ def test_export_command_then_demucs_runs_the_folder(package: Path, tmp_path: Pat
     assert_scaled_close(ours, expected, expected.abs().max().item())
 
 
+@pytest.mark.slow
 def test_demucs_backend_exports_once_into_the_cache(package: Path, tmp_path: Path) -> None:
     track = package.parent / "track.wav"
     env = {"DEMUCS_ONNX_CACHE": str(tmp_path / "cache")}
