@@ -21,6 +21,7 @@ from .hdemucs import HDemucs
 from .htdemucs import HTDemucs
 from .mel_roformer import MelBandRoformer
 from .scnet import SCNet
+from .utils import TrainingChunk
 
 # config name (`model=NAME`, and the config section `NAME:`) -> model class
 MODELS: tp.Mapping[str, type[nn.Module]] = {
@@ -62,4 +63,4 @@ def model_on_chunks(name: str) -> bool:
     """Whether the model registered as `name` is built for one chunk length, its training
     example: its `segment` then defaults to `dset.segment` (not 4 times it) and it never
     separates longer chunks (`max_allowed_segment`), so validation cuts tracks."""
-    return bool(getattr(model_class(name), "segment_is_training_chunk", False))
+    return issubclass(model_class(name), TrainingChunk)

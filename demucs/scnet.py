@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .utils import capture_init
+from .utils import TrainingChunk, capture_init
 
 Segment = tp.Union[float, Fraction]
 # MSST's training chunk of SCNet on MUSDB18: 485100 samples (11 s at 44.1 kHz)
@@ -222,7 +222,7 @@ class SeparationNet(nn.Module):
         return x
 
 
-class SCNet(nn.Module):
+class SCNet(TrainingChunk, nn.Module):
     """SCNet.
 
     Args:
@@ -241,8 +241,6 @@ class SCNet(nn.Module):
         num_dplayer: dual-path RNN layers (even). expand: LSTM hidden size / channels.
     """
 
-    # built for one chunk length (`models.model_on_chunks`)
-    segment_is_training_chunk: tp.ClassVar[bool] = True
     @capture_init
     def __init__(self,
                  sources: tp.Sequence[str],
@@ -289,11 +287,6 @@ class SCNet(nn.Module):
             self.decoder.insert(0, nn.Sequential(FusionLayer(dims[index + 1]),
                                                  SUlayer(dims[index + 1], out, bands)))
         self.separation_net = SeparationNet(dims[-1], expand, num_dplayer)
-
-    @property
-    def max_allowed_segment(self) -> float:
-        """Chunks of `demucs --segment` may not exceed the training chunk (`segment`)."""
-        return float(self.segment)
 
     def _window(self, x: torch.Tensor) -> torch.Tensor:
         """The rectangular window (what torch uses when given none, without its warning)."""

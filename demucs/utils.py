@@ -221,3 +221,21 @@ def atomic_path(path: tp.Union[str, os.PathLike], mode: int = 0o644) -> tp.Itera
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class TrainingChunk:
+    """For models built for one chunk length, their `segment` (seconds; MSST's
+    `audio.chunk_size`): they never separate longer chunks (`max_allowed_segment`, which
+    `apply_model` and `demucs --segment` respect), shorter ones are padded to it
+    (`valid_length`, as MSST pads its last chunk), and a config's `segment` defaults to
+    `dset.segment` (`models.model_on_chunks`)."""
+    segment: tp.Any  # float or Fraction
+    samplerate: int
+
+    @property
+    def max_allowed_segment(self) -> float:
+        return float(self.segment)
+
+    def valid_length(self, length: int) -> int:
+        """The length a chunk of `length` samples is padded to (longer: left as is)."""
+        return max(length, int(self.segment * self.samplerate))
