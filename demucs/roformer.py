@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .losses import MultiStftSettings
+from .utils import TrainingChunk
 
 
 class RMSNorm(nn.Module):
@@ -45,16 +46,35 @@ class RotaryEmbedding(nn.Module):
         freqs = 1. / theta ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim)
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., N, D) -> (..., N, D), position n along N."""
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=self.freqs.dtype)
-        angles = (positions[:, None] * self.freqs).repeat_interleave(2, dim=-1)  # (N, D')
-        rot = angles.shape[-1]
+    def turns(self, length: int, device: torch.device) -> torch.Tensor:
+        """(N, D' / 2) complex: the turn of each pair at each position."""
+        positions = torch.arange(length, device=device, dtype=self.freqs.dtype)
+        angles = positions[:, None] * self.freqs
+        return torch.complex(angles.cos(), angles.sin())
+
+    def rotate(self, x: torch.Tensor, turns: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(..., N, D) -> (..., N, D), position n along N (`turns`: from `turns(N)`)."""
+        if turns is None:
+            turns = self.turns(x.shape[-2], x.device)
+        rot = 2 * turns.shape[-1]
         head, tail = x[..., :rot], x[..., rot:]
-        pairs = head.unflatten(-1, (-1, 2))
-        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        head = head * angles.cos().to(x.dtype) + turned * angles.sin().to(x.dtype)
+        if complex_view_ok(head):  # one complex product, on the input's memory
+            turned = torch.view_as_complex(head.unflatten(-1, (-1, 2))) * turns.to(
+                torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+            head = torch.view_as_real(turned).flatten(-2)
+        else:  # half precision: the same product in real arithmetic
+            pairs = head.unflatten(-1, (-1, 2))
+            turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+            cos = turns.real.repeat_interleave(2, dim=-1).to(x.dtype)
+            sin = turns.imag.repeat_interleave(2, dim=-1).to(x.dtype)
+            head = head * cos + turned * sin
         return torch.cat((head, tail), dim=-1) if tail.shape[-1] else head
+
+
+def complex_view_ok(x: torch.Tensor) -> bool:
+    """Whether `view_as_complex` takes x's pairs of features as they lie (float32/64)."""
+    return (x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(step % 2 == 0 for step in x.stride()[:-1]))
 
 
 class FeedForward(nn.Module):
@@ -89,7 +109,8 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         if self.rotary_embed is not None:
-            q, k = self.rotary_embed.rotate(q), self.rotary_embed.rotate(k)
+            turns = self.rotary_embed.turns(N, x.device)
+            q, k = self.rotary_embed.rotate(q, turns), self.rotary_embed.rotate(k, turns)
         dropout = self.dropout if self.training else 0.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, N, Dh)
         out = out * self.to_gates(x).transpose(1, 2).sigmoid()[..., None]
@@ -151,19 +172,82 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def equal_runs(sizes: tp.Sequence[int]) -> tp.List[tp.Tuple[int, int]]:
+    """[start, end) of each run of consecutive bands of the same size."""
+    runs: tp.List[tp.Tuple[int, int]] = []
+    start = 0
+    for index in range(1, len(sizes) + 1):
+        if index == len(sizes) or sizes[index] != sizes[start]:
+            runs.append((start, index))
+            start = index
+    return runs
+
+
+def stacked(layers: tp.Sequence[nn.Module], name: str) -> torch.Tensor:
+    """The parameter `name` of each of `layers`, stacked (a copy, through which gradients
+    reach each layer's own parameter)."""
+    return torch.stack([getattr(layer, name) for layer in layers])
+
+
+class BandLinear(torch.autograd.Function):
+    """Per band k, x[k] @ weights[k].T + biases[k], as one batched product: (K, N, in) ->
+    (K, N, out). The stacked weights are made again in the backward pass rather than
+    kept (as many bytes as the layers' parameters)."""
+
+    @staticmethod
+    def forward(ctx: tp.Any, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        weights = params[:len(params) // 2]
+        ctx.save_for_backward(x, *weights)
+        bias = torch.stack(params[len(params) // 2:])[:, None]
+        return torch.baddbmm(bias, x, torch.stack(weights).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: tp.Any, grad: torch.Tensor) -> tp.Tuple[tp.Optional[torch.Tensor], ...]:
+        x, *weights = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad, torch.stack(weights).to(grad.dtype))
+        grad_weights = torch.bmm(grad.transpose(1, 2), x.to(grad.dtype))  # (K, out, in)
+        return (grad_x, *grad_weights.unbind(0), *grad.sum(dim=1).unbind(0))
+
+
+def band_linear(x: torch.Tensor, layers: tp.Sequence[nn.Linear]) -> torch.Tensor:
+    """(K, N, in) -> (K, N, out): `layers[k]` applied to x[k] (see `BandLinear`)."""
+    params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+    return tp.cast(torch.Tensor, BandLinear.apply(x, *params))
+
+
 class BandSplit(nn.Module):
     """(B, T, sum(dims)) features of each band -> (B, T, K, D): per band, RMSNorm then a
-    linear map to `dim` (`to_features.k.0`, `.1`)."""
+    linear map to `dim` (`to_features.k.0`, `.1`).
+
+    The parameters stay per band (MSST's keys); consecutive bands of one size run as one
+    batched matrix product, with the RMSNorm's gain folded into the weights."""
 
     def __init__(self, dim: int, dim_inputs: tp.Sequence[int]):
         super().__init__()
         self.dim_inputs = tuple(dim_inputs)
+        self.runs = equal_runs(self.dim_inputs)
         self.to_features = nn.ModuleList(
             nn.Sequential(RMSNorm(size), nn.Linear(size, dim)) for size in self.dim_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bands = x.split(self.dim_inputs, dim=-1)
-        return torch.stack([net(band) for band, net in zip(bands, self.to_features)], dim=-2)
+        B, T, _ = x.shape
+        outputs = []
+        offset = 0
+        for start, end in self.runs:
+            size = self.dim_inputs[start]
+            nets = tp.cast(tp.Sequence[nn.Sequential], self.to_features[start:end])
+            norms, linears = [net[0] for net in nets], [net[1] for net in nets]
+            bands = x[..., offset:offset + (end - start) * size]
+            bands = bands.reshape(B * T, end - start, size).transpose(0, 1)  # (K', B * T, s)
+            offset += (end - start) * size
+            gains = stacked(norms, "gamma") * tp.cast(RMSNorm, norms[0]).scale  # (K', s)
+            weight = stacked(linears, "weight") * gains[:, None]  # (K', D, s)
+            bias = stacked(linears, "bias")[:, None]  # (K', 1, D)
+            outputs.append(torch.baddbmm(bias, F.normalize(bands, dim=-1), weight.transpose(1, 2)))
+        out = torch.cat(outputs)  # (K, B * T, D)
+        return out.transpose(0, 1).reshape(B, T, len(self.dim_inputs), -1)
 
 
 def mlp(dim_in: int, dim_out: int, dim_hidden: int, linears: int) -> nn.Sequential:
@@ -179,7 +263,8 @@ def mlp(dim_in: int, dim_out: int, dim_hidden: int, linears: int) -> nn.Sequenti
 
 class MaskEstimator(nn.Module):
     """(B, T, K, D) -> (B, T, sum(dims)): per band an MLP of `linears` layers to twice
-    the band's size, then a GLU (`to_freqs.k.0` the MLP, `.1` the GLU). MSST's
+    the band's size, then a GLU (`to_freqs.k.0` the MLP, `.1` the GLU), run as batched
+    matrix products over the bands (the last layer per run of bands of one size). MSST's
     `mask_estimator_depth` d gives d linear layers in a BS-RoFormer, d + 1 in a
     Mel-Band RoFormer."""
 
@@ -187,14 +272,29 @@ class MaskEstimator(nn.Module):
                  mlp_expansion_factor: int = 4):
         super().__init__()
         self.dim_inputs = tuple(dim_inputs)
+        self.runs = equal_runs(self.dim_inputs)
         hidden = dim * mlp_expansion_factor
         self.to_freqs = nn.ModuleList(
             nn.Sequential(mlp(dim, size * 2, hidden, linears), nn.GLU(dim=-1))
             for size in self.dim_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bands = x.unbind(dim=-2)
-        return torch.cat([net(band) for band, net in zip(bands, self.to_freqs)], dim=-1)
+        B, T, K, D = x.shape
+        mlps = [tp.cast(nn.Sequential, net[0]) for net in tp.cast(tp.Sequence[nn.Sequential],
+                                                                  self.to_freqs)]
+        linears = [[layer for layer in net if isinstance(layer, nn.Linear)] for net in mlps]
+        # the hidden layers, the same sizes for every band: one batched product each
+        h = x.reshape(B * T, K, D).transpose(0, 1)  # (K, B * T, D)
+        for index in range(len(linears[0]) - 1):
+            layers = [band[index] for band in linears]
+            h = band_linear(h, layers).tanh()
+        # the last layer and the GLU, for each run of bands of one size
+        outputs = []
+        runs = h.split([end - start for start, end in self.runs])  # (one cat backward)
+        for (start, end), run in zip(self.runs, runs):
+            out = band_linear(run, [band[-1] for band in linears[start:end]])  # (K', B * T, 2s)
+            outputs.append(F.glu(out, dim=-1).transpose(0, 1).flatten(1))
+        return torch.cat(outputs, dim=-1).view(B, T, -1)
 
 
 def axial_layers(dim: int, depth: int, time_transformer_depth: int,
@@ -244,14 +344,12 @@ def check_stems(sources: tp.Sequence[str], audio_channels: int, stereo: tp.Optio
                          f"{list(sources)}.")
 
 
-class RoformerBase(nn.Module):
+class RoformerBase(TrainingChunk, nn.Module):
     """The STFT, the axial transformers and the training loss of both RoFormers.
 
     Subclasses build `band_split` and `mask_estimators`, and implement `forward` from
     `spectrogram`, `layers` and `waveforms`.
     """
-    # built for one chunk length (`models.model_on_chunks`)
-    segment_is_training_chunk: tp.ClassVar[bool] = True
     sources: tp.List[str]
     samplerate: int
     audio_channels: int
@@ -293,11 +391,6 @@ class RoformerBase(nn.Module):
             window_sizes=tuple(multi_stft_resolutions_window_sizes),
             min_n_fft=tp.cast(int, self.stft_kwargs["n_fft"]), hop_size=multi_stft_hop_size,
             normalized=multi_stft_normalized, window_fn=multi_stft_window_fn)
-
-    @property
-    def max_allowed_segment(self) -> float:
-        """Chunks of `demucs --segment` may not exceed the training chunk (`segment`)."""
-        return float(self.segment)
 
     def _window(self, x: torch.Tensor) -> torch.Tensor:
         return self.stft_window(tp.cast(int, self.stft_kwargs["win_length"]), device=x.device)
