@@ -271,8 +271,12 @@ class AudioBlocks:
         fd, name = tempfile.mkstemp(prefix="demucs_", suffix=".f32")
         self._raw = Path(name)
         self._finalizer = weakref.finalize(self, self._raw.unlink, missing_ok=True)
-        with os.fdopen(fd, "wb") as raw:
-            _run(command, self.path, stdout=raw)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                _run(command, self.path, stdout=raw)
+        except BaseException:
+            self._finalizer()
+            raise
         return self._raw.stat().st_size // (4 * self._source_channels)
 
     def _open_soundfile(self) -> tp.Optional[int]:

@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+import tempfile
 import typing as tp
 from fractions import Fraction
 from pathlib import Path
@@ -261,6 +262,19 @@ def test_blocks_are_the_samples_read_whole(tmp_path: Path, name: str, rate: int,
         mean, std = mix_stats(blocks)
         assert torch.equal(mean, whole.mean(0).mean()) and torch.equal(std, whole.mean(0).std())
     assert raw is None or not raw.exists()  # the decoded samples are deleted
+
+
+def test_unreadable_file_leaves_no_temporary_file(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    require_programs("ffmpeg", "ffprobe")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    notes = tmp_path / "notes.mp3"
+    notes.write_text("not audio\n" * 100)
+    with pytest.raises(AudioError, match="notes.mp3"):
+        AudioBlocks(notes, 44100, 2)
+    assert list(temporary.iterdir()) == []
 
 
 # Writing block by block
