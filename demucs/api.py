@@ -222,8 +222,10 @@ class Separator:
         start = 0
         for piece in self._apply_stream(_Normalised(wav, mean, std)):
             stems = piece[0].cpu() * std + mean  # (S, C, n)
+            length = stems.shape[-1]
             yield start, dict(zip(self._model.sources, stems))
-            start += stems.shape[-1]
+            start += length
+            del piece, stems  # not held while the next segment runs
 
     def separate_audio_file(self, file: PathLike
                             ) -> tp.Tuple[torch.Tensor, tp.Dict[str, torch.Tensor]]:

@@ -166,6 +166,7 @@ def separate_track(separator: Separator, track: Path, run: Run) -> None:
             origin = mix[..., start:start + length] if minus else None
             for name, wav in stems_to_write(run.output, origin, stems).items():
                 writers[name].write(wav)
+            del stems, origin, wav  # not held while the next segment runs
 
 
 def report_failure(prog: str, track: Path, error: BaseException, verbose: bool) -> None:
