@@ -83,4 +83,6 @@ def test_registry_is_a_leaf_module() -> None:
     loaded = {m for m in imported_modules("demucs.models") if m.startswith("demucs.")}
     assert loaded <= {"demucs.models", "demucs.demucs", "demucs.hdemucs", "demucs.hlayers",
                       "demucs.htdemucs", "demucs.transformer", "demucs.spec", "demucs.wiener",
-                      "demucs.utils", "demucs.errors", "demucs.norm", "demucs.lean"}, loaded
+                      "demucs.utils", "demucs.errors", "demucs.norm", "demucs.lean",
+                      "demucs.roformer", "demucs.bs_roformer", "demucs.mel_roformer",
+                      "demucs.scnet", "demucs.losses"}, loaded
