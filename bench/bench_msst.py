@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -75,15 +74,25 @@ LR = {"bs_roformer": 5e-5, "mel_band_roformer": 5e-5, "scnet": 5e-4}
 
 # ---------------------------------------------------------------- worker (either side)
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak since `reset_peak`) in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.
 
 
+def reset_peak() -> float:
+    """Starts a new peak (loading the weights peaks higher than a forward); the RSS now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the process's peak stands
+        pass
+    return status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(status_mb("VmHWM"), status_mb("VmRSS"))
 
 
 def build(side: str, arch: str, kwargs: tp.Dict[str, tp.Any]) -> torch.nn.Module:
@@ -164,7 +173,7 @@ def job_forward(side: str, job: tp.Dict[str, tp.Any], model: torch.nn.Module) ->
     model.eval()
     mix, _ = data(1, int(job["seconds"] * RATE), seed=2)
     calls = count_calls(model)
-    start_rss = rss_mb()
+    start_rss = reset_peak()
     begin, cpu = time.perf_counter(), time.process_time()
     with amp_context(job["amp"]):
         if side == "msst":
@@ -191,7 +200,7 @@ def job_train(side: str, job: tp.Dict[str, tp.Any], model: torch.nn.Module) -> t
     model.train()
     optim = torch.optim.Adam(model.parameters(), lr=LR[job["arch"]])
     mix, target = data(job["batch"], job["chunk"], seed=3)
-    start_rss = rss_mb()
+    start_rss = reset_peak()
     durations, cpus, losses = [], [], []
     for _ in range(1 + job["steps"]):
         begin, cpu = time.perf_counter(), time.process_time()

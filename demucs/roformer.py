@@ -189,32 +189,60 @@ def stacked(layers: tp.Sequence[nn.Module], name: str) -> torch.Tensor:
     return torch.stack([getattr(layer, name) for layer in layers])
 
 
+def stacked_view(params: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+    """(K, ...) tensor whose entry k is params[k], read from their memory without a copy.
+
+    The parameters of same-shaped layers of the bands are moved, once, into one tensor of
+    which each becomes a view (`.data`: the same Parameter objects, values and
+    `state_dict` keys); a batched product then reads them in place rather than stacking
+    copies at every step. Moved again where something gave them memories of their own
+    (`.to(...)`, `load_state_dict(assign=True)`). No gradient flows through the result.
+    """
+    first = params[0]
+    size = first.numel()
+    if not all(param.is_contiguous() and param.dtype == first.dtype
+               and param.device == first.device and param.shape == first.shape
+               and param.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               and param.storage_offset() == first.storage_offset() + index * size
+               for index, param in enumerate(params)):
+        with torch.no_grad():
+            joined = torch.stack([param.detach() for param in params])
+        for param, part in zip(params, joined):
+            param.data = part
+        first = params[0]
+    return first.detach().as_strided((len(params), *first.shape),
+                                     (size, *first.stride()), first.storage_offset())
+
+
 class BandLinear(torch.autograd.Function):
-    """Per band k, x[k] @ weights[k].T + biases[k], as one batched product: (K, N, in) ->
-    (K, N, out). The stacked weights are made again in the backward pass rather than
-    kept (as many bytes as the layers' parameters)."""
+    """Per band k, x[k] @ weights[k].T + biases[k] as one batched product: (K, N, in) ->
+    (K, N, out), the weights read in place (`stacked_view`); gradients to each band's
+    own parameters."""
 
     @staticmethod
-    def forward(ctx: tp.Any, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        weights = params[:len(params) // 2]
-        ctx.save_for_backward(x, *weights)
-        bias = torch.stack(params[len(params) // 2:])[:, None]
-        return torch.baddbmm(bias, x, torch.stack(weights).transpose(1, 2))
+    def forward(ctx: tp.Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx: tp.Any, grad: torch.Tensor) -> tp.Tuple[tp.Optional[torch.Tensor], ...]:
-        x, *weights = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad, torch.stack(weights).to(grad.dtype))
+            grad_x = torch.bmm(grad, weight.to(grad.dtype))
         grad_weights = torch.bmm(grad.transpose(1, 2), x.to(grad.dtype))  # (K, out, in)
-        return (grad_x, *grad_weights.unbind(0), *grad.sum(dim=1).unbind(0))
+        return (grad_x, None, None, *grad_weights.unbind(0), *grad.sum(dim=1).unbind(0))
 
 
 def band_linear(x: torch.Tensor, layers: tp.Sequence[nn.Linear]) -> torch.Tensor:
     """(K, N, in) -> (K, N, out): `layers[k]` applied to x[k] (see `BandLinear`)."""
-    params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
-    return tp.cast(torch.Tensor, BandLinear.apply(x, *params))
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
+    weight, bias = stacked_view(weights), stacked_view(biases)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weights[0].requires_grad)):
+        return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
+    return tp.cast(torch.Tensor, BandLinear.apply(x, weight, bias, *weights, *biases))
 
 
 class BandSplit(nn.Module):
