@@ -155,7 +155,8 @@ class SDblock(nn.Module):
 
 
 class FusionLayer(nn.Module):
-    """Adds the skip, doubles the channels, 3x3 convolution and GLU."""
+    """Adds the skip, doubles the channels, 3x3 convolution and GLU (MSST's layout: the
+    convolution `conv` takes the channels twice)."""
 
     def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
         super().__init__()
@@ -163,8 +164,12 @@ class FusionLayer(nn.Module):
                               padding=padding)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = (x + skip).repeat(1, 2, 1, 1)
-        return F.glu(self.conv(x), dim=1)
+        # the convolution of the doubled input, as one of the input with the two halves
+        # of the weight summed (half the work, no copy)
+        C = x.shape[1]
+        weight = self.conv.weight[:, :C] + self.conv.weight[:, C:]
+        x = F.conv2d(x + skip, weight, self.conv.bias, self.conv.stride, self.conv.padding)
+        return F.glu(x, dim=1)
 
 
 class DualPathRNN(nn.Module):
