@@ -305,12 +305,22 @@ class MaskEstimator(nn.Module):
         self.to_freqs = nn.ModuleList(
             nn.Sequential(mlp(dim, size * 2, hidden, linears), nn.GLU(dim=-1))
             for size in self.dim_inputs)
+        # the weights laid out for the batched products now, not at the first forward
+        linears_of_bands = self._linears()
+        for index in range(linears):
+            layers = [band[index] for band in linears_of_bands]
+            for start, end in (self.runs if index == linears - 1 else [(0, len(layers))]):
+                stacked_view([layer.weight for layer in layers[start:end]])
+                stacked_view([layer.bias for layer in layers[start:end]])
+
+    def _linears(self) -> tp.List[tp.List[nn.Linear]]:
+        """The linear layers of each band's MLP."""
+        return [[layer for layer in tp.cast(nn.Sequential, net[0]) if isinstance(layer, nn.Linear)]
+                for net in tp.cast(tp.Sequence[nn.Sequential], self.to_freqs)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, K, D = x.shape
-        mlps = [tp.cast(nn.Sequential, net[0]) for net in tp.cast(tp.Sequence[nn.Sequential],
-                                                                  self.to_freqs)]
-        linears = [[layer for layer in net if isinstance(layer, nn.Linear)] for net in mlps]
+        linears = self._linears()
         # the hidden layers, the same sizes for every band: one batched product each
         h = x.reshape(B * T, K, D).transpose(0, 1)  # (K, B * T, D)
         for index in range(len(linears[0]) - 1):
