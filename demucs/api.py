@@ -132,6 +132,19 @@ class _CallbackPool:
             self.callback({**info, "state": state})
 
 
+def existing_audio_file(file: PathLike) -> Path:
+    """`file` as a Path; `AudioError` when it is missing, a folder or empty."""
+    path = Path(file)
+    if path.is_dir():
+        raise AudioError(f"{path} is a directory, not an audio file.")
+    if not path.exists():
+        raise AudioError(f"{path} does not exist. If the path contains spaces, surround "
+                         "it with quotes.")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path} is empty (0 bytes).")
+    return path
+
+
 class Separator:
     """A model loaded once, applied to tensors or files with the options given here.
 
@@ -235,14 +248,7 @@ class Separator:
     def load_audio(self, file: PathLike) -> torch.Tensor:
         """`file` as `(C, T)` at the model's rate and channel count; `AudioError` naming
         the file when it is missing, a folder, empty, unreadable or too short."""
-        path = Path(file)
-        if path.is_dir():
-            raise AudioError(f"{path} is a directory, not an audio file.")
-        if not path.exists():
-            raise AudioError(f"{path} does not exist. If the path contains spaces, surround "
-                             "it with quotes.")
-        if path.stat().st_size == 0:
-            raise AudioError(f"{path} is empty (0 bytes).")
+        path = existing_audio_file(file)
         wav = read_audio(path, self.samplerate, self.audio_channels)
         self._check_length(wav, str(path))
         return wav
@@ -250,14 +256,7 @@ class Separator:
     def open_audio_file(self, file: PathLike) -> AudioBlocks:
         """`file` to be read by blocks (`audio.AudioBlocks`) at the model's rate and channel
         count, for `separate_stream`; the errors of `load_audio`. Close it when done."""
-        path = Path(file)
-        if path.is_dir():
-            raise AudioError(f"{path} is a directory, not an audio file.")
-        if not path.exists():
-            raise AudioError(f"{path} does not exist. If the path contains spaces, surround "
-                             "it with quotes.")
-        if path.stat().st_size == 0:
-            raise AudioError(f"{path} is empty (0 bytes).")
+        path = existing_audio_file(file)
         blocks = AudioBlocks(path, self.samplerate, self.audio_channels)
         try:
             self._check_length(blocks, str(path))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .roformer import (ROFORMER_CHUNK, BandSplit, MaskEstimator,
-                       RMSNorm, RoformerBase, Segment, check_stems)
+                       RMSNorm, RoformerBase, Segment)
 from .utils import capture_init
 
 # 62 bands over the 1025 bins of a 2048-point STFT (the paper's split at 44.1 kHz)
@@ -106,15 +106,13 @@ class BSRoformer(RoformerBase):
                  skip_connection: bool = False,
                  use_pope: bool = False):
         super().__init__()
-        check_stems(sources, audio_channels, stereo, num_stems)
-        if use_pope:
-            raise ValueError("use_pope=true (polar positional embedding) is not supported.")
         bins = stft_n_fft // 2 + 1
         if len(freqs_per_bands) < 2 or sum(freqs_per_bands) != bins:
             raise ValueError(f"freqs_per_bands must list 2 or more bands summing to the "
                              f"{bins} bins of stft_n_fft={stft_n_fft}, not "
                              f"{sum(freqs_per_bands)}.")
-        self._setup_audio(sources, audio_channels, samplerate, segment, stft_n_fft,
+        self._setup_audio(sources, audio_channels, samplerate, segment, stereo, num_stems,
+                          use_pope, stft_n_fft,
                           stft_hop_length, stft_win_length, stft_normalized, stft_window_fn,
                           zero_dc)
         self._setup_loss(multi_stft_resolution_loss_weight, multi_stft_resolutions_window_sizes,

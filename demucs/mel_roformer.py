@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .roformer import (ROFORMER_CHUNK, BandSplit, MaskEstimator, RoformerBase, Segment,
-                       check_stems)
+from .roformer import ROFORMER_CHUNK, BandSplit, MaskEstimator, RoformerBase, Segment
 from .utils import capture_init
 
 
@@ -118,12 +117,10 @@ class MelBandRoformer(RoformerBase):
                  skip_connection: bool = False,
                  use_pope: bool = False):
         super().__init__()
-        check_stems(sources, audio_channels, stereo, num_stems)
         if sample_rate is not None and sample_rate != samplerate:
             raise ValueError(f"sample_rate={sample_rate} disagrees with samplerate={samplerate}.")
-        if use_pope:
-            raise ValueError("use_pope=true (polar positional embedding) is not supported.")
-        self._setup_audio(sources, audio_channels, samplerate, segment, stft_n_fft,
+        self._setup_audio(sources, audio_channels, samplerate, segment, stereo, num_stems,
+                          use_pope, stft_n_fft,
                           stft_hop_length, stft_win_length, stft_normalized, stft_window_fn,
                           zero_dc)
         self._setup_loss(multi_stft_resolution_loss_weight, multi_stft_resolutions_window_sizes,

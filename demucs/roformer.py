@@ -398,9 +398,13 @@ class RoformerBase(TrainingChunk, nn.Module):
     mask_estimators: nn.ModuleList
 
     def _setup_audio(self, sources: tp.Sequence[str], audio_channels: int, samplerate: int,
-                     segment: Segment, stft_n_fft: int, stft_hop_length: int,
+                     segment: Segment, stereo: tp.Optional[bool], num_stems: tp.Optional[int],
+                     use_pope: bool, stft_n_fft: int, stft_hop_length: int,
                      stft_win_length: int, stft_normalized: bool,
                      stft_window_fn: tp.Optional[str], zero_dc: bool) -> None:
+        check_stems(sources, audio_channels, stereo, num_stems)
+        if use_pope:
+            raise ValueError("use_pope=true (polar positional embedding) is not supported.")
         self.sources = list(sources)
         self.audio_channels = audio_channels
         self.samplerate = samplerate
