@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import typing as tp
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -285,51 +286,45 @@ class Separator:
                              f"{self.samplerate} Hz, at least {minimum} ({MIN_SECONDS:g} s) "
                              "are needed.")
 
-    def _apply(self, norm: torch.Tensor) -> torch.Tensor:
-        """`apply_model` on the normalised `(C, T)` mix, `(S, C, T)` on the CPU."""
+    @contextmanager
+    def _running(self, length: int) -> tp.Iterator[tp.Tuple[tp.Any, "_CallbackPool"]]:
+        """The model (or its runner) and the callback pool of one separation of `length`
+        samples, with the `jobs` executor shut down and the whole-track callbacks of
+        `split=False` sent around it."""
         opts = self._options
         device = tp.cast(torch.device, opts.device)  # the check made it a torch.device
         executor = None
         if opts.jobs > 0 and device.type == "cpu":
             executor = ThreadPoolExecutor(opts.jobs)
         model = self.prepare()
-        pool = _CallbackPool(model, norm.shape[-1], opts.callback,
-                             opts.callback_arg or {}, executor)
+        pool = _CallbackPool(model, length, opts.callback, opts.callback_arg or {}, executor)
         if not opts.split:
             pool.report(pool.whole(), "start")
         try:
-            out = apply_model(model, norm[None], shifts=opts.shifts, split=opts.split,
-                              overlap=opts.overlap, progress=opts.progress, device=device,
-                              pool=pool, segment=opts.segment)[0]
+            yield model, pool
         finally:
             if executor is not None:
                 executor.shutdown(cancel_futures=True)
         if not opts.split:
             pool.report(pool.whole(), "end")
+
+    def _apply(self, norm: torch.Tensor) -> torch.Tensor:
+        """`apply_model` on the normalised `(C, T)` mix, `(S, C, T)` on the CPU."""
+        opts = self._options
+        with self._running(norm.shape[-1]) as (model, pool):
+            out = apply_model(model, norm[None], shifts=opts.shifts, split=opts.split,
+                              overlap=opts.overlap, progress=opts.progress,
+                              device=opts.device, pool=pool, segment=opts.segment)[0]
         return out.cpu()
 
     def _apply_stream(self, norm: Track) -> tp.Iterator[torch.Tensor]:
         """`apply_model_stream` on the normalised `(1, C, T)` mix, as `_apply` runs it."""
         opts = self._options
-        device = tp.cast(torch.device, opts.device)
-        executor = None
-        if opts.jobs > 0 and device.type == "cpu":
-            executor = ThreadPoolExecutor(opts.jobs)
-        model = self.prepare()
-        pool = _CallbackPool(model, norm.shape[-1], opts.callback,
-                             opts.callback_arg or {}, executor)
-        if not opts.split:
-            pool.report(pool.whole(), "start")
-        try:
+        with self._running(norm.shape[-1]) as (model, pool):
             yield from apply_model_stream(model, norm, shifts=opts.shifts,
                                           split=opts.split, overlap=opts.overlap,
-                                          progress=opts.progress, device=device, pool=pool,
-                                          segment=opts.segment)
-        finally:
-            if executor is not None:
-                executor.shutdown(cancel_futures=True)
-        if not opts.split:
-            pool.report(pool.whole(), "end")
+                                          progress=opts.progress, device=opts.device,
+                                          pool=pool, segment=opts.segment)
 
     # Properties
     @property
