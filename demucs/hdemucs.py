@@ -231,7 +231,9 @@ class HybridSpectrogram:
 
     def _encode_decode(self, x: torch.Tensor, xt: torch.Tensor
                        ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The network on normalised inputs; each hybrid model (HDemucs, HTDemucs) has its
+        own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no _encode_decode.")
 
     def _spec(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> complex (B, C, nfft // 2, ceil(T / hop)) when hybrid."""

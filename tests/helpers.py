@@ -90,6 +90,16 @@ def write_wav(path: Path, wav: torch.Tensor, samplerate: int, subtype: str = "PC
     return path
 
 
+def file_bytes(path: Path) -> bytes:
+    """The bytes of an audio file, but the time stamp libsndfile writes in the PEAK chunk
+    of float wav files (the second it was written)."""
+    data = path.read_bytes()
+    peak = data.find(b"PEAK", 0, 200)
+    if peak < 0:
+        return data
+    return data[:peak + 12] + b"\0\0\0\0" + data[peak + 16:]
+
+
 def read_wav(path: Path) -> torch.Tensor:
     """Read a wav file as a float32 (C, T) tensor."""
     data, _ = sf.read(str(path), dtype="float32", always_2d=True)

@@ -21,8 +21,8 @@ from demucs.audio import AudioFile, save_audio
 from demucs.htdemucs import HTDemucs
 from demucs.states import load_model, save_with_checksum, serialize_model
 
-from helpers import (SOURCES, main_error, needs_ffmpeg, noise, one_line, read_wav,
-                     skip_or_fail, tiny_demucs, tiny_hdemucs, tones)
+from helpers import (SOURCES, file_bytes, main_error, needs_ffmpeg, noise, one_line,
+                     read_wav, skip_or_fail, tiny_demucs, tiny_hdemucs, tones)
 
 SR = 44100
 SECONDS = 3
@@ -608,16 +608,6 @@ def write_whole(argv: list[str], track: Path) -> None:
     origin, stems = separator.separate_audio_file(track)
     for name, wav in separate.stems_to_write(run.output, origin, stems).items():
         save_audio(wav, run.path(track, name), separator.samplerate, **run.output.save_kwargs())
-
-
-def file_bytes(path: Path) -> bytes:
-    """The bytes of an audio file, but the time stamp libsndfile writes in the PEAK chunk
-    of float wav files (the second it was written)."""
-    data = path.read_bytes()
-    peak = data.find(b"PEAK", 0, 200)
-    if peak < 0:
-        return data
-    return data[:peak + 12] + b"\0\0\0\0" + data[peak + 16:]
 
 
 FORMAT_FLAGS = {"wav16": [], "wav24": ["--int24"], "float32": ["--float32"],

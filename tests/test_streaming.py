@@ -25,7 +25,8 @@ from demucs.audio import AudioBlocks, AudioWriter, read_audio, save_audio
 from demucs.errors import AudioError
 from demucs.utils import center_trim
 
-from helpers import noise, require_programs, tiny_demucs, tiny_hdemucs, tiny_htdemucs
+from helpers import (file_bytes, noise, require_programs, tiny_demucs, tiny_hdemucs,
+                     tiny_htdemucs)
 
 
 # The track-long algorithm as apply.py had it before streaming: the reference.
@@ -278,16 +279,6 @@ def test_unreadable_file_leaves_no_temporary_file(tmp_path: Path,
 
 
 # Writing block by block
-
-def file_bytes(path: Path) -> bytes:
-    """The bytes of an audio file, but the time stamp libsndfile writes in the PEAK chunk
-    of float wav files (the second it was written)."""
-    data = path.read_bytes()
-    peak = data.find(b"PEAK", 0, 200)
-    if peak < 0:
-        return data
-    return data[:peak + 12] + b"\0\0\0\0" + data[peak + 16:]
-
 
 LOUD = 3 * noise(2, 30011, seed=2)  # peaks above 1: rescale and clamp change it
 FORMATS: dict[str, tuple[str, dict[str, tp.Any]]] = {

@@ -17,16 +17,21 @@ import argparse
 import typing as tp
 from pathlib import Path
 
+from torch import nn
+
+from demucs import train
 from demucs.errors import DemucsError, report_errors
 from demucs.msst import ARCHS, import_model, model_arch, read_config
-from demucs.states import load_model, save_atomic, save_with_checksum, serialize_model
+from demucs.states import save_atomic, save_with_checksum, serialize_model
+from demucs.weights import package_overrides
 
 PROG = "tools.import_msst"
 
 
 def import_package(arch: str, config: Path, checkpoint: Path, out: Path, half: bool = False,
-                   sign: bool = False) -> Path:
-    """Write the package of the MSST model (`config`, `checkpoint`) to `out`."""
+                   sign: bool = False) -> tp.Tuple[Path, nn.Module]:
+    """Write the package of the MSST model (`config`, `checkpoint`) to `out`; returns its
+    path and the model."""
     if out.suffix != ".th":
         raise DemucsError(f"--out {out}: a package file ends with .th.")
     model = import_model(arch, config, checkpoint)
@@ -34,17 +39,14 @@ def import_package(arch: str, config: Path, checkpoint: Path, out: Path, half: b
                               half=half)
     out.parent.mkdir(parents=True, exist_ok=True)
     if sign:
-        return save_with_checksum(package, out)
+        return save_with_checksum(package, out), model
     save_atomic(package, out)
-    return out
+    return out, model
 
 
-def finetune_overrides(path: Path) -> tp.List[str]:
-    """The `dora run` overrides that build the packaged model (`model=...`, its section's
-    keys that differ from the defaults, `dset.sources`, `weights`), to fine-tune it."""
-    from demucs import train
-    from demucs.weights import package_overrides
-    model = load_model(path)
+def finetune_overrides(model: nn.Module) -> tp.List[str]:
+    """The `dora run` overrides that build `model` (`model=...`, its section's keys that
+    differ from the defaults, `dset.sources`, `weights`), to fine-tune its package."""
     arch = model_arch(model)
     return [f"model={arch}",
             *package_overrides(model, train.main.get_xp([f"model={arch}"]).cfg)]
@@ -70,11 +72,11 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     with report_errors(PROG, args.verbose):
-        path = import_package(args.model_type, args.config, args.checkpoint, args.out,
-                              half=args.half, sign=args.sign)
+        path, model = import_package(args.model_type, args.config, args.checkpoint,
+                                     args.out, half=args.half, sign=args.sign)
         print(f"Imported the {args.model_type} of {args.checkpoint} as {path}.")
         print(f"Separate with: demucs --repo {path.parent} -n {path.stem} TRACK")
-        overrides = " ".join(finetune_overrides(path))
+        overrides = " ".join(finetune_overrides(model))
         print(f"Fine-tune with: dora run {overrides} continue_pretrained={path.resolve()}")
 
 
