@@ -1,132 +1,226 @@
-"""Separation speed and peak memory of each backend (torch, onnxruntime, openvino).
+"""The `demucs` command with each backend, side by side with the original Demucs.
 
-For each model of bench_separation.py (HDemucs 81de367c config, Demucs 9357e12e config,
-HTDemucs 955717e8 config; random weights) and each backend: seconds per second of audio
-of `apply_model` (shifts=1, overlap 0.25, as the `demucs` command) and the peak resident
-memory during it, each run in a fresh process, the backends alternating, each side's
-minimum of `--repeats`; then the ratios to the torch backend. The graphs are exported once
-into `--cache` before timing (the `demucs` command does the same into ~/.cache).
+For each model (HDemucs 81de367c config, Demucs 9357e12e config, HTDemucs 955717e8
+config, as bench_separation.py builds them; random weights, saved as packages in a
+`--repo` folder) the `demucs` command separates the same `--seconds` of stereo 44.1 kHz
+audio (16-bit wav; default options: shifts 1, overlap 0.25, float32 stems) once per
+side and repeat, the sides alternating, each in a fresh process with `--threads` threads:
 
-    python bench/bench_backends.py [--seconds 20] [--threads 2] [--repeats 3]
-        [--segment SECONDS] [--models hdemucs demucs htdemucs]
-        [--backends torch onnxruntime openvino]
+- `original`: the original's own command, `demucs==3.0.6` for the v3 models and
+  `demucs==4.1.0` for HTDemucs, each from a venv of its own outside the repository
+  (`--setup` makes them: torch 2.13.0, the package without its dependencies, those it
+  imports, and bench/baselines/torchaudio, a soundfile stand-in for torchaudio's file
+  functions, which have no release for torch 2.13);
+- `torch`, `onnxruntime`, `openvino`: this repository's command with `--backend`.
 
-`--segment` sets the chunk length of the models without a length limit (the v3 ones, 44 s
-by default; an HTDemucs keeps its 7.8 s): graphs run on whole chunks, so a track shorter
-than a chunk costs a whole chunk with the ONNX backends (docs/onnx.md).
-Not measured here: the original v3 (`demucs==3.0.6`) side by side, see bench/README.md.
+Printed per side: wall seconds per second of audio (the whole command: start, model
+loading, reading, separation, writing) and peak resident memory, the minimum of the
+repeats, their ratios to the original, and the largest difference of its stems from the
+torch backend's, over the torch stems' largest value. Every process seeds Python's
+`random` with 0 first, so all sides draw the same random shifts. The graphs are exported
+into `--cache` by an untimed first run of each side (which also warms the file cache).
+
+    python bench/bench_backends.py --setup [--original /tmp/demucs-v3 --upstream /tmp/demucs-v4]
+    python bench/bench_backends.py [--seconds 60] [--threads 2] [--repeats 3]
+        [--models hdemucs demucs htdemucs] [--backends torch onnxruntime openvino]
+        [--original /tmp/demucs-v3] [--upstream /tmp/demucs-v4] [--no-original]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
+import shutil
 import subprocess
 import sys
 import time
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
+import soundfile
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("hdemucs", "demucs", "htdemucs")
 BACKENDS = ("torch", "onnxruntime", "openvino")
+SIGNATURES = {"hdemucs": "81de367c", "demucs": "9357e12e", "htdemucs": "955717e8"}
+ORIGINAL = {"hdemucs": "demucs==3.0.6", "demucs": "demucs==3.0.6", "htdemucs": "demucs==4.1.0"}
+# What the original packages import, installed next to them without their own
+# requirements (torchaudio has no release for torch 2.13; see the module doc).
+BASELINE_DEPENDENCIES = ["dora-search", "diffq", "julius", "lameenc", "pyyaml", "tqdm",
+                         "numpy", "soundfile", "einops", "sphn", "safetensors"]
+# The command, with Python's `random` seeded first (argv: the command's arguments).
+LAUNCHER = ("import random, sys; random.seed(0); sys.argv = ['demucs'] + sys.argv[1:]; "
+            "from demucs.separate import main; main()")
 
 
-def peak_reset() -> None:
-    """Start a new peak of resident memory (Linux: VmHWM)."""
-    Path("/proc/self/clear_refs").write_text("5")
+@dataclass
+class Run:
+    seconds: float  # wall clock of the whole command
+    peak_mb: float  # its peak resident memory
 
 
-def peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def setup(venv: Path, package: str) -> None:
+    """Make the venv `venv` with `package` (the original Demucs) and what it imports."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["--no-deps", package, "openunmix"], check=True)
+    subprocess.run(pip + BASELINE_DEPENDENCIES, check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], check=True, capture_output=True, text=True)
+    target = Path(site.stdout.strip()) / "torchaudio"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(HERE / "baselines" / "torchaudio", target)
+    print(f"{venv}: {package} with torch 2.13.0 ready.")
 
 
-def prepared(name: str, backend: str, segment: tp.Optional[float]) -> tp.Any:
-    """The model `name` with its segment, or its runners (exported into the cache)."""
+def write_track(path: Path, seconds: float) -> None:
+    """`seconds` of 16-bit stereo noise with a slow loudness swell (not a constant level)."""
+    rng = np.random.default_rng(0)
+    frames = int(seconds * 44100)
+    envelope = 0.25 + 0.2 * np.sin(np.linspace(0, 12 * np.pi, frames))[:, None]
+    audio = rng.uniform(-1, 1, (frames, 2)) * envelope
+    soundfile.write(str(path), audio.astype(np.float32), 44100, subtype="PCM_16")
+
+
+def write_package(name: str, repo: Path) -> None:
+    """The model `name` with random weights as `SIGNATURE-CHECKSUM.th` in `repo`."""
     from bench_separation import build  # the models as bench_separation.py builds them
 
-    from demucs.backends import runnable
-    model: tp.Any = build(name).eval()
-    if segment is not None and getattr(model, "max_allowed_segment", None) is None:
-        model.segment = segment
-    return runnable(model, backend, log=lambda line: print(line, file=sys.stderr))
+    from demucs.states import save_with_checksum, serialize_model
+    package = serialize_model(build(name), {}, half=False)
+    save_with_checksum(package, repo / f"{SIGNATURES[name]}.th")
 
 
-def measure(name: str, backend: str, seconds: float, segment: tp.Optional[float]
-            ) -> tp.Dict[str, float]:
-    """One separation of `seconds` of noise: seconds per second, peak memory (MB)."""
-    from demucs.apply import apply_model
-    model = prepared(name, backend, segment)
-    mix = torch.randn(1, 2, int(seconds * 44100))
-    random.seed(0)
-    peak_reset()
-    begin = time.perf_counter()
-    apply_model(model, mix, shifts=1, split=True, overlap=0.25)
-    elapsed = time.perf_counter() - begin
-    return {"s_per_s": elapsed / seconds, "peak_mb": peak_mb()}
+def command(python: Path, name: str, repo: Path, out: Path, track: Path,
+            backend: tp.Optional[str]) -> tp.List[str]:
+    argv = [str(python), "-c", LAUNCHER, "--repo", str(repo), "-n", SIGNATURES[name],
+            "-o", str(out), "--float32", "-d", "cpu", str(track)]
+    return argv + (["--backend", backend] if backend else [])
 
 
-def run_child(args: argparse.Namespace, name: str, backend: str) -> tp.Dict[str, float]:
-    """`measure` in a fresh process (its own peak memory, no warm caches)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, backend,
-               "--seconds", str(args.seconds), "--threads", str(args.threads)]
-    if args.segment is not None:
-        command += ["--segment", str(args.segment)]
-    env = {**os.environ, "DEMUCS_ONNX_CACHE": str(args.cache), "OMP_NUM_THREADS":
-           str(args.threads)}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} {backend} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run(argv: tp.List[str], env: tp.Dict[str, str], cwd: Path) -> Run:
+    """Run `argv` in `cwd`; its wall time and peak resident memory (`wait4`'s maxrss)."""
+    log = cwd / "stderr.txt"
+    with open(log, "wb") as stderr:
+        begin = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - begin
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}):\n{log.read_text()[-3000:]}")
+    return Run(seconds=elapsed, peak_mb=usage.ru_maxrss / 1024)
 
 
-def report(name: str, results: tp.Dict[str, tp.List[tp.Dict[str, float]]]) -> None:
-    base = min(r["s_per_s"] for r in results["torch"]) if "torch" in results else None
-    base_mb = min(r["peak_mb"] for r in results["torch"]) if "torch" in results else None
-    for backend, runs in results.items():
-        speed = min(r["s_per_s"] for r in runs)
-        memory = min(r["peak_mb"] for r in runs)
-        times = ", ".join(f"{run['s_per_s']:.3f}" for run in runs)
-        line = f"{name:8s} {backend:11s} {speed:.3f} s/s  peak {memory:.0f} MB  (runs: {times})"
-        if base is not None and base_mb is not None and backend != "torch":
-            line += f"  time x{speed / base:.2f}, memory x{memory / base_mb:.2f} of torch"
+def stems(folder: Path) -> np.ndarray:
+    """The stems the command wrote under `folder` (one track), stacked in name order."""
+    files = sorted(folder.rglob("*.wav"))
+    if not files:
+        raise SystemExit(f"No stems under {folder}.")
+    return np.stack([soundfile.read(str(f), dtype="float32")[0] for f in files])
+
+
+def error_to(reference: np.ndarray, other: np.ndarray) -> float:
+    """Largest difference over the reference's largest value."""
+    if reference.shape != other.shape:
+        return float("nan")
+    return float(np.abs(reference - other).max() / np.abs(reference).max())
+
+
+def bench_model(args: argparse.Namespace, name: str, work: Path) -> None:
+    repo = work / "repo"
+    track = work / "track.wav"
+    sides: tp.Dict[str, tp.List[str]] = {}
+    original = args.upstream if name == "htdemucs" else args.original
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "DEMUCS_ONNX_CACHE": str(args.cache)}
+    if original is not None:
+        sides["original"] = command(original / "bin" / "python", name, repo,
+                                    work / "out_original", track, None)
+    for backend in args.backends:
+        sides[backend] = command(Path(sys.executable), name, repo, work / f"out_{backend}",
+                                 track, backend)
+    # The original must not import this repository's package: run from `work`, with
+    # PYTHONPATH cleared for it; ours gets the repository on its path.
+    ours_env = {**env, "PYTHONPATH": str(HERE.parent)}
+    # torch >= 2.6 loads with weights_only by default, which the originals' packages
+    # (pickled classes) need turned off.
+    theirs_env = {**{k: v for k, v in env.items() if k != "PYTHONPATH"},
+                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    envs = {side: theirs_env if side == "original" else ours_env for side in sides}
+    for side, argv in sides.items():  # untimed: exports, file cache, stems to compare
+        run(argv, envs[side], work)
+    results: tp.Dict[str, tp.List[Run]] = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side, argv in sides.items():
+            results[side].append(run(argv, envs[side], work))
+    reference = stems(work / "out_torch") if "torch" in sides else None
+    report(name, args, results, {side: stems(work / f"out_{side}") for side in sides},
+           reference, ORIGINAL[name] if original is not None else None)
+
+
+def report(name: str, args: argparse.Namespace, results: tp.Dict[str, tp.List[Run]],
+           outputs: tp.Dict[str, np.ndarray], reference: tp.Optional[np.ndarray],
+           original: tp.Optional[str]) -> None:
+    base = results.get("original")
+    for side, runs in results.items():
+        speed = min(r.seconds for r in runs) / args.seconds
+        memory = min(r.peak_mb for r in runs)
+        label = f"original ({original})" if side == "original" else f"ours, {side}"
+        times = ", ".join(f"{r.seconds:.1f}" for r in runs)
+        line = (f"{name:8s} {label:22s} {speed:.3f} s/s  peak {memory:5.0f} MB  "
+                f"(runs: {times} s)")
+        if base is not None and side != "original":
+            line += (f"  time x{speed * args.seconds / min(r.seconds for r in base):.2f}, "
+                     f"memory x{memory / min(r.peak_mb for r in base):.2f} of the original")
+        if reference is not None and side != "torch":
+            line += f"  stems {error_to(reference, outputs[side]):.1e} of scale from torch's"
         print(line, flush=True)
 
 
 def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.)
+    parser.add_argument("--seconds", type=float, default=60.)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--segment", type=float)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--original", type=Path, default=Path("/tmp/demucs-v3"),
+                        help="venv of demucs==3.0.6 (the v3 models' original)")
+    parser.add_argument("--upstream", type=Path, default=Path("/tmp/demucs-v4"),
+                        help="venv of demucs==4.1.0 (HTDemucs' original)")
+    parser.add_argument("--no-original", action="store_true",
+                        help="only this repository's backends")
+    parser.add_argument("--setup", action="store_true",
+                        help="make the two venvs of the originals, then stop")
     parser.add_argument("--cache", type=Path, default=HERE / "results" / "onnx_cache")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=HERE / "results" / "backends")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.child:
-        name, backend = args.child
-        print(json.dumps(measure(name, backend, args.seconds, args.segment)))
+    if args.setup:
+        setup(args.original, ORIGINAL["hdemucs"])
+        setup(args.upstream, ORIGINAL["htdemucs"])
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.seconds:g} s of audio, "
-          f"minimum of {args.repeats} alternating runs")
+    for attr in ("original", "upstream"):
+        venv = getattr(args, attr)
+        if args.no_original or not (venv / "bin" / "python").exists():
+            if not args.no_original:
+                print(f"No venv at {venv}: its original is not measured (make it with "
+                      "python bench/bench_backends.py --setup).")
+            setattr(args, attr, None)
+    print(f"{args.threads} threads, {args.seconds:g} s of audio, minimum of {args.repeats} "
+          "alternating runs of each side")
     for name in args.models:
-        for backend in args.backends:  # the exports, once, untimed
-            os.environ["DEMUCS_ONNX_CACHE"] = str(args.cache)
-            prepared(name, backend, args.segment)
-        results: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {b: [] for b in args.backends}
-        for _ in range(args.repeats):
-            for backend in args.backends:
-                results[backend].append(run_child(args, name, backend))
-        report(name, results)
+        work = args.work / name
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "repo").mkdir(parents=True)
+        write_track(work / "track.wav", args.seconds)
+        write_package(name, work / "repo")
+        bench_model(args, name, work)
 
 
 if __name__ == "__main__":
