@@ -192,8 +192,11 @@ def test_finetune_on_automix_export_and_separate_with_a_bag(workspace: Workspace
 
 def _wait_for_epochs(workspace: Workspace, sig: str, epochs: int,
                      process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `epochs` epochs are in the history and a checkpoint is written (the solver
+    writes the history first: a kill in between leaves nothing to resume from)."""
     begin = time.time()
-    while len(history(workspace, sig)) < epochs:
+    checkpoint = workspace.root / "outputs" / "xps" / sig / "checkpoint.th"
+    while len(history(workspace, sig)) < epochs or not checkpoint.exists():
         assert process.poll() is None, "the training ended before it could be killed"
         assert time.time() - begin < timeout, "no epoch written in time"
         time.sleep(0.2)
