@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import random
 import re
@@ -37,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .bag import BagOfModels, sub_models
+from .demucs import Demucs
 from .errors import ConfigError, ModelLoadingError
 from .graphs import (FORMAT, MANIFEST, OPSET, Graph, Manifest, Spectrogram, chunk_seconds,
                      export, is_graph_folder)
@@ -81,7 +83,8 @@ def _version(text: str) -> tp.Tuple[int, ...]:
 class Session(tp.Protocol):
     """A graph loaded in a runtime."""
     def run(self, inputs: Arrays) -> tp.List[np.ndarray]: ...
-    def shapes(self) -> tp.Dict[str, tp.List[int]]: ...
+    def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
+        """The sizes of the inputs and outputs, None for a dynamic axis."""
 
 
 class OrtSession:
@@ -104,9 +107,10 @@ class OrtSession:
     def run(self, inputs: Arrays) -> tp.List[np.ndarray]:
         return list(self.session.run(None, inputs))
 
-    def shapes(self) -> tp.Dict[str, tp.List[int]]:
+    def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
         ports = [*self.session.get_inputs(), *self.session.get_outputs()]
-        return {port.name: list(port.shape) for port in ports}
+        return {port.name: [dim if isinstance(dim, int) else None for dim in port.shape]
+                for port in ports}
 
 
 class OpenVinoSession:
@@ -126,9 +130,10 @@ class OpenVinoSession:
         return [request.get_output_tensor(index).data.copy()
                 for index in range(len(self.compiled.outputs))]
 
-    def shapes(self) -> tp.Dict[str, tp.List[int]]:
+    def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
         ports = [*self.compiled.inputs, *self.compiled.outputs]
-        return {port.get_any_name(): list(port.get_partial_shape().to_shape())
+        return {port.get_any_name(): [dim.get_length() if dim.is_static else None
+                                      for dim in port.get_partial_shape()]
                 for port in ports}
 
 
@@ -147,10 +152,12 @@ def open_session(path: Path, graph: Graph, backend: str) -> Session:
     except Exception as error:  # each runtime has its own errors for a bad file
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelLoadingError(f"{path}: {backend} cannot load it ({first}).") from None
-    expected = {**graph.inputs, **graph.outputs}
+    expected = {name: [dim if isinstance(dim, int) else None for dim in shape]
+                for name, shape in {**graph.inputs, **graph.outputs}.items()}
     if session.shapes() != expected:
         raise ModelLoadingError(f"{path}: its inputs and outputs {session.shapes()} are not "
-                                f"those {MANIFEST} gives ({expected}); export the model again.")
+                                f"those {MANIFEST} gives ({expected}, None: any size); "
+                                "export the model again.")
     return session
 
 
@@ -182,6 +189,8 @@ class GraphRunner(nn.Module):
         self.audio_channels = manifest.audio_channels
         self.segment = graph.segment
         self.length = graph.length
+        self.dynamic = graph.dynamic
+        self.padding = graph.padding
         self.draws = graph.draws
         self.session = session
         self.steps = None if graph.spectrogram is None else SpectrogramSteps(
@@ -191,19 +200,33 @@ class GraphRunner(nn.Module):
 
     @property
     def max_allowed_segment(self) -> float:
-        return self.segment
+        return math.inf if self.dynamic else self.segment
 
     def valid_length(self, length: int) -> int:
+        """The length the model pads a chunk of `length` samples to, before the graph
+        (`apply_model` pads it so, with the audio around the chunk)."""
+        if self.dynamic:
+            if self.padding is None:  # an HDemucs takes any length
+                return length
+            return Demucs.valid_length(tp.cast(Demucs, self.padding), length)
         if length > self.length:
             raise ValueError(f"Given length {length} is longer than the {self.length} samples "
                              "this graph runs on; cut the input into chunks (apply_model does).")
         return self.length
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        """(B, C, T) mixture, T <= `length` -> (B, S, C, T) estimated sources."""
+        """(B, C, T) mixture -> (B, S, C, T) estimated sources; T <= `length` for a graph
+        of fixed length, a valid length (`valid_length`) for a Demucs."""
         length = mix.shape[-1]
+        if self.dynamic and self.valid_length(length) != length:
+            raise ValueError(f"This Demucs graph runs on valid lengths, not {length} samples: "
+                             f"pad the input to valid_length({length}) = "
+                             f"{self.valid_length(length)} samples (apply_model does).")
         for _ in range(self.draws):  # those of the torch forward, see `Graph.draws`
             random.randrange(1)
+        if self.dynamic:
+            mix = mix.detach().cpu().float()
+            return torch.cat([self._one(item[None]) for item in mix]).to(mix.device)
         padded = self._fit(mix.detach().cpu().float())
         out = torch.cat([self._one(item[None]) for item in padded])
         out = out[..., :length] if self.steps is not None else center_trim(out, length)
@@ -218,7 +241,7 @@ class GraphRunner(nn.Module):
         return F.pad(mix, (delta // 2, delta - delta // 2))
 
     def _one(self, mix: torch.Tensor) -> torch.Tensor:
-        """(1, C, length) -> (1, S, C, length)."""
+        """(1, C, T) -> (1, S, C, T), the graph and the steps around it."""
         if self.steps is None:
             return torch.from_numpy(self.session.run({"mix": mix.numpy()})[0])
         spec = self.steps.spectrogram_input(mix)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .norm import ChannelScale, FusedSequential, GroupNorm
-from .utils import capture_init, center_trim, made_once, unfold
+from .utils import capture_init, center_trim, made_once
 
 
 class _Resample(julius.ResampleFrac):
@@ -34,6 +34,8 @@ class _Resample(julius.ResampleFrac):
 
     def forward(self, x: torch.Tensor, output_length: tp.Optional[int] = None,
                 full: bool = False) -> torch.Tensor:
+        if isinstance(x.shape[-1], torch.SymInt) and output_length is None and not full:
+            return self._traced(x)
         if (self.old_sr == 1 or x.device.type != "cpu" or x.dtype != torch.float32
                 or output_length is not None or full):
             return super().forward(x, output_length, full)
@@ -50,6 +52,16 @@ class _Resample(julius.ResampleFrac):
         kept = int(torch.floor(torch.tensor(self.new_sr * length / self.old_sr)))
         return y[..., :kept]
 
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        """julius's computation on a symbolic length (an ONNX export of any length),
+        where it would make a tensor of the length."""
+        *shape, length = x.shape
+        rows = x.reshape(-1, length)[:, None]
+        padded = F.pad(rows, (self._width, self._width + self.old_sr), mode="replicate")
+        y = F.conv1d(padded, tp.cast(torch.Tensor, self.kernel), stride=self.old_sr)
+        y = y.transpose(1, 2).reshape(*shape, -1)
+        return y[..., :self.new_sr * length // self.old_sr]
+
 
 @made_once
 def _resampler(old: int, new: int, device: torch.device,
@@ -57,6 +69,23 @@ def _resampler(old: int, new: int, device: torch.device,
     """`julius.resample_frac(x, old, new)` as a module built once per device and dtype
     (the function computes its kernel on the CPU at each call and copies it)."""
     return _Resample(old, new).to(device, dtype)
+
+
+@torch.library.custom_op("demucs::lstm", mutates_args=())
+def traced_lstm(x: torch.Tensor, h0: torch.Tensor, weights: tp.List[torch.Tensor],
+                layers: int) -> torch.Tensor:
+    """A bidirectional `nn.LSTM` with biases over (T, B, C) from the initial states `h0`
+    (2 * layers, B, H) for both the hidden and cell states: its output (T, B, 2H),
+    `weights` in the order of `nn.LSTM._flat_weights`. One operator for an export with a
+    symbolic T: the tracer would unroll `torch.lstm` step by step (and fix T);
+    `demucs.graphs` gives the ONNX LSTM for it."""
+    return torch.lstm(x, (h0, h0), weights, True, layers, 0., False, True, False)[0]
+
+
+@traced_lstm.register_fake
+def _traced_lstm_shape(x: torch.Tensor, h0: torch.Tensor, weights: tp.List[torch.Tensor],
+                       layers: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], 2 * h0.shape[2])
 
 
 class BLSTM(nn.Module):
@@ -79,38 +108,58 @@ class BLSTM(nn.Module):
         self.skip = skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, T = x.shape
-        y = x
-        framed = self.max_steps is not None and T > self.max_steps
-        if framed:
-            assert self.max_steps is not None
-            width = self.max_steps
-            stride = width // 2
-            frames = unfold(x, width, stride)  # (B, C, n_frames, width)
-            nframes = frames.shape[2]
-            x = frames.permute(0, 2, 1, 3).reshape(-1, C, width)
+        T = x.shape[-1]
+        traced = isinstance(T, torch.SymInt)
+        if self.max_steps is not None and traced:
+            # Traced with a symbolic length (an ONNX export of any length): both ways
+            # are in the graph, the length picks one when it runs.
+            # (flat outputs: the branches' strides must be provably the same)
+            out = torch.cond(T > self.max_steps,
+                             lambda x: self._framed(x, traced=True).reshape(-1),
+                             lambda x: self._whole(x, traced=True).reshape(-1),
+                             (x,)).view(x.shape)
+        elif self.max_steps is not None and T > self.max_steps:
+            out = self._framed(x)
+        else:
+            out = self._whole(x, traced)
+        return out + x if self.skip else out
+
+    def _whole(self, x: torch.Tensor, traced: bool = False) -> torch.Tensor:
+        """The LSTM over the whole sequence: (B, C, T) -> (B, C, T). `traced`: in a
+        branch of `torch.cond`, where the module may not update its weight list."""
         x = x.permute(2, 0, 1)  # (T, B, C)
-        x = self.lstm(x)[0]
+        x = self._lstm_function(x) if traced else self.lstm(x)[0]
         x = self.linear(x)
-        x = x.permute(1, 2, 0)  # (B, C, T)
-        if framed:
-            x = self._stitch(x.reshape(B, -1, C, width), nframes, stride // 2)[..., :T]
-        if self.skip:
-            x = x + y
-        return x
+        return x.permute(1, 2, 0)  # (B, C, T)
+
+    def _lstm_function(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.lstm(x)[0]` as one operator (`traced_lstm`)."""
+        lstm = self.lstm
+        h0 = x.new_zeros(2 * lstm.num_layers, x.shape[1], lstm.hidden_size)
+        weights = [getattr(lstm, name) for name in lstm._flat_weights_names]
+        return traced_lstm(x, h0, weights, lstm.num_layers)
+
+    def _framed(self, x: torch.Tensor, traced: bool = False) -> torch.Tensor:
+        """The LSTM over overlapping frames of `max_steps`, the centre of each kept:
+        (B, C, T) -> (B, C, T), T > `max_steps` (at least 3 frames). The frames are
+        those of `utils.unfold` (zeros after the end)."""
+        assert self.max_steps is not None
+        B, C, T = x.shape
+        width = self.max_steps
+        stride = width // 2
+        nframes = (T + stride - 1) // stride
+        padded = F.pad(x, (0, (nframes - 1) * stride + width - T))
+        frames = padded.unfold(-1, width, stride)  # (B, C, n_frames, width)
+        x = self._whole(frames.permute(0, 2, 1, 3).reshape(-1, C, width), traced)
+        return self._stitch(x.reshape(B, -1, C, width), stride // 2)[..., :T]
 
     @staticmethod
-    def _stitch(frames: torch.Tensor, nframes: int, limit: int) -> torch.Tensor:
-        """Keep the centre of each frame (B, n_frames, C, width) and concatenate."""
-        out = []
-        for k in range(nframes):
-            if k == 0:
-                out.append(frames[:, k, :, :-limit])
-            elif k == nframes - 1:
-                out.append(frames[:, k, :, limit:])
-            else:
-                out.append(frames[:, k, :, limit:-limit])
-        return torch.cat(out, -1)
+    def _stitch(frames: torch.Tensor, limit: int) -> torch.Tensor:
+        """Keep the centre of each frame (B, n_frames, C, width), n_frames >= 2, and
+        concatenate: (B, C, steps); the first and last frames keep their outer ends."""
+        B, _, C, _ = frames.shape
+        middle = frames[:, 1:-1, :, limit:-limit].permute(0, 2, 1, 3).reshape(B, C, -1)
+        return torch.cat([frames[:, 0, :, :-limit], middle, frames[:, -1, :, limit:]], -1)
 
 
 def rescale_conv(conv: tp.Any, reference: float) -> None:
@@ -405,7 +454,8 @@ class Demucs(nn.Module):
             std = mono.std(dim=-1, keepdim=True)
             x = (x - mean) / (1e-5 + std)
 
-        delta = self.valid_length(length) - length
+        # A symbolic length (an ONNX export) is a valid one (`graphs.length_axis`).
+        delta = 0 if isinstance(length, torch.SymInt) else self.valid_length(length) - length
         x = F.pad(x, (delta // 2, delta - delta // 2))
         if self.resample:
             x = _resampler(1, 2, x.device, x.dtype)(x)
@@ -423,7 +473,7 @@ class Demucs(nn.Module):
         if self.resample:
             x = _resampler(2, 1, x.device, x.dtype)(x)
         x = x * std + mean
-        x = center_trim(x, length)
+        x = center_trim(x, mix)  # (the length of `mix`, symbolic too)
         return x.view(x.size(0), len(self.sources), self.audio_channels, x.size(-1))
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any], strict: bool = True,

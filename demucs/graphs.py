@@ -21,6 +21,7 @@ dynamo=True)`, which needs the `onnx` and `onnxscript` packages) at opset `OPSET
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -36,16 +37,16 @@ import torch
 from torch import nn
 
 from .bag import BagOfModels, sub_models
-from .demucs import Demucs
+from .demucs import BLSTM, Demucs
 from .errors import ConfigError, ModelLoadingError
 from .hdemucs import HDemucs, HybridSpectrogram
 from .htdemucs import HTDemucs
 from .lean import lean_inference
 
-FORMAT = 1  # of the manifest
+FORMAT = 2  # of the manifest
 MANIFEST = "demucs_onnx.json"
 OPSET = 18  # onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it
-Shapes = tp.Dict[str, tp.List[int]]
+Shapes = tp.Dict[str, tp.List[tp.Union[int, str]]]
 
 
 @dataclass
@@ -61,20 +62,36 @@ class Spectrogram:
 
 
 @dataclass
+class Padding:
+    """How a time-domain `Demucs` pads its input (`Demucs.valid_length`'s attributes)."""
+    resample: bool
+    depth: int
+    kernel_size: int
+    stride: int
+
+
+@dataclass
 class Graph:
-    """One model's graph: its file, its input and output shapes, its weight per source
-    in a bag, and its STFT settings (None for a time-domain Demucs)."""
+    """One model's graph: its file, its input and output shapes (a dynamic length is a
+    name: `LENGTH`, `FRAMES`), its weight per source in a bag, its STFT settings (None
+    for a time-domain Demucs) and the padding of a Demucs (None for the others)."""
     file: str
-    length: int  # N, samples of the `mix` input
+    length: int  # N, samples of the `mix` input for a chunk of `segment` seconds
     segment: float  # seconds of audio per chunk (N before a Demucs's padding)
     inputs: Shapes
     outputs: Shapes
     weights: tp.List[float]
     spectrogram: tp.Optional[Spectrogram] = None
+    padding: tp.Optional[Padding] = None
     # Calls of Python's `random` a torch forward makes (an HTDemucs's 'sin' embedding
     # draws its shift, 0, at every forward): a runner makes them too, so that a seed
     # gives `apply_model` the random shifts of the torch path.
     draws: int = 0
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the graph takes any length (a named last axis of `mix`)."""
+        return isinstance(self.inputs["mix"][-1], str)
 
 
 @dataclass
@@ -98,7 +115,9 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
             graphs = [Graph(**{**g, "spectrogram": Spectrogram(**g["spectrogram"])
-                               if g.get("spectrogram") else None}) for g in data.pop("graphs")]
+                               if g.get("spectrogram") else None,
+                               "padding": Padding(**g["padding"]) if g.get("padding") else None})
+                      for g in data.pop("graphs")]
             manifest = cls(**data, graphs=graphs)
         except FileNotFoundError:
             raise ModelLoadingError(f"{path}: no such file; export the model with "
@@ -183,22 +202,86 @@ def output_names(model: nn.Module) -> tp.List[str]:
 
 def export_graph(model: nn.Module, path: Path, segment: float,
                  weights: tp.List[float]) -> Graph:
-    """Write the graph of `model` (on chunks of `segment` seconds) to `path`."""
+    """Write the graph of `model` (on chunks of `segment` seconds; of any length for the
+    v3 models, `is_dynamic`) to `path`."""
     check_exportable(model)
     model = model.cpu().float().eval()
     length = graph_length(model, segment)
+    dynamic = is_dynamic(model)
     with lean_inference(False):  # whole tensors: the lean path writes in place, by blocks
         inputs = example_inputs(model, length)
         # A forward before the export: the tensors the layers make once and keep
         # (`utils.made_once`: windows, embeddings) are then real, not the exporter's.
         outputs = Core(model)(*inputs.values())
         names = output_names(model)
-        _onnx_export(Core(model), tuple(inputs.values()), path, list(inputs), names)
+        traced = example_inputs(model, trace_length(model, length)) if dynamic else inputs
+        _onnx_export(Core(model), traced, path, names, dynamic)
     spectrogram = spectrogram_settings(model) if isinstance(model, HybridSpectrogram) else None
+    padding = None
+    if isinstance(model, Demucs):
+        padding = Padding(resample=bool(model.resample), depth=model.depth,
+                          kernel_size=model.kernel_size, stride=model.stride)
+    shapes = {**{k: list(v.shape) for k, v in inputs.items()},
+              **{k: list(v.shape) for k, v in zip(names, outputs)}}
+    if dynamic:
+        shapes = {name: _dynamic_shape(name, shape) for name, shape in shapes.items()}
     return Graph(file=path.name, length=length, segment=float(segment),
-                 inputs={k: list(v.shape) for k, v in inputs.items()},
-                 outputs={k: list(v.shape) for k, v in zip(names, outputs)},
-                 weights=list(weights), spectrogram=spectrogram, draws=random_draws(model))
+                 inputs={k: shapes[k] for k in inputs}, outputs={k: shapes[k] for k in names},
+                 weights=list(weights), spectrogram=spectrogram, padding=padding,
+                 draws=random_draws(model))
+
+
+def is_dynamic(model: nn.Module) -> bool:
+    """Whether the graph of `model` takes any length: the v3 models (Demucs, HDemucs) run
+    on chunks of any length in the torch path (the last chunk of a track, random shifts
+    within a chunk), an HTDemucs on its training length only."""
+    return isinstance(model, (Demucs, HDemucs)) and not isinstance(model, HTDemucs)
+
+
+# The names of the dynamic axes: the samples of the audio (the last axis of `mix`,
+# `time`, `sources`) and the STFT frames (the last axis of `spec`, `freq`).
+LENGTH, FRAMES = "length", "frames"
+DYNAMIC_AXES = {"mix": LENGTH, "time": LENGTH, "sources": LENGTH, "spec": FRAMES,
+                "freq": FRAMES}
+
+
+def _dynamic_shape(name: str, shape: tp.List[int]) -> tp.List[tp.Union[int, str]]:
+    return [*shape[:-1], DYNAMIC_AXES[name]]
+
+
+def trace_length(model: nn.Module, length: int) -> int:
+    """The length to trace the dynamic graph of `model` at: `length`, doubled until every
+    BLSTM with `max_steps` cuts its input into frames. `torch.cond` traces both ways of
+    such a BLSTM, each with the sizes of the example (its index arithmetic holds for them):
+    the frames' way needs an example long enough to take it (the other has none). A
+    Demucs: a valid length (`length_axis`)."""
+    if any(isinstance(m, BLSTM) and m.max_steps for m in model.modules()):
+        args, kwargs = tp.cast(tp.Any, model)._init_args_kwargs
+        with torch.device("meta"):  # the same layers, no weights, no computation
+            probe = type(model)(*args, **kwargs).eval()
+        while not _all_framed(probe, length):
+            length *= 2
+    return model.valid_length(length) if isinstance(model, Demucs) else length
+
+
+def _all_framed(probe: tp.Any, length: int) -> bool:
+    """Whether every BLSTM with `max_steps` of `probe` (a model on the meta device, which
+    this changes) frames its input for `length` samples."""
+    framed: tp.List[bool] = []
+
+    def blstm(x: torch.Tensor, max_steps: int) -> torch.Tensor:
+        framed.append(x.shape[-1] > max_steps)
+        return x  # of the same shape, without the LSTM's steps
+
+    for module in probe.modules():
+        if isinstance(module, BLSTM) and module.max_steps:
+            module.forward = functools.partial(  # type: ignore[method-assign]
+                blstm, max_steps=module.max_steps)
+    mix = torch.zeros(1, probe.audio_channels, length)
+    inputs = [mix, probe.spectrogram_input(mix)] if isinstance(
+        probe, HybridSpectrogram) else [mix]  # (an STFT of zeros, on the CPU)
+    Core(probe)(*(value.to("meta") for value in inputs))
+    return all(framed)
 
 
 def random_draws(model: tp.Any) -> int:
@@ -207,17 +290,76 @@ def random_draws(model: tp.Any) -> int:
     return int(transformer is not None and transformer.emb == "sin")
 
 
-def _onnx_export(core: nn.Module, inputs: tp.Tuple[torch.Tensor, ...], path: Path,
-                 input_names: tp.List[str], names: tp.List[str]) -> None:
+def _onnx_export(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], path: Path,
+                 names: tp.List[str], dynamic: bool) -> None:
     """`torch.onnx.export` with the dynamo exporter, without its progress lines and
-    warnings (kept for an error: raised again with them)."""
+    warnings (kept for an error: raised again with them). `dynamic`: the last axis of
+    each input of any size (`DYNAMIC_AXES`)."""
     check_exporter()
     chatter = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet_loggers():
         warnings.simplefilter("ignore")
-        torch.onnx.export(core.eval(), inputs, str(path), dynamo=True, external_data=False,
-                          input_names=input_names, output_names=names,
-                          opset_version=OPSET, verbose=False)
+        args = tuple(inputs.values())
+        model: tp.Any = core.eval()
+        if dynamic:
+            model, args = _dynamic_program(core, inputs), ()
+        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
+                          input_names=list(inputs), output_names=names,
+                          opset_version=OPSET, verbose=False,
+                          custom_translation_table=_translations())
+    if dynamic:
+        _name_axes(path)
+
+
+def _dynamic_program(core: nn.Module, inputs: tp.Dict[str, torch.Tensor]
+                     ) -> torch.export.ExportedProgram:
+    """`core` traced with the last axis of its inputs symbolic. The relations between the
+    sizes that the trace relies on (the frames of `spec` are those of `mix`'s STFT) are
+    asserted where they are used rather than turned into fixed sizes."""
+    length: tp.Any = torch.export.Dim.DYNAMIC
+    model = core.model
+    if isinstance(model, Demucs):
+        steps, first = length_axis(model)
+        length = steps * torch.export.Dim("inner", min=1) + first - steps
+    shapes = {name: {value.dim() - 1: length if name == "mix" else torch.export.Dim.DYNAMIC}
+              for name, value in inputs.items()}
+    return torch.export.export(core.eval(), tuple(inputs.values()), dynamic_shapes=shapes,
+                               strict=False, prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def length_axis(model: Demucs) -> tp.Tuple[int, int]:
+    """`(steps, first)`: the valid lengths of a Demucs are `first + k * steps`, k >= 0
+    (`Demucs.valid_length`, one per length at its innermost layer). The graph of a Demucs
+    takes these only: its sizes are then whole multiples all along, which the exporter
+    computes without guesses (and fast), and the model pads them by 0. `ConfigError` for a
+    model whose valid lengths are not so spaced (an odd stride with `resample`)."""
+    lengths = sorted({model.valid_length(n) for n in range(1, model.valid_length(1) * 40)})
+    first, steps = lengths[0], lengths[1] - lengths[0]
+    if lengths != list(range(first, lengths[-1] + 1, steps)):
+        raise ConfigError(f"Cannot export this Demucs to ONNX: its valid lengths "
+                          f"{lengths[:4]}... are not evenly spaced (stride {model.stride}).")
+    return steps, first
+
+
+def _translations() -> tp.Dict[tp.Callable, tp.Callable]:
+    """The ONNX functions of our operators: `demucs.demucs.traced_lstm`, the LSTM of a
+    BLSTM traced with a symbolic length, is the ONNX LSTM torch gives `torch.lstm`."""
+    from onnxscript.function_libs.torch_lib.ops.core import aten_lstm
+
+    def lstm(x: tp.Any, h0: tp.Any, weights: tp.Sequence[tp.Any], layers: int) -> tp.Any:
+        return aten_lstm(x, [h0, h0], weights, True, layers, 0., False, True, False)[0]
+    return {torch.ops.demucs.lstm.default: lstm}
+
+
+def _name_axes(path: Path) -> None:
+    """Name the dynamic axes of the graph's inputs and outputs `DYNAMIC_AXES` (the
+    exporter names them after its symbols)."""
+    import onnx
+    graph = onnx.load(str(path))
+    for port in [*graph.graph.input, *graph.graph.output]:
+        dims = port.type.tensor_type.shape.dim
+        dims[len(dims) - 1].dim_param = DYNAMIC_AXES[port.name]
+    onnx.save(graph, str(path))
 
 
 @contextlib.contextmanager

@@ -131,8 +131,9 @@ class HEncLayer(nn.Module):
             x = x.view(B, -1, T)
         if not self.freq:
             le = x.shape[-1]
-            if le % self.stride != 0:
-                x = F.pad(x, (0, self.stride - (le % self.stride)))
+            if isinstance(le, torch.SymInt) or le % self.stride != 0:
+                # (a symbolic length, in an ONNX export: whatever it is; by 0 is a copy)
+                x = F.pad(x, (0, -le % self.stride))
         y = lean.per_time_step(self.conv, x) if self.freq else self.conv(x)
         if self.empty:
             return y

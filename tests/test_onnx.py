@@ -1,11 +1,10 @@
 """ONNX graphs and their runners (demucs/graphs.py, demucs/backends.py, tools/export_onnx.py).
 
-Agreement with the torch path: max|runner - torch| <= 1e-4 * max|torch| (its scale).
-Graphs run on fixed-length chunks: for an HTDemucs that is what the torch path does, so
-the whole outputs agree; for the v3 models (HDemucs, Demucs) the last, shorter chunk of a
-track is padded to the segment where the torch path runs it short, so the outputs agree
-where only full chunks contribute, and everywhere with the same graph run by torch
-(`torch_runner`).
+Agreement with the torch path: max|runner - torch| <= 1e-4 * max|torch| (its scale), on
+the whole output. An HTDemucs graph runs on fixed-length chunks, as the torch path does;
+the graphs of the v3 models (HDemucs, Demucs) take any (valid) length, so that the
+runners chunk, shift and pad as the torch path does (the last, shorter chunk run short;
+random shifts within each chunk).
 """
 from __future__ import annotations
 
@@ -56,16 +55,6 @@ def assert_scaled_close(ours: torch.Tensor, torch_out: torch.Tensor, scale: floa
     assert error <= factor * TOLERANCE, f"error {error:.3g} of the scale"
 
 
-def full_chunks(length: int, segment: int, overlap: float = 0.25) -> int:
-    """The samples of an `apply_model` output that only chunks of `segment` samples
-    cover (the chunks before the first shorter one)."""
-    stride = int((1 - overlap) * segment)
-    offset = 0
-    while offset + segment <= length:
-        offset += stride
-    return offset
-
-
 class TorchSession:
     """The graph's computation run by torch itself, as a runtime session."""
 
@@ -79,7 +68,7 @@ class TorchSession:
         random.setstate(state)
         return [out.numpy() for out in outputs]
 
-    def shapes(self) -> tp.Dict[str, tp.List[int]]:
+    def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
         return {}
 
 
@@ -93,28 +82,21 @@ def torch_runner(model: nn.Module, folder: Path) -> nn.Module:
     return runners[0]
 
 
-def separate(model: nn.Module, mix: torch.Tensor, shifts: int = 0) -> torch.Tensor:
+def separate(model: nn.Module, mix: torch.Tensor, shifts: int = 0,
+             split: bool = True) -> torch.Tensor:
     """`apply_model` as the golden files were made: (C, T) -> (S, C, T)."""
     random.seed(1234)
-    return apply_model(model, mix[None], shifts=shifts, split=True, overlap=0.25)[0]
+    return apply_model(model, mix[None], shifts=shifts, split=split, overlap=0.25)[0]
 
 
-def check_runtimes(model: nn.Module, folder: Path, mix: torch.Tensor,
-                   torch_out: torch.Tensor, whole: bool, factor: float = 1.) -> None:
-    """Each runtime's output agrees with `torch_out` (the torch path): everywhere when
-    `whole`, else where only full chunks contribute, and everywhere with the same
-    graphs run by torch."""
+def check_runtimes(folder: Path, mix: torch.Tensor, torch_out: torch.Tensor,
+                   factor: float = 1., shifts: int = 0, split: bool = True) -> None:
+    """Each runtime's output agrees with `torch_out` (the torch path, `shifts`, `split`)
+    on the whole track."""
     scale = torch_out.abs().max().item()
-    same_graphs = None if whole else separate(torch_runner(model, folder), mix)
-    manifest = Manifest.read(folder)
-    segment = int(manifest.graphs[0].segment * manifest.samplerate)
-    region = torch_out.shape[-1] if whole else full_chunks(mix.shape[-1], segment)
-    assert region > 0
     for backend in RUNTIMES:
-        out = separate(load_runners(folder, backend), mix)
-        assert_scaled_close(out[..., :region], torch_out[..., :region], scale, factor)
-        if same_graphs is not None:
-            assert_scaled_close(out, same_graphs, scale, factor)
+        out = separate(load_runners(folder, backend), mix, shifts, split)
+        assert_scaled_close(out, torch_out, scale, factor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,16 +121,13 @@ def golden_bag(folder: Path, name: str) -> nn.Module:
 @pytest.mark.parametrize("name", V3 + V4 + ["bag_pair", "v4_bag"])
 def test_golden_packages_separate_as_in_torch(name: str, reference_dir: Path,
                                               tmp_path: Path) -> None:
-    v4 = name.startswith("v4")
-    folder = reference_dir / ("v4/golden" if v4 else "golden")
+    folder = reference_dir / ("v4/golden" if name.startswith("v4") else "golden")
     model = (golden_bag(folder, name) if name.endswith("bag") or name == "bag_pair"
              else load_model(folder / f"{name}.th").eval())
     io_file = folder / f"{name.removesuffix('_half')}.io.pt"
     mix = normalized(torch.load(io_file)["mix"])
     export(model, tmp_path / "graphs")
-    torch_out = separate(model, mix)
-    check_runtimes(model, tmp_path / "graphs", mix, torch_out, whole=v4,
-                   factor=NOISY.get(name, 1.))
+    check_runtimes(tmp_path / "graphs", mix, separate(model, mix), NOISY.get(name, 1.))
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,8 +151,46 @@ def test_tiny_models_separate_as_in_torch(name: str, tmp_path: Path) -> None:
     mix = noise(2, int(1.3 * model.samplerate), seed=1)
     manifest = export(model, tmp_path / "graphs")
     assert [graph.file for graph in manifest.graphs] == ["model_0.onnx"]
-    check_runtimes(model, tmp_path / "graphs", mix, separate(model, mix),
-                   whole=name.startswith("htdemucs"))
+    check_runtimes(tmp_path / "graphs", mix, separate(model, mix))
+
+
+# Small v3 models of each class, with a BLSTM (framed on long inputs) and attention in
+# their DConvs: `segment` 0.5 s at 8 kHz.
+SMALL_V3: tp.Dict[str, tp.Any] = {"samplerate": 8000, "segment": 0.5, "dconv_lstm": 2,
+                                  "dconv_attn": 2}
+
+
+@pytest.fixture(scope="module")
+def v3_bag(tmp_path_factory: pytest.TempPathFactory) -> tp.Tuple[nn.Module, Path]:
+    """A bag of a small Demucs and a small HDemucs, and its graphs."""
+    bag = BagOfModels([tiny_demucs(depth=4, lstm_layers=1, **SMALL_V3).eval(),
+                       tiny_hdemucs(nfft=256, depth=4, **SMALL_V3).eval()],
+                      [[1., 0., 1., 1.], [0., 1., 1., 1.]])
+    folder = tmp_path_factory.mktemp("v3") / "graphs"
+    manifest = export(bag, folder)
+    assert [graph.inputs["mix"] for graph in manifest.graphs] == [[1, 2, "length"]] * 2
+    return bag, folder
+
+
+@pytest.mark.parametrize("seconds,shifts,split", [
+    (1.3, 0, True), (1.3, 1, True),  # a short last chunk, with and without random shifts
+    (0.3, 0, True), (0.3, 1, True),  # shorter than a segment
+    (4.1, 0, False),  # in one piece: long enough for the BLSTMs to cut it into frames
+])
+def test_v3_graphs_separate_whole_tracks_as_in_torch(
+        v3_bag: tp.Tuple[nn.Module, Path], seconds: float, shifts: int, split: bool) -> None:
+    """The v3 graphs take any length: the runners chunk, shift and pad as the torch path
+    does, and the whole output agrees, with each model of the bag alone too."""
+    bag, folder = v3_bag
+    mix = noise(2, int(seconds * 8000), seed=1)
+    check_runtimes(folder, mix, separate(bag, mix, shifts, split), shifts=shifts, split=split)
+    runners = load_runners(folder, "onnxruntime")
+    assert isinstance(runners, BagOfModels)
+    models: tp.List[nn.Module] = list(tp.cast(BagOfModels, bag).models)
+    for model, runner in zip(models, runners.models):
+        expected = separate(model, mix, shifts, split)
+        assert_scaled_close(separate(runner, mix, shifts, split), expected,
+                            expected.abs().max().item())
 
 
 @pytest.mark.slow
