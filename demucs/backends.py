@@ -8,13 +8,12 @@ runtime, then the masks and the inverse STFT in torch, with the model's own meth
 the bag's weights, so that `apply_model` (chunks, shifts, overlap, bags) is the same for
 every backend.
 
-Graphs run on chunks of a fixed length, `segment` seconds: a runner accepts at most that
-(`max_allowed_segment`), and shorter inputs are padded as the model pads them (zeros on
-the right for the hybrid models, on both sides for Demucs). So `apply_model` treats every
-runner as it treats an HTDemucs: random shifts before splitting, and every chunk padded to
-the segment. For an HTDemucs that is what the torch path does; for the v3 models the last
-(shorter) chunk of a track and the order of shifts and splits differ from the torch path
-(docs/onnx.md).
+An HTDemucs graph runs on chunks of a fixed length, `segment` seconds: its runner
+accepts at most that (`max_allowed_segment`), shorter inputs padded with zeros on the
+right, as the model pads them. The graphs of the v3 models (HDemucs, Demucs) take any
+length (a Demucs: its valid lengths, `valid_length`), and their runners have no length
+limit. So `apply_model` treats each runner as it treats its model: the same chunks,
+shifts and padding as the torch path (docs/onnx.md).
 
 The `demucs` command and `api.Separator` export a model once into a cache folder
 (`cache_root()`, one folder per model, segment and exporter version) and load its

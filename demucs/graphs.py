@@ -1,6 +1,6 @@
 """ONNX graphs of the models, and the manifest that tells a runner how to use them.
 
-One graph per model (a bag gets one per member), of fixed shapes, batch 1:
+One graph per model (a bag gets one per member), batch 1:
 
 - a time-domain `Demucs`: the whole forward, `mix` (1, C, N) -> `sources` (1, S, C, N);
 - a hybrid model (`HDemucs`, `HTDemucs`): the network only (`HybridSpectrogram.core`),
@@ -12,8 +12,10 @@ One graph per model (a bag gets one per member), of fixed shapes, batch 1:
   filtering) and inverse STFT after, are computed outside the graph, by the runner
   (`demucs.backends`) with the model's own methods.
 
-N is the chunk length the graph runs on: `segment` seconds, as `apply_model` pads its
-chunks (an HTDemucs: its training length; a Demucs: its `valid_length` of the segment).
+N is the chunk length the graph runs on: for an HTDemucs, fixed, its training length (as
+the torch path runs it); for the v3 models, any (`is_dynamic`: the axes `LENGTH` and
+`FRAMES`; a Demucs: its valid lengths, `length_axis`), as `apply_model` gives them the
+chunks of a track, the last one shorter, shifted within.
 `MANIFEST` (JSON, docs/onnx.md) lists the graphs with their shapes, the STFT settings and
 the bag's weights. Exported with torch's dynamo exporter (`torch.onnx.export(...,
 dynamo=True)`, which needs the `onnx` and `onnxscript` packages) at opset `OPSET`.
