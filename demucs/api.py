@@ -24,6 +24,7 @@ alias of `ModelLoadingError`), `LoadAudioError` (of `AudioError`) and `ConfigErr
 from __future__ import annotations
 
 import math
+import sys
 import typing as tp
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from .options import SeparationOptions, takes_options
 from .options import check_device as check_device  # re-exported: their home before options
 from .options import default_device as default_device
 from .pretrained import DEFAULT_MODEL, get_local_repo, get_model, get_remote_repo
-from .utils import DummyPoolExecutor
+from .utils import DummyPoolExecutor, cpu_has_bf16
 
 LoadAudioError = AudioError
 LoadModelError = ModelLoadingError
@@ -166,7 +167,7 @@ class Separator:
         self._repo = repo
         self._options = SeparationOptions(**options)
         self._graphs = is_graph_folder(model)  # a folder of `python -m tools.export_onnx`
-        self._runnables: tp.Dict[tp.Tuple[str, tp.Optional[float]], tp.Any] = {}
+        self._runnables: tp.Dict[tp.Tuple[str, tp.Optional[float], str], tp.Any] = {}
         self._model: tp.Any = (self.prepare() if self._graphs
                                else get_model(model, repo=repo))
         self._model.cpu()
@@ -195,10 +196,16 @@ class Separator:
             raise ConfigError(f"{self._name} is a folder of ONNX graphs: separate with "
                               "backend onnxruntime or openvino.")
         segment = None if backend == "torch" or self._graphs else self._options.segment
-        key = (backend, segment)
+        precision = self._options.precision
+        key = (backend, segment, precision)
+        if key not in self._runnables and precision == "bf16" and cpu_has_bf16() is False \
+                and tp.cast(torch.device, self._options.device).type == "cpu":
+            print("bf16 is emulated on this CPU (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): "
+                  "expect it slower than float32.", file=sys.stderr)
         if key not in self._runnables:
-            self._runnables[key] = (load_runners(Path(self._name), backend) if self._graphs
-                                    else runnable(self._model, backend, segment))
+            self._runnables[key] = (
+                load_runners(Path(self._name), backend, precision) if self._graphs
+                else runnable(self._model, backend, segment, precision=precision))
         return self._runnables[key]
 
     def _check_segment(self, segment: tp.Optional[float]) -> None:

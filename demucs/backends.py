@@ -19,6 +19,11 @@ The `demucs` command and `api.Separator` export a model once into a cache folder
 (`cache_root()`, one folder per model, segment and exporter version) and load its
 graphs from there; a folder written by `python -m tools.export_onnx` loads directly.
 The runtimes use `torch.get_num_threads()` threads.
+
+Precision (`PRECISIONS`): float32, or bf16 where the hardware computes it (CPUs with
+AVX512-BF16 or AMX, recent GPUs): with torch, each model's forward under bf16 autocast
+(`Autocast`), with OpenVINO, its CPU plugin's bf16 inference. onnxruntime's CPU kernels
+are float32 only. The stems stay float32 between the models (overlap-add, bags).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .bag import BagOfModels, sub_models
+from .bag import BagOfModels, max_allowed_segment, sub_models
 from .demucs import Demucs
 from .errors import ConfigError, ModelLoadingError
 from .graphs import (FORMAT, MANIFEST, OPSET, Graph, Manifest, Spectrogram, chunk_seconds,
@@ -45,6 +50,9 @@ from .hdemucs import HybridSpectrogram
 from .utils import center_trim
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("float32", "bf16")
+# The backends that compute in bf16 (see the module doc).
+BF16_BACKENDS = ("torch", "openvino")
 # backend -> (module, the oldest version that runs our graphs, the extra that installs it)
 RUNTIMES = {"onnxruntime": ("onnxruntime", (1, 16), "onnx"),
             "openvino": ("openvino", (2023, 3), "openvino")}
@@ -113,15 +121,16 @@ class OrtSession:
 
 
 class OpenVinoSession:
-    """An OpenVINO model compiled for the CPU in float32 (not the bf16 some CPUs would
-    pick), `torch.get_num_threads()` threads; one infer request per call (thread-safe)."""
+    """An OpenVINO model compiled for the CPU in `precision` (float32 unless asked: not
+    the bf16 some CPUs would pick by themselves), `torch.get_num_threads()` threads; one
+    infer request per call (thread-safe)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, precision: str = "float32"):
         import openvino as ov
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
     def run(self, inputs: Arrays) -> tp.List[np.ndarray]:
         request = self.compiled.create_infer_request()
@@ -136,18 +145,17 @@ class OpenVinoSession:
                 for port in ports}
 
 
-SESSIONS: tp.Dict[str, tp.Callable[[Path], Session]] = {
-    "onnxruntime": OrtSession, "openvino": OpenVinoSession}
-
-
-def open_session(path: Path, graph: Graph, backend: str) -> Session:
+def open_session(path: Path, graph: Graph, backend: str, precision: str = "float32"
+                 ) -> Session:
     """The graph at `path` in `backend`; `ModelLoadingError` naming the file when it is
     missing, unreadable or of other shapes than the manifest says."""
+    check_precision(backend, precision)
     if not path.is_file():
         raise ModelLoadingError(f"{path}: no such file, but {MANIFEST} lists it; export the "
                                 "model again.")
     try:
-        session = SESSIONS[backend](path)
+        session: Session = (OrtSession(path) if backend == "onnxruntime"
+                            else OpenVinoSession(path, precision))
     except Exception as error:  # each runtime has its own errors for a bad file
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelLoadingError(f"{path}: {backend} cannot load it ({first}).") from None
@@ -249,12 +257,13 @@ class GraphRunner(nn.Module):
         return self.steps.waveforms(mix, freq, time[0] if time else None)
 
 
-def load_runners(folder: Path, backend: str) -> nn.Module:
+def load_runners(folder: Path, backend: str, precision: str = "float32") -> nn.Module:
     """The runner of the graphs in `folder` (a bag of runners for several graphs)."""
     check_runtime(backend)
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    runners = [GraphRunner(manifest, graph, open_session(folder / graph.file, graph, backend))
+    runners = [GraphRunner(manifest, graph,
+                           open_session(folder / graph.file, graph, backend, precision))
                for graph in manifest.graphs]
     if len(runners) == 1 and manifest.graphs[0].weights == [1.] * len(manifest.sources):
         return runners[0]
@@ -292,14 +301,70 @@ def model_key(model: nn.Module, segment: tp.Optional[float]) -> str:
 
 
 def runnable(model: nn.Module, backend: str, segment: tp.Optional[float] = None,
-             log: tp.Callable[[str], None] = print) -> nn.Module:
-    """What `apply_model` runs for `model` (a model or bag) with `backend`: the model
-    itself for torch, else its runners, exported into the cache first if needed."""
+             log: tp.Callable[[str], None] = print, precision: str = "float32"
+             ) -> nn.Module:
+    """What `apply_model` runs for `model` (a model or bag) with `backend` in
+    `precision`: the model itself for torch (each model under autocast for bf16), else
+    its runners, exported into the cache first if needed."""
+    check_precision(backend, precision)
     if backend == "torch":
-        return model
+        return model if precision == "float32" else autocast_models(model)
     check_runtime(backend)
     folder = cache_root() / model_key(model, segment)
     if not is_graph_folder(folder):
         log(f"Exporting the model to ONNX into {folder} (once per model and segment).")
         export(model, folder, segment)
-    return load_runners(folder, backend)
+    return load_runners(folder, backend, precision)
+
+
+# ---------------------------------------------------------------------------------------
+# Precision
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """`ConfigError` for a precision the backend does not compute in."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                          f"{precision!r}.")
+    if precision == "bf16" and backend not in BF16_BACKENDS:
+        raise ConfigError(f"bf16 runs with the {' and '.join(BF16_BACKENDS)} backends; "
+                          f"{backend}'s CPU kernels are float32 only.")
+
+
+class Autocast(nn.Module):
+    """A model whose forward runs under bf16 autocast, returning float32, with the
+    attributes `apply_model` reads from the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.sources = model.sources
+        self.samplerate = model.samplerate
+        self.audio_channels = model.audio_channels
+
+    @property
+    def segment(self) -> tp.Any:
+        return self.model.segment
+
+    @segment.setter
+    def segment(self, value: tp.Any) -> None:
+        self.model.segment = value
+
+    @property
+    def max_allowed_segment(self) -> float:
+        return max_allowed_segment(self.model)
+
+    def valid_length(self, length: int) -> int:
+        valid = getattr(self.model, "valid_length", None)
+        return length if valid is None else valid(length)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(mix.device.type, dtype=torch.bfloat16):
+            return self.model(mix).float()
+
+
+def autocast_models(model: nn.Module) -> nn.Module:
+    """`model`, or each model of a bag, as an `Autocast`."""
+    if isinstance(model, BagOfModels):
+        return BagOfModels([Autocast(member) for member in model.models], model.weights)
+    return Autocast(model)

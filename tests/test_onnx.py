@@ -387,3 +387,56 @@ def test_separator_backend_and_update(package: Path, tmp_path: Path,
         assert_scaled_close(ours[source], expected[source], scale)
     with pytest.raises(ConfigError, match="backend must be one of torch, onnxruntime, openvino"):
         separator.update_parameter(backend="tensorrt")
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return 10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum()).item()
+
+
+@pytest.mark.slow
+def test_bf16_precision_stays_close_to_float32(package: Path, tmp_path: Path) -> None:
+    """`demucs --precision bf16` with torch (autocast) and OpenVINO (its bf16 inference):
+    stems 35 dB or more above their difference from float32's (about 50 dB and 60 dB on
+    this tiny model, docs/onnx.md)."""
+    track = package.parent / "track.wav"
+    env = {"DEMUCS_ONNX_CACHE": str(tmp_path / "cache")}
+    for backend, precision in [("torch", "float32"), ("torch", "bf16"), ("openvino", "bf16")]:
+        proc = run(DEMUCS, "-n", str(package), "--backend", backend, "--precision", precision,
+                   "--float32", "--shifts", "0", "-o", str(tmp_path / f"{backend}_{precision}"),
+                   str(track), env=env)
+        assert proc.returncode == 0, proc.stderr
+    reference = stems(tmp_path / "torch_float32/tiny/track")
+    autocast = stems(tmp_path / "torch_bf16/tiny/track")
+    assert 35 < snr_db(reference, autocast) < 100  # close, but computed in bf16
+    assert snr_db(reference, stems(tmp_path / "openvino_bf16/tiny/track")) > 35
+
+
+def test_bf16_with_onnxruntime_is_one_line_before_any_track(package: Path,
+                                                            tmp_path: Path) -> None:
+    proc = run(DEMUCS, "-n", str(package), "--backend", "onnxruntime", "--precision", "bf16",
+               "-o", str(tmp_path / "out"), str(package.parent / "track.wav"))
+    assert proc.returncode == 1
+    assert one_line(proc.stderr) == ("demucs: error: bf16 runs with the torch and openvino "
+                                     "backends; onnxruntime's CPU kernels are float32 only.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_separator_bf16_bag_keeps_the_bag(tmp_path: Path) -> None:
+    """`Separator(precision="bf16")` on a bag: each model under autocast, the bag's
+    weights kept, float32 stems close to float32's."""
+    from demucs.api import Separator
+    models = [tiny_hdemucs(seed=1).eval(), tiny_hdemucs(seed=2).eval()]
+    for index, model in enumerate(models):
+        save_atomic(serialize_model(model, {}, half=False), tmp_path / f"m{index}.th")
+    (tmp_path / "bag.yaml").write_text(yaml.safe_dump(
+        {"models": ["m0", "m1"], "weights": [[1., 0., 1., 0.], [0., 1., 1., 1.]]}))
+    wav = 0.3 * noise(2, 9000, seed=5)
+    separator = Separator("bag", repo=tmp_path, device="cpu", shifts=0)
+    _, expected = separator.separate_tensor(wav, 8000)
+    separator.update_parameter(precision="bf16")
+    bag = separator.prepare()
+    assert isinstance(bag, BagOfModels) and bag.weights == [[1., 0., 1., 0.], [0., 1., 1., 1.]]
+    _, ours = separator.separate_tensor(wav, 8000)
+    for source in SOURCES:
+        assert ours[source].dtype == torch.float32
+        assert 35 < snr_db(expected[source], ours[source]) < 100
