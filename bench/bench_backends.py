@@ -11,19 +11,21 @@ side and repeat, the sides alternating, each in a fresh process with `--threads`
   (`--setup` makes them: torch 2.13.0, the package without its dependencies, those it
   imports, and bench/baselines/torchaudio, a soundfile stand-in for torchaudio's file
   functions, which have no release for torch 2.13);
-- `torch`, `onnxruntime`, `openvino`: this repository's command with `--backend`.
+- `torch`, `onnxruntime`, `openvino`: this repository's command with `--backend`;
+  with `--bf16`, also `torch bf16` and `openvino bf16` (`--precision bf16`).
 
 Printed per side: wall seconds per second of audio (the whole command: start, model
 loading, reading, separation, writing) and peak resident memory, the minimum of the
 repeats, their ratios to the original, and the largest difference of its stems from the
-torch backend's, over the torch stems' largest value. Every process seeds Python's
+torch backend's, over the torch stems' largest value (for bf16: the stems' SNR against
+the torch backend's float32 ones). Every process seeds Python's
 `random` with 0 first, so all sides draw the same random shifts. The graphs are exported
 into `--cache` by an untimed first run of each side (which also warms the file cache).
 
     python bench/bench_backends.py --setup [--original /tmp/demucs-v3 --upstream /tmp/demucs-v4]
     python bench/bench_backends.py [--seconds 60] [--threads 2] [--repeats 3]
         [--models hdemucs demucs htdemucs] [--backends torch onnxruntime openvino]
-        [--original /tmp/demucs-v3] [--upstream /tmp/demucs-v4] [--no-original]
+        [--bf16] [--original /tmp/demucs-v3] [--upstream /tmp/demucs-v4] [--no-original]
 """
 from __future__ import annotations
 
@@ -96,10 +98,22 @@ def write_package(name: str, repo: Path) -> None:
 
 
 def command(python: Path, name: str, repo: Path, out: Path, track: Path,
-            backend: tp.Optional[str]) -> tp.List[str]:
-    argv = [str(python), "-c", LAUNCHER, "--repo", str(repo), "-n", SIGNATURES[name],
-            "-o", str(out), "--float32", "-d", "cpu", str(track)]
-    return argv + (["--backend", backend] if backend else [])
+            options: tp.Sequence[str] = ()) -> tp.List[str]:
+    return [str(python), "-c", LAUNCHER, "--repo", str(repo), "-n", SIGNATURES[name],
+            "-o", str(out), "--float32", "-d", "cpu", str(track), *options]
+
+
+def our_sides(args: argparse.Namespace) -> tp.Dict[str, tp.List[str]]:
+    """This repository's sides: their names and their command options."""
+    sides = {backend: ["--backend", backend] for backend in args.backends}
+    if args.bf16:
+        sides.update({f"{backend} bf16": ["--backend", backend, "--precision", "bf16"]
+                      for backend in args.backends if backend != "onnxruntime"})
+    return sides
+
+
+def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    return float(10 * np.log10((reference ** 2).sum() / ((other - reference) ** 2).sum()))
 
 
 def run(argv: tp.List[str], env: tp.Dict[str, str], cwd: Path) -> Run:
@@ -125,6 +139,10 @@ def stems(folder: Path) -> np.ndarray:
     return np.stack([soundfile.read(str(f), dtype="float32")[0] for f in files])
 
 
+def out_name(side: str) -> str:
+    return "out_" + side.replace(" ", "_")
+
+
 def error_to(reference: np.ndarray, other: np.ndarray) -> float:
     """Largest difference over the reference's largest value."""
     if reference.shape != other.shape:
@@ -141,10 +159,10 @@ def bench_model(args: argparse.Namespace, name: str, work: Path) -> None:
            "DEMUCS_ONNX_CACHE": str(args.cache)}
     if original is not None:
         sides["original"] = command(original / "bin" / "python", name, repo,
-                                    work / "out_original", track, None)
-    for backend in args.backends:
-        sides[backend] = command(Path(sys.executable), name, repo, work / f"out_{backend}",
-                                 track, backend)
+                                    work / "out_original", track)
+    for side, options in our_sides(args).items():
+        sides[side] = command(Path(sys.executable), name, repo, work / out_name(side), track,
+                              options)
     # The original must not import this repository's package: run from `work`, with
     # PYTHONPATH cleared for it; ours gets the repository on its path.
     ours_env = {**env, "PYTHONPATH": str(HERE.parent)}
@@ -160,7 +178,7 @@ def bench_model(args: argparse.Namespace, name: str, work: Path) -> None:
         for side, argv in sides.items():
             results[side].append(run(argv, envs[side], work))
     reference = stems(work / "out_torch") if "torch" in sides else None
-    report(name, args, results, {side: stems(work / f"out_{side}") for side in sides},
+    report(name, args, results, {side: stems(work / out_name(side)) for side in sides},
            reference, ORIGINAL[name] if original is not None else None)
 
 
@@ -178,7 +196,9 @@ def report(name: str, args: argparse.Namespace, results: tp.Dict[str, tp.List[Ru
         if base is not None and side != "original":
             line += (f"  time x{speed * args.seconds / min(r.seconds for r in base):.2f}, "
                      f"memory x{memory / min(r.peak_mb for r in base):.2f} of the original")
-        if reference is not None and side != "torch":
+        if reference is not None and side.endswith("bf16"):
+            line += f"  stems {snr_db(reference, outputs[side]):.1f} dB SNR to torch's"
+        elif reference is not None and side != "torch":
             line += f"  stems {error_to(reference, outputs[side]):.1e} of scale from torch's"
         print(line, flush=True)
 
@@ -190,6 +210,8 @@ def main(argv: tp.Optional[tp.List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--bf16", action="store_true",
+                        help="also torch and openvino with --precision bf16")
     parser.add_argument("--original", type=Path, default=Path("/tmp/demucs-v3"),
                         help="venv of demucs==3.0.6 (the v3 models' original)")
     parser.add_argument("--upstream", type=Path, default=Path("/tmp/demucs-v4"),
