@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import require_programs, skip_or_fail
+from helpers import one_thread, require_programs, skip_or_fail
 from tools.synth_dataset import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+one_thread()
 
 
 def pytest_configure(config: pytest.Config) -> None:
