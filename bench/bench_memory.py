@@ -14,7 +14,9 @@ the memory before separating (model loaded and warmed up). Two ways to separate:
 Each is measured as it runs (freed memory given back to the system after each layer and
 chunk, `demucs.utils.trim_heap`) and with `--keep-heap` also without that, glibc's
 fragmented heap kept. `--floor` measures one forward pass on a full 44 s segment instead,
-the floor set by the model's activations.
+the floor set by the model's activations. `--per-chunk` (command mode) also prints the peak
+of each chunk above the start (Linux: the high-water mark is reset after each chunk), the
+first one including the pass of the normalisation statistics.
 
 The original Demucs v3 is not measured here: the figure printed next to 120 s (2.7 GB
 above its start) comes from the project's first benchmark (committed on 2026-11-25 with
@@ -22,7 +24,7 @@ bench_separation.py's figures, on a 2-thread CPU machine of that time), another 
 another machine.
 
     python bench/bench_memory.py [--seconds 60 120 600] [--mode command|apply]
-        [--threads 2] [--keep-heap] [--floor]
+        [--threads 2] [--keep-heap] [--floor] [--per-chunk]
 """
 from __future__ import annotations
 
@@ -93,7 +95,32 @@ def write_noise(path: Path, seconds: float) -> None:
             f.write(rng.uniform(-0.5, 0.5, (min(441000, frames - start), 2)).astype(np.float32))
 
 
-def measure_command(seconds: float, root: Path) -> dict[str, float]:
+def vm_hwm_mb() -> float:
+    """The process's resident high-water mark since it started or was last reset, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def record_chunk_peaks(start: float) -> list[float]:
+    """From now, the peak above `start` (MB) of each chunk of a split, appended to the list
+    returned: read after the chunk is yielded and written, then the high-water mark (and
+    `ru_maxrss` with it) is reset to the current size (`/proc/self/clear_refs`)."""
+    from demucs import apply
+    peaks: list[float] = []
+    trim = apply.trim_heap
+
+    def after_chunk() -> None:
+        peaks.append(vm_hwm_mb() - start)
+        trim()
+        Path("/proc/self/clear_refs").write_text("5")
+    apply.trim_heap = after_chunk
+    return peaks
+
+
+def measure_command(seconds: float, root: Path, per_chunk: bool = False
+                    ) -> dict[str, tp.Any]:
     """The `demucs` command's separation of `root/long.wav` with the package
     `root/81de367c.th`, after a warm-up on `root/short.wav`."""
     from demucs import separate
@@ -105,16 +132,19 @@ def measure_command(seconds: float, root: Path) -> dict[str, float]:
     random.seed(0)
     separate.separate_track(separator, root / "short.wav", run)
     start = current_mb()
+    chunks = record_chunk_peaks(start) if per_chunk else []
     begin = time.perf_counter()
     separate.separate_track(separator, root / "long.wav", run)
     elapsed = time.perf_counter() - begin
-    return {"peak": rss_mb() - start, "output": 0., "seconds": elapsed}
+    return {"peak": max([rss_mb() - start] + chunks), "output": 0., "seconds": elapsed,
+            "chunks": chunks}
 
 
-def run_one(seconds: float, threads: int, heap: str, floor: bool, mode: str
-            ) -> dict[str, float]:
+def run_one(seconds: float, threads: int, heap: str, floor: bool, mode: str,
+            per_chunk: bool = False) -> dict[str, tp.Any]:
     command = [sys.executable, __file__, "--one", str(seconds), "--threads", str(threads),
-               "--heap", heap, "--mode", mode] + (["--floor"] if floor else [])
+               "--heap", heap, "--mode", mode] + (["--floor"] if floor else []) + (
+               ["--per-chunk"] if per_chunk else [])
     if mode != "command" or floor:
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -141,6 +171,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
                         help="one forward pass on a 44 s segment instead of --seconds")
     parser.add_argument("--keep-heap", action="store_true",
                         help="also measure without giving freed memory back")
+    parser.add_argument("--per-chunk", action="store_true",
+                        help="command mode: also print the peak of each chunk")
     parser.add_argument("--heap", choices=HEAPS, default="trimmed", help=argparse.SUPPRESS)
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -149,7 +181,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     if args.one is not None:
         if args.heap == "kept":
             keep_heap()
-        result = (measure_command(args.one, args.root) if args.root is not None
+        result: dict[str, tp.Any] = (measure_command(args.one, args.root, args.per_chunk)
+                  if args.root is not None
                   else measure(args.one, args.floor))
         print(json.dumps(result))
         return
@@ -159,7 +192,8 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
     peaks: dict[str, list[tuple[float, float]]] = {heap: [] for heap in heaps}
     for seconds in [44.] if args.floor else args.seconds:
         for heap in heaps:
-            result = run_one(seconds, args.threads, heap, args.floor, args.mode)
+            result = run_one(seconds, args.threads, heap, args.floor, args.mode,
+                             args.per_chunk)
             peaks[heap].append((seconds, result["peak"]))
             ratio = (f" (x{result['peak'] / ORIGINAL_120S_MB:.2f} of the original v3's 2.7 GB "
                      "measured elsewhere)" if seconds == 120 else "")
@@ -167,6 +201,9 @@ def main(argv: tp.Optional[list[str]] = None) -> None:
                       if args.mode == "apply" else "")
             print(f"{seconds:5.0f} s, {what}, {HEAPS[heap]}: peak +{result['peak']:6.0f} MB"
                   f"{ratio}{output}; {result['seconds']:.0f} s", flush=True)
+            if result.get("chunks"):
+                print("    chunk peaks, MB: " + " ".join(
+                    f"{peak:.0f}" for peak in result["chunks"]), flush=True)
     for heap, measured in peaks.items():
         if len(measured) > 1:
             (shortest, base), others = min(measured), sorted(measured)[1:]
