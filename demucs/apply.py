@@ -32,6 +32,7 @@ the models and passes one after another, as the original does (a track-long outp
 """
 from __future__ import annotations
 
+import collections
 import math
 import random
 import typing as tp
@@ -441,24 +442,31 @@ def _split_pieces(model: tp.Any, mix: MixLike, kwargs: tp.Dict[str, tp.Any], seg
     batch, channels, length = mix.shape
     weight = _transition_weight(segment, kwargs["transition_power"], kwargs["device"])
     pool = kwargs["pool"]
-    futures: tp.Iterable = [
+    # Every segment submitted first (a pool of threads runs them as they come); each
+    # taken off the queue when its turn comes: a finished future keeps its output.
+    futures = collections.deque(
         (pool.submit(_apply_whole, model, TensorChunk(mix, offset, segment), draw, kwargs),
-         offset) for offset, draw in zip(range(0, length, stride), draws)]
-    if kwargs["progress"]:
-        futures = tqdm.tqdm(futures, unit_scale=stride / model.samplerate, ncols=120,
-                            unit="seconds")
+         offset) for offset, draw in zip(range(0, length, stride), draws))
+    bar = tqdm.tqdm(total=len(futures), unit_scale=stride / model.samplerate, ncols=120,
+                    unit="seconds", disable=not kwargs["progress"])
     tail = torch.zeros(batch, len(model.sources), channels, segment, device=mix.device)
     sum_weight = weight.to(mix.device)
-    for future, offset in futures:  # `offset` is where `tail` starts
-        chunk_out = future.result()  # (B, S, C, chunk_length)
-        chunk_length = chunk_out.shape[-1]
-        tail[..., :chunk_length] += chunk_out.mul_(weight[:chunk_length]).to(mix.device)
-        del chunk_out
-        final = min(stride, length - offset)
-        sums = _window_sums(sum_weight, stride, offset, offset + final)
-        yield tail[..., :final] / sums
-        tail = torch.cat([tail[..., final:], torch.zeros_like(tail[..., :final])], dim=-1)
-        trim_heap()  # what the chunk freed goes back before the next one
+    try:
+        while futures:
+            future, offset = futures.popleft()  # `offset` is where `tail` starts
+            chunk_out = future.result()  # (B, S, C, chunk_length)
+            del future
+            bar.update()
+            chunk_length = chunk_out.shape[-1]
+            tail[..., :chunk_length] += chunk_out.mul_(weight[:chunk_length]).to(mix.device)
+            del chunk_out
+            final = min(stride, length - offset)
+            sums = _window_sums(sum_weight, stride, offset, offset + final)
+            yield tail[..., :final] / sums
+            tail = torch.cat([tail[..., final:], torch.zeros_like(tail[..., :final])], dim=-1)
+            trim_heap()  # what the chunk freed goes back before the next one
+    finally:
+        bar.close()
 
 
 def _window_sums(weight: torch.Tensor, stride: int, start: int, end: int) -> torch.Tensor:

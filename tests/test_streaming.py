@@ -3,12 +3,15 @@ bit for bit; the `demucs` command reads its input by blocks and writes each stem
 chunks complete, into files identical to those written from whole tensors."""
 from __future__ import annotations
 
+import gc
 import math
 import random
 import subprocess
 import sys
 import tempfile
 import typing as tp
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -117,15 +120,6 @@ class SlicedTrack:
         return out.clone()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> tp.Iterator[None]:
-    """Tiny models run 10 times faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SR = 8000  # small models at 8 kHz: the chunks, shifts and bags are what is tested
 
 
@@ -223,6 +217,41 @@ def test_stream_holds_one_segment_not_the_track() -> None:
     sizes = [piece.shape[-1] for piece in apply_model_stream(model, mix, shifts=0)]
     stride = int(0.75 * int(0.4 * SR))
     assert sum(sizes) == mix.shape[-1] and max(sizes) == stride
+
+
+class Recorded(torch.nn.Module):
+    """`model` taking inputs of any length, keeping a weak reference to each of its
+    outputs (as `apply_model` gets them: of the input's length, not a view)."""
+
+    def __init__(self, model: tp.Any) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs: list[weakref.ref] = []
+        for name in ("sources", "samplerate", "audio_channels", "segment"):
+            setattr(self, name, getattr(model, name))
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        length = mix.shape[-1]
+        padded = F.pad(mix, (0, self.model.valid_length(length) - length))
+        out = self.model(padded)[..., :length].clone()
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+def test_stream_with_jobs_lets_each_segment_output_go() -> None:
+    """With a pool of threads (`-j 2`), the output of a segment is freed once added in:
+    the pool's finished futures are not kept to the end of the track."""
+    model = Recorded(MODELS["demucs"])
+    mix = torch.randn(1, 2, 10 * SR)
+    with ThreadPoolExecutor(2) as pool:
+        stream = apply_model_stream(model, mix, shifts=0, pool=pool)
+        for _ in range(8):
+            next(stream)
+        gc.collect()
+        assert len(model.outputs) >= 8
+        assert all(ref() is None for ref in model.outputs[:6])
+        for _ in stream:  # to the end, before the pool shuts down
+            pass
 
 
 def test_tensor_chunk_reads_zeros_beyond_the_track() -> None:
