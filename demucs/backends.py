@@ -127,13 +127,10 @@ class OpenVinoSession:
 
     def __init__(self, path: Path, precision: str = "float32"):
         import openvino as ov
-        # The compiled model is kept in `cache_root()/openvino` (OpenVINO's model cache,
-        # keyed by the file and these settings): 0.4 s to load it again against 5 to 6 s
-        # to compile a full-size HDemucs graph (1 thread).
-        self.compiled = ov.Core().compile_model(str(path), "CPU", {
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "CACHE_DIR": str(cache_root() / "openvino")})
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
     def run(self, inputs: Arrays) -> tp.List[np.ndarray]:
         request = self.compiled.create_infer_request()

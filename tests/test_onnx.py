@@ -318,9 +318,8 @@ def test_demucs_backend_exports_once_into_the_cache(package: Path, tmp_path: Pat
         assert proc.returncode == 0, proc.stderr
         exported = [line for line in proc.stdout.splitlines() if "Exporting" in line]
         assert len(exported) == (backend == "openvino")  # the second run finds it
-    folders = sorted((tmp_path / "cache").iterdir())
-    assert [folder.name for folder in folders][1:] == ["openvino"]  # its compiled model
-    assert (folders[0] / MANIFEST).is_file() and any((folders[1]).iterdir())
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / MANIFEST).is_file()
     first = stems(tmp_path / "openvino/tiny/track")
     second = stems(tmp_path / "onnxruntime/tiny/track")
     assert_scaled_close(first, second, second.abs().max().item())
