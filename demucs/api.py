@@ -198,11 +198,11 @@ class Separator:
         segment = None if backend == "torch" or self._graphs else self._options.segment
         precision = self._options.precision
         key = (backend, segment, precision)
-        if key not in self._runnables and precision == "bf16" and cpu_has_bf16() is False \
-                and tp.cast(torch.device, self._options.device).type == "cpu":
-            print("bf16 is emulated on this CPU (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): "
-                  "expect it slower than float32.", file=sys.stderr)
         if key not in self._runnables:
+            if precision == "bf16" and cpu_has_bf16() is False \
+                    and tp.cast(torch.device, self._options.device).type == "cpu":
+                print("bf16 is emulated on this CPU (no avx512_bf16 or amx_bf16 in "
+                      "/proc/cpuinfo): expect it slower than float32.", file=sys.stderr)
             self._runnables[key] = (
                 load_runners(Path(self._name), backend, precision) if self._graphs
                 else runnable(self._model, backend, segment, precision=precision))

@@ -231,9 +231,6 @@ class GraphRunner(nn.Module):
                              f"{self.valid_length(length)} samples (apply_model does).")
         for _ in range(self.draws):  # those of the torch forward, see `Graph.draws`
             random.randrange(1)
-        if self.dynamic:
-            mix = mix.detach().cpu().float()
-            return torch.cat([self._one(item[None]) for item in mix]).to(mix.device)
         padded = self._fit(mix.detach().cpu().float())
         out = torch.cat([self._one(item[None]) for item in padded])
         out = out[..., :length] if self.steps is not None else center_trim(out, length)

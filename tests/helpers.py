@@ -33,22 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["drums", "bass", "other", "vocals"]
 # torch's thread count before conftest.py sets the tests' one thread (`one_thread`)
 DEFAULT_THREADS = torch.get_num_threads()
-_THREADS_SET: tp.List[bool] = []
+_threads_set = False  # by `one_thread`
 
 
 def one_thread() -> None:
     """One torch thread for the tests and, through OMP_NUM_THREADS, for the commands they
     start, unless the environment sets it: tiny models run faster so, and the cores stay
     free for the processes a test runs side by side."""
+    global _threads_set
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-        _THREADS_SET.append(True)
+        _threads_set = True
 
 
 def threads_set_by_tests() -> bool:
     """Whether OMP_NUM_THREADS comes from `one_thread`, not from the environment."""
-    return bool(_THREADS_SET)
+    return _threads_set
 
 # ---------------------------------------------------------------------------------------
 # Missing resources: skipped on a developer's machine, a failure on CI
