@@ -2,7 +2,9 @@
 #   make install   .venv with torch 2.13.0 (CPU build from the local wheel cache), the
 #                  requirements, the package (editable) with its ONNX extras (onnx,
 #                  openvino: the runtimes of `demucs --backend`), ffmpeg and soundstretch
-#   make test      install, then ruff, mypy and the test suite (with a coverage summary)
+#   make test      install, then ruff, mypy and the test suite (with a coverage summary):
+#                  here without the long end-to-end tests (marked `slow`, ~10 min left);
+#                  all of them with CI=true (as .ci/run does) or `make test-all`
 #   make demo      the README's main command: synthetic data, `dora run` trains a tiny
 #                  model, `tools.export` exports it, `demucs` separates a test track
 #   make demo-v4   the same with a tiny Hybrid Transformer Demucs (v4)
@@ -16,8 +18,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO := demo
 PYTEST_ARGS ?=
+# The long end-to-end tests (`@pytest.mark.slow`) run on CI (CI=true) and in `make test-all`.
+SLOW ?= $(if $(filter true 1,$(CI)),1,)
+PYTEST_MARKS := $(if $(SLOW),,-m "not slow")
 
-.PHONY: install system-deps test lint typecheck pytest demo demo-v4 bench gpu-check clean-demo
+.PHONY: install system-deps test test-all lint typecheck pytest demo demo-v4 bench gpu-check clean-demo
 
 install: $(STAMP) system-deps
 
@@ -55,9 +60,12 @@ typecheck: install
 # run in subprocesses are not counted); its data file stays in the venv.
 pytest: install
 	COVERAGE_FILE=$(VENV)/.coverage $(PY) -m pytest --cov=demucs --cov=tools --cov-report=term \
-		$(PYTEST_ARGS)
+		$(PYTEST_MARKS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+test-all:
+	$(MAKE) test SLOW=1
 
 demo: install
 	$(PY) -m tools.demo --root $(DEMO)
