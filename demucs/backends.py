@@ -44,8 +44,8 @@ from torch.nn import functional as F
 from .bag import BagOfModels, max_allowed_segment, sub_models
 from .demucs import Demucs
 from .errors import ConfigError, ModelLoadingError
-from .graphs import (FORMAT, MANIFEST, OPSET, Graph, Manifest, Spectrogram, chunk_seconds,
-                     export, is_graph_folder)
+from .graphs import (FORMAT, MANIFEST, OPSET, REVISION, Graph, Manifest, Spectrogram,
+                     chunk_seconds, export, is_graph_folder)
 from .hdemucs import HybridSpectrogram
 from .utils import center_trim
 
@@ -91,7 +91,8 @@ class Session(tp.Protocol):
     """A graph loaded in a runtime."""
     def run(self, inputs: Arrays) -> tp.List[np.ndarray]: ...
     def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
-        """The sizes of the inputs and outputs, None for a dynamic axis."""
+        """The sizes of the inputs and outputs, None for a dynamic axis, under each of
+        their names."""
 
 
 class OrtSession:
@@ -140,9 +141,10 @@ class OpenVinoSession:
 
     def shapes(self) -> tp.Dict[str, tp.List[tp.Optional[int]]]:
         ports = [*self.compiled.inputs, *self.compiled.outputs]
-        return {port.get_any_name(): [dim.get_length() if dim.is_static else None
-                                      for dim in port.get_partial_shape()]
-                for port in ports}
+        # A port can have several names (an output also named after the node making it).
+        return {name: [dim.get_length() if dim.is_static else None
+                       for dim in port.get_partial_shape()]
+                for port in ports for name in port.get_names()}
 
 
 def open_session(path: Path, graph: Graph, backend: str, precision: str = "float32"
@@ -161,8 +163,10 @@ def open_session(path: Path, graph: Graph, backend: str, precision: str = "float
         raise ModelLoadingError(f"{path}: {backend} cannot load it ({first}).") from None
     expected = {name: [dim if isinstance(dim, int) else None for dim in shape]
                 for name, shape in {**graph.inputs, **graph.outputs}.items()}
-    if session.shapes() != expected:
-        raise ModelLoadingError(f"{path}: its inputs and outputs {session.shapes()} are not "
+    shapes = session.shapes()
+    found = {name: shapes.get(name) for name in expected}
+    if found != expected:
+        raise ModelLoadingError(f"{path}: its inputs and outputs {found} are not "
                                 f"those {MANIFEST} gives ({expected}, None: any size); "
                                 "export the model again.")
     return session
@@ -284,7 +288,7 @@ def model_key(model: nn.Module, segment: tp.Optional[float]) -> str:
     """A name for the export of `model` on chunks of `segment` seconds: a hash of the
     classes, constructor arguments, weights, chunk lengths and bag weights, and of the
     exporter's version."""
-    digest = hashlib.sha256(f"{FORMAT} {OPSET} torch {torch.__version__}".encode())
+    digest = hashlib.sha256(f"{FORMAT} {REVISION} {OPSET} torch {torch.__version__}".encode())
     weights = model.weights if isinstance(model, BagOfModels) else None
     for member in sub_models(model):
         init = getattr(member, "_init_args_kwargs", None)

@@ -44,8 +44,12 @@ from .errors import ConfigError, ModelLoadingError
 from .hdemucs import HDemucs, HybridSpectrogram
 from .htdemucs import HTDemucs
 from .lean import lean_inference
+from .reductions import DECOMPOSITIONS
 
 FORMAT = 2  # of the manifest
+# Of what the graphs compute, for the cache's keys (`backends.model_key`): 2, the
+# normalizations summed by axes (`reductions`), exported again rather than reused.
+REVISION = 2
 MANIFEST = "demucs_onnx.json"
 OPSET = 18  # onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it
 Shapes = tp.Dict[str, tp.List[tp.Union[int, str]]]
@@ -296,16 +300,14 @@ def _onnx_export(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], path: Path
                  names: tp.List[str], dynamic: bool) -> None:
     """`torch.onnx.export` with the dynamo exporter, without its progress lines and
     warnings (kept for an error: raised again with them). `dynamic`: the last axis of
-    each input of any size (`DYNAMIC_AXES`)."""
+    each input of any size (`DYNAMIC_AXES`). The means, variances and group norms sum by
+    blocks (`reductions.DECOMPOSITIONS`), which onnxruntime would sum in one run."""
     check_exporter()
     chatter = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet_loggers():
         warnings.simplefilter("ignore")
-        args = tuple(inputs.values())
-        model: tp.Any = core.eval()
-        if dynamic:
-            model, args = _dynamic_program(core, inputs), ()
-        torch.onnx.export(model, args, str(path), dynamo=True, external_data=False,
+        program = _program(core, inputs, dynamic).run_decompositions(DECOMPOSITIONS)
+        torch.onnx.export(program, (), str(path), dynamo=True, external_data=False,
                           input_names=list(inputs), output_names=names,
                           opset_version=OPSET, verbose=False,
                           custom_translation_table=_translations())
@@ -313,11 +315,13 @@ def _onnx_export(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], path: Path
         _name_axes(path)
 
 
-def _dynamic_program(core: nn.Module, inputs: tp.Dict[str, torch.Tensor]
-                     ) -> torch.export.ExportedProgram:
-    """`core` traced with the last axis of its inputs symbolic. The relations between the
-    sizes that the trace relies on (the frames of `spec` are those of `mix`'s STFT) are
-    asserted where they are used rather than turned into fixed sizes."""
+def _program(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], dynamic: bool
+             ) -> torch.export.ExportedProgram:
+    """`core` traced on `inputs`, with the last axis of each symbolic if `dynamic`. The
+    relations between the sizes that the trace relies on (the frames of `spec` are those
+    of `mix`'s STFT) are asserted where they are used rather than turned into fixed sizes."""
+    if not dynamic:
+        return torch.export.export(core.eval(), tuple(inputs.values()), strict=False)
     length: tp.Any = torch.export.Dim.DYNAMIC
     model = core.model
     if isinstance(model, Demucs):

@@ -1,0 +1,150 @@
+"""The means, deviations and group norms of the ONNX graphs, summed in float32 as
+precisely as torch sums them.
+
+The runtimes add up long runs of values one after the other (in a few SIMD lanes):
+onnxruntime's `InstanceNormalization` (which a group norm becomes) over an HTDemucs
+transformer layer's 512 channels x 2688 steps was 1.8e-5 of the output away from float64,
+and OpenVINO's sum of a 44 s spectrogram's 7.8 million magnitudes (all positive, the
+errors add up) made the output of an HDemucs 1.2e-4 of its scale away from the torch path,
+against 5e-7 for torch (bench/README.md).
+
+`DECOMPOSITIONS` replaces these operators in an exported program
+(`ExportedProgram.run_decompositions`):
+
+- a mean or deviation over `LONG` values or more sums blocks of `BLOCK` values (padded
+  with zeros to whole blocks), then the blocks' sums (`block_sum`); over fewer, one axis
+  after the other (`staged_sum`);
+- a group norm over `LONG` values or more per group sums one axis after the other; a
+  smaller one stays a fused `InstanceNormalization`, faster and precise enough;
+- deviations subtract the mean first (two passes).
+
+Which way is decided on the sizes of the example traced, with no guard on the symbols of
+a graph of any length: padding a symbolic size to whole blocks makes the exporter's shape
+reasoning slow (a dynamic HDemucs with every sum by blocks exported in 6 minutes, not 1),
+so only the few longest sums take it.
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.nn import functional as F
+
+aten = torch.ops.aten
+LONG = 2 ** 18
+BLOCK = 1024
+
+
+def staged_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
+    """The sum of `x` over `dims` (kept, of size 1), one axis after the other."""
+    for dim in sorted({dim % x.dim() for dim in dims}, reverse=True):
+        x = x.sum(dim, keepdim=True)
+    return x
+
+
+def block_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
+    """The sum of `x` over `dims` (kept, of size 1): their values are summed by blocks of
+    `BLOCK` (padded with zeros to whole blocks), then the blocks' sums are; over fewer
+    than `LONG` values (in the example traced), one axis after the other."""
+    reduced = sorted({dim % x.dim() for dim in dims})
+    if optimization_hint(_count(x, reduced), fallback=LONG) < LONG:
+        return staged_sum(x, reduced)
+    kept = [dim for dim in range(x.dim()) if dim not in reduced]
+    sizes = [x.shape[dim] for dim in kept]
+    flat = x.permute(*kept, *reduced).reshape(*sizes, -1)
+    padded = F.pad(flat, (0, (-flat.shape[-1]) % BLOCK))
+    # Each block summed by a product with ones: OpenVINO's ReduceSum adds up even one
+    # block's values one after the other (1.5e-4 off on a spectrogram's magnitudes,
+    # its MatMul 7e-8); onnxruntime's is as good as its MatMul.
+    ones = torch.ones(BLOCK, 1, dtype=x.dtype, device=x.device)
+    sums = (padded.reshape(*sizes, -1, BLOCK) @ ones).sum((-1, -2))
+    return sums.reshape([1 if dim in reduced else x.shape[dim] for dim in range(x.dim())])
+
+
+def _dims(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]]) -> tp.List[int]:
+    return list(range(x.dim())) if not dims else [dim % x.dim() for dim in dims]
+
+
+def _count(x: torch.Tensor, dims: tp.Sequence[int]) -> tp.Any:
+    count: tp.Any = 1
+    for dim in dims:
+        count = count * x.shape[dim]
+    return count
+
+
+def _squeeze(x: torch.Tensor, dims: tp.Sequence[int], keepdim: bool) -> torch.Tensor:
+    return x if keepdim else x.squeeze(tuple(dims))
+
+
+def mean(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, keepdim: bool = False,
+         dtype: tp.Optional[torch.dtype] = None) -> torch.Tensor:
+    """`aten.mean.dim`."""
+    x = x if dtype is None else x.to(dtype)
+    dims = _dims(x, dims)
+    return _squeeze(block_sum(x, dims) / _count(x, dims), dims, keepdim)
+
+
+def var(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, *,
+        correction: tp.Optional[float] = None, keepdim: bool = False) -> torch.Tensor:
+    """`aten.var.correction`: the mean of the squared deviations from the mean (two
+    passes), divided by the count less `correction` (1 by default)."""
+    dims = _dims(x, dims)
+    count = _count(x, dims)
+    centered = x - block_sum(x, dims) / count
+    squares = block_sum(centered * centered, dims)
+    return _squeeze(squares / (count - (1 if correction is None else correction)), dims,
+                    keepdim)
+
+
+def std(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, *,
+        correction: tp.Optional[float] = None, keepdim: bool = False) -> torch.Tensor:
+    """`aten.std.correction`: the square root of `var`."""
+    return torch.sqrt(var(x, dims, correction=correction, keepdim=keepdim))
+
+
+def var_unbiased(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None,
+                 unbiased: bool = True, keepdim: bool = False) -> torch.Tensor:
+    """`aten.var.dim` (`Tensor.var(dim, unbiased)`)."""
+    return var(x, dims, correction=int(unbiased), keepdim=keepdim)
+
+
+def std_unbiased(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None,
+                 unbiased: bool = True, keepdim: bool = False) -> torch.Tensor:
+    """`aten.std.dim` (`Tensor.std(dim, unbiased)`)."""
+    return std(x, dims, correction=int(unbiased), keepdim=keepdim)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor] = None,
+               bias: tp.Optional[torch.Tensor] = None, eps: float = 1e-5,
+               cudnn_enabled: bool = True) -> torch.Tensor:
+    """`aten.group_norm` (`F.group_norm`): by axes over `LONG` values or more per group
+    (in the example traced); a fused `InstanceNormalization` for smaller groups, which
+    the runtimes compute faster (OpenVINO took 9 % longer on an HTDemucs 955717e8 chunk
+    with every group norm by axes) and precisely enough."""
+    batch, channels = x.shape[:2]
+    grouped = x.reshape(batch, groups, channels // groups, *x.shape[2:])
+    axes = list(range(2, grouped.dim()))
+    count = _count(grouped, axes)
+    if optimization_hint(count, fallback=LONG) < LONG:
+        return aten.native_group_norm.default(x, weight, bias, batch, channels,
+                                              count * groups // channels, groups, eps)[0]
+    centered = grouped - block_sum(grouped, axes) / count
+    rstd = torch.rsqrt(block_sum(centered * centered, axes) / count + eps)
+    out = (centered * rstd).reshape(x.shape)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+DECOMPOSITIONS: tp.Dict[tp.Any, tp.Callable] = {
+    aten.mean.dim: mean,
+    aten.var.correction: var,
+    aten.std.correction: std,
+    aten.var.dim: var_unbiased,
+    aten.std.dim: std_unbiased,
+    aten.group_norm.default: group_norm,
+}
