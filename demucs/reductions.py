@@ -4,24 +4,23 @@ precisely as torch sums them.
 The runtimes add up long runs of values one after the other (in a few SIMD lanes):
 onnxruntime's `InstanceNormalization` (which a group norm becomes) over an HTDemucs
 transformer layer's 512 channels x 2688 steps was 1.8e-5 of the output away from float64,
-and OpenVINO's sum of a 44 s spectrogram's 7.8 million magnitudes (all positive, the
-errors add up) made the output of an HDemucs 1.2e-4 of its scale away from the torch path,
-against 5e-7 for torch (bench/README.md).
+and OpenVINO's `ReduceSum` of a 44 s spectrogram's 7.8 million magnitudes (all positive,
+the errors add up) 5.5e-5: a full-size HDemucs then separated 5.7e-4 (onnxruntime) and
+1.1e-4 (OpenVINO) of its scale away from the torch path, against 5e-7 for torch
+(bench/README.md).
 
 `DECOMPOSITIONS` replaces these operators in an exported program
-(`ExportedProgram.run_decompositions`):
-
-- a mean or deviation over `LONG` values or more sums blocks of `BLOCK` values (padded
-  with zeros to whole blocks), then the blocks' sums (`block_sum`); over fewer, one axis
-  after the other (`staged_sum`);
-- a group norm over `LONG` values or more per group sums one axis after the other; a
-  smaller one stays a fused `InstanceNormalization`, faster and precise enough;
-- deviations subtract the mean first (two passes).
+(`ExportedProgram.run_decompositions`). Over `LONG` values or more, a mean, a deviation
+or the statistics of a group norm sum blocks of `BLOCK` values, each by a `MatMul` with
+ones (padded with zeros to whole blocks), then the blocks' sums (`block_sum`); deviations
+subtract the mean first (two passes). Over fewer values, means and deviations sum one
+axis after the other (`staged_sum`) and a group norm stays an `InstanceNormalization`,
+faster and precise enough at that size.
 
 Which way is decided on the sizes of the example traced, with no guard on the symbols of
 a graph of any length: padding a symbolic size to whole blocks makes the exporter's shape
-reasoning slow (a dynamic HDemucs with every sum by blocks exported in 6 minutes, not 1),
-so only the few longest sums take it.
+reasoning slow (a small dynamic HDemucs with every sum by blocks exported in 3.5 minutes,
+not 1), so only the longest sums take it.
 """
 from __future__ import annotations
 
@@ -118,10 +117,10 @@ def std_unbiased(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None,
 def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor] = None,
                bias: tp.Optional[torch.Tensor] = None, eps: float = 1e-5,
                cudnn_enabled: bool = True) -> torch.Tensor:
-    """`aten.group_norm` (`F.group_norm`): by axes over `LONG` values or more per group
-    (in the example traced); a fused `InstanceNormalization` for smaller groups, which
-    the runtimes compute faster (OpenVINO took 9 % longer on an HTDemucs 955717e8 chunk
-    with every group norm by axes) and precisely enough."""
+    """`aten.group_norm` (`F.group_norm`): its statistics by `block_sum` over `LONG`
+    values or more per group (in the example traced); else the fused operator, which the
+    runtimes compute faster (OpenVINO took 9 % longer on an HTDemucs 955717e8 chunk with
+    every group norm decomposed)."""
     batch, channels = x.shape[:2]
     grouped = x.reshape(batch, groups, channels // groups, *x.shape[2:])
     axes = list(range(2, grouped.dim()))
