@@ -47,8 +47,8 @@ from .lean import lean_inference
 from .reductions import DECOMPOSITIONS
 
 FORMAT = 2  # of the manifest
-# Of what the graphs compute, for the cache's keys (`backends.model_key`): 2, the
-# normalizations summed by axes (`reductions`), exported again rather than reused.
+# Of what the graphs compute, for the cache's keys (`backends.model_key`): 2, the long
+# sums of the normalizations taken by blocks (`reductions`); older exports are redone.
 REVISION = 2
 MANIFEST = "demucs_onnx.json"
 OPSET = 18  # onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it
@@ -300,8 +300,8 @@ def _onnx_export(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], path: Path
                  names: tp.List[str], dynamic: bool) -> None:
     """`torch.onnx.export` with the dynamo exporter, without its progress lines and
     warnings (kept for an error: raised again with them). `dynamic`: the last axis of
-    each input of any size (`DYNAMIC_AXES`). The means, variances and group norms sum by
-    blocks (`reductions.DECOMPOSITIONS`), which onnxruntime would sum in one run."""
+    each input of any size (`DYNAMIC_AXES`). Long means, variances and group norms sum by
+    blocks (`reductions.DECOMPOSITIONS`), which the runtimes would sum value by value."""
     check_exporter()
     chatter = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet_loggers():
