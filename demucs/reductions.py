@@ -84,16 +84,22 @@ def mean(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, keepdim: b
     return _squeeze(block_sum(x, dims) / _count(x, dims), dims, keepdim)
 
 
+def _centered(x: torch.Tensor, dims: tp.Sequence[int], correction: float
+              ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """`x` less its mean over `dims`, and its variance there (the squares of the centered
+    values summed, over the count less `correction`), both with `dims` kept."""
+    count = _count(x, dims)
+    centered = x - block_sum(x, dims) / count
+    return centered, block_sum(centered * centered, dims) / (count - correction)
+
+
 def var(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, *,
         correction: tp.Optional[float] = None, keepdim: bool = False) -> torch.Tensor:
     """`aten.var.correction`: the mean of the squared deviations from the mean (two
     passes), divided by the count less `correction` (1 by default)."""
     dims = _dims(x, dims)
-    count = _count(x, dims)
-    centered = x - block_sum(x, dims) / count
-    squares = block_sum(centered * centered, dims)
-    return _squeeze(squares / (count - (1 if correction is None else correction)), dims,
-                    keepdim)
+    variance = _centered(x, dims, 1 if correction is None else correction)[1]
+    return _squeeze(variance, dims, keepdim)
 
 
 def std(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, *,
@@ -128,9 +134,8 @@ def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor] =
     if optimization_hint(count, fallback=LONG) < LONG:
         return aten.native_group_norm.default(x, weight, bias, batch, channels,
                                               count * groups // channels, groups, eps)[0]
-    centered = grouped - block_sum(grouped, axes) / count
-    rstd = torch.rsqrt(block_sum(centered * centered, axes) / count + eps)
-    out = (centered * rstd).reshape(x.shape)
+    centered, variance = _centered(grouped, axes, 0)
+    out = (centered * torch.rsqrt(variance + eps)).reshape(x.shape)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if weight is not None:
         out = out * weight.reshape(shape)

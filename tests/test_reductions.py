@@ -1,5 +1,5 @@
 """The normalizations of the ONNX graphs (demucs/reductions.py): the same values as torch's
-operators, and onnxruntime as close to float64 as torch on a group of a million values."""
+operators, and the runtimes as close to float64 as torch on a million values."""
 from __future__ import annotations
 
 import typing as tp
@@ -37,7 +37,7 @@ def test_means_and_deviations_equal_torch(dims: tp.Optional[tp.List[int]], keepd
                                           ((1, 8, 10), 2)])  # the last one stays fused
 def test_group_norm_equals_torch(shape: tp.Tuple[int, ...], groups: int,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reductions, "LONG", 1000)  # by axes
+    monkeypatch.setattr(reductions, "LONG", 1000)  # by blocks
     x = torch.randn(*shape, dtype=torch.float64) + 0.5
     weight, bias = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1],
                                                                            dtype=torch.float64)
