@@ -58,9 +58,10 @@ typecheck: install
 
 # The coverage summary covers the package and tools/ as run by pytest itself (commands
 # run in subprocesses are not counted); its data file stays in the venv.
+# The 25 slowest tests are listed at the end (where a slow CI run spends its time).
 pytest: install
 	COVERAGE_FILE=$(VENV)/.coverage $(PY) -m pytest --cov=demucs --cov=tools --cov-report=term \
-		$(PYTEST_MARKS) $(PYTEST_ARGS)
+		--durations=25 $(PYTEST_MARKS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

@@ -117,7 +117,10 @@ def golden_bag(folder: Path, name: str) -> nn.Module:
     return BagOfModels(models, spec["weights"], spec.get("segment"))
 
 
+# Exporting a full-size v3 model takes 2-3 minutes here (two passes over its graph: the
+# long sums', then the exporter's), a bag one per model: more than pytest's 300 s.
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", V3 + V4 + ["bag_pair", "v4_bag"])
 def test_golden_packages_separate_as_in_torch(name: str, reference_dir: Path,
                                               tmp_path: Path) -> None:
