@@ -48,8 +48,9 @@ from .reductions import DECOMPOSITIONS
 
 FORMAT = 2  # of the manifest
 # Of what the graphs compute, for the cache's keys (`backends.model_key`): 2, the long
-# sums of the normalizations taken by blocks (`reductions`); older exports are redone.
-REVISION = 2
+# sums of the normalizations taken by blocks (`reductions`); 3, by a product with ones
+# along their last axis. Older exports are redone.
+REVISION = 3
 MANIFEST = "demucs_onnx.json"
 OPSET = 18  # onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it
 Shapes = tp.Dict[str, tp.List[tp.Union[int, str]]]
@@ -301,7 +302,8 @@ def _onnx_export(core: nn.Module, inputs: tp.Dict[str, torch.Tensor], path: Path
     """`torch.onnx.export` with the dynamo exporter, without its progress lines and
     warnings (kept for an error: raised again with them). `dynamic`: the last axis of
     each input of any size (`DYNAMIC_AXES`). Long means, variances and group norms sum by
-    blocks (`reductions.DECOMPOSITIONS`), which the runtimes would sum value by value."""
+    products with ones (`reductions.DECOMPOSITIONS`), which the runtimes would sum value
+    by value."""
     check_exporter()
     chatter = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), _quiet_loggers():

@@ -10,17 +10,27 @@ the errors add up) 5.5e-5: a full-size HDemucs then separated 5.7e-4 (onnxruntim
 (bench/README.md).
 
 `DECOMPOSITIONS` replaces these operators in an exported program
-(`ExportedProgram.run_decompositions`). Over `LONG` values or more, a mean, a deviation
-or the statistics of a group norm sum blocks of `BLOCK` values, each by a `MatMul` with
-ones (padded with zeros to whole blocks), then the blocks' sums (`block_sum`); deviations
-subtract the mean first (two passes). Over fewer values, means and deviations sum one
-axis after the other (`staged_sum`) and a group norm stays an `InstanceNormalization`,
-faster and precise enough at that size.
+(`ExportedProgram.run_decompositions`), by sums that take a `MatMul` with ones, which
+both runtimes compute in many partial sums (a row of 7.8 million positive values:
+onnxruntime 3e-6, OpenVINO 4e-7 of the sum away; by `ReduceSum`, 8e-5 and 2e-5):
+- A mean or a deviation over `LONG` values or more sums blocks of `BLOCK` values (padded
+  with zeros to whole blocks), then the blocks' sums (`block_sum`); a deviation subtracts
+  the mean first (two passes). Over fewer values, one axis after the other
+  (`staged_sum`).
+- The statistics of a group norm over `LONG` values or more per group sum its last axis
+  (time) by a product with ones, then the other axes (`dot_sum`); smaller group norms
+  stay an `InstanceNormalization`, faster and precise enough at that size.
 
-Which way is decided on the sizes of the example traced, with no guard on the symbols of
-a graph of any length: padding a symbolic size to whole blocks makes the exporter's shape
-reasoning slow (a small dynamic HDemucs with every sum by blocks exported in 3.5 minutes,
-not 1), so only the longest sums take it.
+Why two ways: a product along a whole row is as precise over the many rows of a group
+norm, and without padding a full-size HDemucs exports in 110 s, not 174 (the time per
+chunk is the same within the machine's noise); but not over the one row of 1.9 million
+samples a Demucs normalizes its input by (its 44 s chunk 1.4e-5 of the output away from
+torch with OpenVINO, 8.8e-7 by blocks; bench/README.md).
+
+Which way is decided on the sizes of the example traced (`optimization_hint`), with no
+guard on the symbols of a graph of any length: padding a symbolic size to whole blocks
+makes the exporter's shape reasoning slow (a small dynamic HDemucs with every sum by
+blocks exported in 3.5 minutes, not 1), so only the longest sums take it.
 """
 from __future__ import annotations
 
@@ -47,7 +57,7 @@ def block_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
     `BLOCK` (padded with zeros to whole blocks), then the blocks' sums are; over fewer
     than `LONG` values (in the example traced), one axis after the other."""
     reduced = sorted({dim % x.dim() for dim in dims})
-    if optimization_hint(_count(x, reduced), fallback=LONG) < LONG:
+    if not _long(_count(x, reduced)):
         return staged_sum(x, reduced)
     kept = [dim for dim in range(x.dim()) if dim not in reduced]
     sizes = [x.shape[dim] for dim in kept]
@@ -59,6 +69,21 @@ def block_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
     ones = torch.ones(BLOCK, 1, dtype=x.dtype, device=x.device)
     sums = (padded.reshape(*sizes, -1, BLOCK) @ ones).sum((-1, -2))
     return sums.reshape([1 if dim in reduced else x.shape[dim] for dim in range(x.dim())])
+
+
+def dot_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
+    """The sum of `x` over `dims` (kept, of size 1): over the last of them by a product
+    with ones (no padding), then over the others one axis after the other."""
+    reduced = sorted({dim % x.dim() for dim in dims})
+    last = reduced.pop()
+    ones = torch.ones(x.shape[last], 1, dtype=x.dtype, device=x.device)
+    return staged_sum((x.movedim(last, -1) @ ones).movedim(-1, last), reduced)
+
+
+def _long(count: tp.Any) -> bool:
+    """Whether a sum of `count` values (a symbol: its size in the example traced) is
+    long (`LONG`)."""
+    return optimization_hint(count, fallback=LONG) >= LONG
 
 
 def _dims(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]]) -> tp.List[int]:
@@ -84,13 +109,17 @@ def mean(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, keepdim: b
     return _squeeze(block_sum(x, dims) / _count(x, dims), dims, keepdim)
 
 
-def _centered(x: torch.Tensor, dims: tp.Sequence[int], correction: float
-              ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+Sum = tp.Callable[[torch.Tensor, tp.Sequence[int]], torch.Tensor]
+
+
+def _centered(x: torch.Tensor, dims: tp.Sequence[int], correction: float,
+              total: Sum = block_sum) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """`x` less its mean over `dims`, and its variance there (the squares of the centered
-    values summed, over the count less `correction`), both with `dims` kept."""
+    values summed, over the count less `correction`), both with `dims` kept; the sums
+    by `total`."""
     count = _count(x, dims)
-    centered = x - block_sum(x, dims) / count
-    return centered, block_sum(centered * centered, dims) / (count - correction)
+    centered = x - total(x, dims) / count
+    return centered, total(centered * centered, dims) / (count - correction)
 
 
 def var(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None, *,
@@ -123,7 +152,7 @@ def std_unbiased(x: torch.Tensor, dims: tp.Optional[tp.Sequence[int]] = None,
 def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor] = None,
                bias: tp.Optional[torch.Tensor] = None, eps: float = 1e-5,
                cudnn_enabled: bool = True) -> torch.Tensor:
-    """`aten.group_norm` (`F.group_norm`): its statistics by `block_sum` over `LONG`
+    """`aten.group_norm` (`F.group_norm`): its statistics by `dot_sum` over `LONG`
     values or more per group (in the example traced); else the fused operator, which the
     runtimes compute faster (OpenVINO took 9 % longer on an HTDemucs 955717e8 chunk with
     every group norm decomposed)."""
@@ -131,10 +160,10 @@ def group_norm(x: torch.Tensor, groups: int, weight: tp.Optional[torch.Tensor] =
     grouped = x.reshape(batch, groups, channels // groups, *x.shape[2:])
     axes = list(range(2, grouped.dim()))
     count = _count(grouped, axes)
-    if optimization_hint(count, fallback=LONG) < LONG:
+    if not _long(count):
         return aten.native_group_norm.default(x, weight, bias, batch, channels,
                                               count * groups // channels, groups, eps)[0]
-    centered, variance = _centered(grouped, axes, 0)
+    centered, variance = _centered(grouped, axes, 0, dot_sum)
     out = (centered * torch.rsqrt(variance + eps)).reshape(x.shape)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if weight is not None:

@@ -17,7 +17,8 @@ from demucs.graphs import Graph, _onnx_export
 from helpers import skip_or_fail
 
 
-@pytest.mark.parametrize("dims,keepdim", [([-1], False), ([1, 2], True), (None, False)])
+@pytest.mark.parametrize("dims,keepdim", [([-1], False), ([1, 2], True), (None, False),
+                                          ([0, 1], True)])  # the last axis kept
 @pytest.mark.parametrize("long", [10 ** 6, 1000])  # by axes, by blocks (padded)
 def test_means_and_deviations_equal_torch(dims: tp.Optional[tp.List[int]], keepdim: bool,
                                           long: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,7 +38,7 @@ def test_means_and_deviations_equal_torch(dims: tp.Optional[tp.List[int]], keepd
                                           ((1, 8, 10), 2)])  # the last one stays fused
 def test_group_norm_equals_torch(shape: tp.Tuple[int, ...], groups: int,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reductions, "LONG", 1000)  # by blocks
+    monkeypatch.setattr(reductions, "LONG", 1000)  # by a product with ones
     x = torch.randn(*shape, dtype=torch.float64) + 0.5
     weight, bias = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1],
                                                                            dtype=torch.float64)
