@@ -72,12 +72,10 @@ def block_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
 
 
 def dot_sum(x: torch.Tensor, dims: tp.Sequence[int]) -> torch.Tensor:
-    """The sum of `x` over `dims` (kept, of size 1): over the last of them by a product
-    with ones (no padding), then over the others one axis after the other."""
-    reduced = sorted({dim % x.dim() for dim in dims})
-    last = reduced.pop()
-    ones = torch.ones(x.shape[last], 1, dtype=x.dtype, device=x.device)
-    return staged_sum((x.movedim(last, -1) @ ones).movedim(-1, last), reduced)
+    """The sum of `x` over `dims` (kept, of size 1), which include its last axis: that
+    one by a product with ones (no padding), then the others one axis after the other."""
+    ones = torch.ones(x.shape[-1], 1, dtype=x.dtype, device=x.device)
+    return staged_sum(x @ ones, [dim for dim in dims if dim % x.dim() != x.dim() - 1])
 
 
 def _long(count: tp.Any) -> bool:
