@@ -48,8 +48,9 @@ from .reductions import DECOMPOSITIONS
 
 FORMAT = 2  # of the manifest
 # Of what the graphs compute, for the cache's keys (`backends.model_key`): 2, the long
-# sums of the normalizations taken by blocks (`reductions`); 3, by a product with ones
-# along their last axis. Older exports are redone.
+# sums of the normalizations taken by blocks (`reductions`); 3, the group norms' by a
+# product with ones along time (means and deviations still by blocks). Older exports are
+# redone.
 REVISION = 3
 MANIFEST = "demucs_onnx.json"
 OPSET = 18  # onnxruntime >= 1.14 and OpenVINO >= 2023.0 read it
