@@ -4,7 +4,8 @@ Each length of `--seconds` is measured in its own process: the peak resident mem
 the memory before separating (model loaded and warmed up). Two ways to separate:
 
 - `--mode command` (the default): the `demucs` command's work on one track, a 16-bit wav
-  file of stereo noise written beforehand (read by blocks, separated with shifts 1,
+  file of stereo noise written beforehand (its large buffers mapped on their own, in huge
+  pages, `utils.map_large_buffers`; read by blocks, separated with shifts 1,
   split, overlap 0.25, segment 44 s, random weights, four 16-bit wav stems written as the
   chunks complete, rescaled by a second pass). Its memory does not grow with the track:
   the last line compares each length's peak with the shortest's.
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from bench_separation import build  # the 81de367c configuration
+from demucs.utils import map_large_buffers
 
 ORIGINAL_120S_MB = 2.7 * 1024  # the original v3, elsewhere (see the docstring)
 HEAPS = {"trimmed": "heap trimmed", "kept": "heap kept"}
@@ -124,6 +126,7 @@ def measure_command(seconds: float, root: Path, per_chunk: bool = False
     """The `demucs` command's separation of `root/long.wav` with the package
     `root/81de367c.th`, after a warm-up on `root/short.wav`."""
     from demucs import separate
+    map_large_buffers()  # as the command does first (before the package is made)
     args = separate.get_parser().parse_args(["-n", str(root / "81de367c.th"), "-o",
                                              str(root / "out"), str(root / "long.wav")])
     run = separate.Run.from_args(args)

@@ -32,6 +32,7 @@ from .errors import (DemucsError, allocation_failed, exit_with_error, one_line, 
 from .graphs import is_graph_folder
 from .options import OutputOptions, SeparationOptions
 from .pretrained import add_model_flags, list_models, model_label
+from .utils import map_large_buffers
 
 Stems = tp.Dict[str, torch.Tensor]
 
@@ -251,6 +252,7 @@ def print_models(repo: tp.Optional[Path]) -> None:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None, prog: str = "demucs") -> None:
+    map_large_buffers()  # before any tensor: a peak that does not grow with the track
     args = get_parser(prog).parse_args(argv)
     with report_errors(prog, args.verbose):
         if args.list_models:

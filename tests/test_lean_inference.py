@@ -5,6 +5,7 @@ the whole-tensor path computes, never writes into its inputs, and is the path th
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import typing as tp
 from pathlib import Path
@@ -222,3 +223,38 @@ def test_freed_memory_kept_for_training_steps() -> None:
         held = resident_mb()
     assert held - resident_mb() > 56
     assert freed_but_resident_mb() < 8
+
+
+MAPPED = """
+import os, sys, torch
+from demucs.utils import map_large_buffers
+if sys.argv[1] == "mapped":
+    map_large_buffers()
+def freed_but_resident_mb(mb):
+    statm = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = statm()
+    buffer = torch.ones(mb * 2 ** 18)
+    del buffer
+    return (statm() - before) / 2 ** 20
+freed_but_resident_mb(30)  # glibc's own threshold rises to a mapping freed, up to 32 MB
+print(round(freed_but_resident_mb(20)), os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, /proc")
+@pytest.mark.parametrize("how, user", [("mapped", None), ("mapped", "0"), ("heap", None)])
+def test_map_large_buffers_for_separation(how: str, user: tp.Optional[str]) -> None:
+    """After `map_large_buffers` (the `demucs` command's first step), a 20 MB buffer is
+    mapped on its own and goes back to the system when freed; glibc alone serves it from
+    its heap after a larger one was freed, where it stays. Torch's huge pages are asked
+    for, unless the user said otherwise."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user
+    out = subprocess.run([sys.executable, "-c", MAPPED, how], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    resident, huge = int(out[0]), out[1]
+    if how == "mapped":
+        assert resident < 4 and huge == (user or "1")
+    else:
+        assert resident > 16 and huge == "None"
