@@ -252,8 +252,9 @@ def print_models(repo: tp.Optional[Path]) -> None:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None, prog: str = "demucs") -> None:
-    map_large_buffers()  # before any tensor: a peak that does not grow with the track
     args = get_parser(prog).parse_args(argv)
+    if args.backend == "torch":  # (the runtimes' own buffers lose by it: bench/README.md)
+        map_large_buffers()  # before any tensor: a peak that does not grow with the track
     with report_errors(prog, args.verbose):
         if args.list_models:
             print_models(args.repo)

@@ -121,8 +121,11 @@ def map_large_buffers() -> None:
     cost 1.2 million page faults a forward in 4 KB pages (6 % more time), but in 2 MB
     huge pages the separation is as fast as before or faster (bench/README.md).
 
-    torch reads `THP_VARIABLE` at its first allocation: call this before making any
-    tensor. What the user sets (MALLOC_MMAP_THRESHOLD_, THP_MEM_ALLOC_ENABLE) is kept.
+    The `demucs` command calls this with the torch backend only: onnxruntime and OpenVINO
+    do not ask for huge pages, and their buffers then took fresh 4 KB pages at every chunk
+    (the command 2 to 5 % slower with them). torch reads `THP_VARIABLE` at its first
+    allocation: call this before making any tensor. What the user sets
+    (MALLOC_MMAP_THRESHOLD_, THP_MEM_ALLOC_ENABLE) is kept.
     """
     os.environ.setdefault(THP_VARIABLE, "1")
     libc = _glibc()
