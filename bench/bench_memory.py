@@ -126,7 +126,7 @@ def measure_command(seconds: float, root: Path, per_chunk: bool = False
     """The `demucs` command's separation of `root/long.wav` with the package
     `root/81de367c.th`, after a warm-up on `root/short.wav`."""
     from demucs import separate
-    map_large_buffers()  # as the command does first (before the package is made)
+    map_large_buffers()  # as the command does first (before the package is loaded)
     args = separate.get_parser().parse_args(["-n", str(root / "81de367c.th"), "-o",
                                              str(root / "out"), str(root / "long.wav")])
     run = separate.Run.from_args(args)
